@@ -1,0 +1,81 @@
+"""Saving and loading PEDENet checkpoints: atomic writes, no code execution on load.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain values only, read back with
+``torch.load(weights_only=True)`` (no pickled code runs). It holds the format tag and version,
+the config, the network weights (input normalization and feature standardization included
+as buffers), the fitted mixture (φ, μ, Σ), and optional extras (training history, resume state).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "pedenet-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a valid, compatible pedenet checkpoint."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename.
+
+    A reader never sees a half-written ``path``: it either holds the old or the new content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` (tensors and plain values) atomically, tagged with format and version."""
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    atomic_write_bytes(path, lambda fh: torch.save(data, fh))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint without executing code.
+
+    Raises:
+        CheckpointError: missing file, not a torch file, tampered/unsafe content, not a
+            pedenet checkpoint, or written by an incompatible format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run `pedenet fit` first or check the path")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a loadable pedenet checkpoint (corrupt, truncated, or holding unsafe content): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a pedenet checkpoint (no '{FORMAT}' tag)")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version}, this pedenet reads version {FORMAT_VERSION}; "
+            "retrain with `pedenet fit` or use the pedenet version that wrote it"
+        )
+    for key in ("config", "state_dict", "mixture"):
+        if key not in data:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'; it is incomplete")
+    return data

@@ -1,0 +1,85 @@
+"""Configuration of a PEDENet model and its training, with the documented defaults.
+
+Every field is a default a user can change (``PEDENetConfig(**overrides)`` or the CLI).
+The defaults follow docs/method.md: a frozen ImageNet-pretrained EfficientNet-Lite0
+backbone, a trainable 1×1 reduction to ``embedding_dim`` channels, K = 10 mixture
+components and the loss weights of DAGMM / PEDENet (λ_DE = 1, λ_cov = 0.005, λ_LP = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+ENCODERS = ("pretrained", "scratch")
+
+
+@dataclass
+class PEDENetConfig:
+    """All settings of a PEDENet model and its training.
+
+    Model
+        encoder: ``"pretrained"`` (frozen EfficientNet-Lite0 blocks at stride 8 and 16,
+            then a trainable 1×1 reduction) or ``"scratch"`` (a small fully convolutional
+            encoder without padding, trained from nothing).
+        embedding_dim: D, the patch embedding size.
+        n_components: K, the number of Gaussian mixture components (DE network outputs).
+        patch_size: side of a patch in pixels of the processed image. For ``scratch`` it is
+            the encoder's receptive field (32 or 64). For ``pretrained`` it sets the distance
+            between the two patches of an LP pair.
+        image_size: the processed size (pixels, square side) every image is resized to
+            before encoding; 0 keeps each image's native size.
+        de_hidden: width of the membership network's hidden layer.
+        ridge: added to each covariance diagonal before Cholesky (embedding units²).
+        smoothing_sigma: σ of the Gaussian smoothing of the anomaly map, in pixels of the
+            processed image (4 px at 256 px is the usual value).
+
+    Training
+        steps: number of optimizer steps.
+        batch_size: images per step.
+        lr: Adam learning rate.
+        lambda_de, lambda_cov, lambda_lp: loss weights of L = λ_DE·E + λ_cov·P_cov + λ_LP·L_LP.
+        energy_trains_encoder: if True the energy gradient also reaches the encoder (the raw
+            DAGMM objective, known to collapse embeddings); default False: the energy trains
+            the membership network only and LP trains the encoder.
+        lp_pairs: LP pairs drawn per image per step.
+        seed: seed for every random choice (torch, numpy).
+    """
+
+    encoder: str = "pretrained"
+    embedding_dim: int = 64
+    n_components: int = 10
+    patch_size: int = 32
+    image_size: int = 256
+    de_hidden: int = 32
+    ridge: float = 1e-3
+    smoothing_sigma: float = 4.0
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    lambda_de: float = 1.0
+    lambda_cov: float = 0.005
+    lambda_lp: float = 1.0
+    energy_trains_encoder: bool = False
+    lp_pairs: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "scratch" and self.patch_size not in (32, 64):
+            raise ValueError(f"the scratch encoder supports patch_size 32 or 64, got {self.patch_size}")
+        for name in ("embedding_dim", "n_components", "patch_size", "steps", "batch_size", "lp_pairs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size and self.image_size < self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field (JSON-serializable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PEDENetConfig":
+        """Build from a dict, ignoring unknown keys (older/newer checkpoints)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

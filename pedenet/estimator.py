@@ -1,0 +1,189 @@
+"""``PEDENet``: the estimator (scikit-learn style fit / predict / score_samples / save / load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import PEDENetConfig
+from .gmm import GaussianMixture
+from .model import PEDENetNetwork
+from .scoring import grid_to_map, to_tensor
+from .training import _seed_everything, cache_frozen_features, fit_mixture, train_network
+
+ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+
+
+def as_rgb_array(image: ImageLike) -> np.ndarray:
+    """Any accepted image → float32 H×W×3 array in [0, 1].
+
+    Accepts a file path (read with ``pedenet.data.load_image``), a PIL image, or a numpy array
+    H×W or H×W×C (C = 1, 3 or 4; alpha dropped) of dtype uint8 (0-255), uint16 (0-65535) or
+    float in [0, 1]. Raises ``pedenet.data.DataError`` / ValueError for anything else.
+    """
+    from . import data
+
+    if isinstance(image, (str, os.PathLike)):
+        return data.load_image(image)
+    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
+        return data.pil_to_array(image)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array must be H×W or H×W×C with C in 1, 3, 4; got shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("image array contains NaN or Inf")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"float image values must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]")
+        arr = arr.astype(np.float32)
+    else:
+        raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    return np.ascontiguousarray(arr)
+
+
+def _loaders(images: Sequence[ImageLike]):
+    return [(lambda im=im: as_rgb_array(im)) for im in images]
+
+
+def _expand(images: Union[ImageLike, Iterable[ImageLike]]) -> list:
+    """A folder → its images (sorted); a single image → [image]; a list stays a list."""
+    from .data import find_images
+
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir() and (p / "train" / "good").is_dir():
+            p = p / "train" / "good"
+        return find_images([p])
+    if isinstance(images, np.ndarray) or hasattr(images, "mode"):
+        return [images]
+    out = []
+    for im in images:
+        if isinstance(im, (str, os.PathLike)) and Path(im).is_dir():
+            out.extend(find_images([im]))
+        else:
+            out.append(im)
+    return out
+
+
+class PEDENet:
+    """PEDENet anomaly detector trained on normal images only.
+
+    >>> model = PEDENet(steps=200).fit("path/to/category/train/good")
+    >>> maps, scores = model.predict(["a.png", "b.png"])
+
+    Args: any field of :class:`pedenet.config.PEDENetConfig` as a keyword, plus
+        device: "cpu" (default) or "cuda".
+    """
+
+    def __init__(self, device: str = "cpu", **config):
+        self.config = PEDENetConfig(**config)
+        self.device = device
+        self.network: PEDENetNetwork | None = None
+        self.history: dict = {}
+
+    # ---- training -------------------------------------------------------------------------
+    def fit(self, images, progress: bool = True) -> "PEDENet":
+        """Train on normal images.
+
+        Args:
+            images: a folder of normal images (or a category folder with train/good), or a
+                sequence of paths / PIL images / arrays (see :func:`as_rgb_array`).
+            progress: show progress bars.
+
+        Returns:
+            self. Raises ValueError if there are no images.
+        """
+        items = _expand(images)
+        if not items:
+            raise ValueError("fit needs at least one normal image; the input holds none")
+        _seed_everything(self.config.seed)
+        self.network = PEDENetNetwork(self.config).to(self.device)
+        cache = cache_frozen_features(self.network, _loaders(items), progress)
+        history = train_network(self.network, cache, progress=progress)
+        fit_mixture(self.network, cache, progress)
+        self.history = history.to_dict()
+        self.history["n_train_images"] = len(items)
+        return self
+
+    def _require_fitted(self) -> PEDENetNetwork:
+        if self.network is None or self.network.mixture is None:
+            raise RuntimeError("this PEDENet is not fitted: call fit() or pedenet.load() first")
+        return self.network
+
+    # ---- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def anomaly_map(self, image: ImageLike) -> np.ndarray:
+        """Anomaly map of one image: float32 H×W at the image's own resolution (energy units)."""
+        net = self._require_fitted()
+        arr = as_rgb_array(image)
+        x = to_tensor(arr, self.config.image_size).to(self.device)
+        grid = net.patch_energy(x)[0].cpu().numpy()
+        return grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=tuple(x.shape[-2:]),
+                           original_size=arr.shape[:2], sigma=self.config.smoothing_sigma)
+
+    def predict(self, images, progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+        """Anomaly maps and image scores.
+
+        Returns:
+            maps: list of float32 H_i×W_i arrays (each at its image's resolution; higher =
+                more anomalous; units: mixture energy, −log density).
+            scores: float64 array (N,), the maximum of each map.
+        """
+        items = _expand(images)
+        maps = [self.anomaly_map(im) for im in tqdm(items, desc="scoring", unit="img", disable=not progress)]
+        return maps, np.array([float(m.max()) for m in maps], dtype=np.float64)
+
+    def score_samples(self, images) -> np.ndarray:
+        """Image anomaly scores (N,) float64 (higher = more anomalous)."""
+        return self.predict(images)[1]
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted model to ``path`` atomically (see :mod:`pedenet.checkpoint`)."""
+        net = self._require_fitted()
+        save_checkpoint(path, {
+            "pedenet_version": __version__,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+            "mixture": net.mixture.state_dict(),
+            "history": self.history,
+        })
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "PEDENet":
+        """Read a model written by :meth:`save`. Raises CheckpointError for invalid files."""
+        data = load_checkpoint(path)
+        try:
+            config = PEDENetConfig.from_dict(data["config"])
+            model = cls(device=device, **config.to_dict())
+            net = PEDENetNetwork(config, load_weights=False)
+            net.load_state_dict(data["state_dict"], strict=True)
+            net.mixture = GaussianMixture.from_state_dict(data["mixture"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint content does not match this pedenet: {exc}") from None
+        net.mixture = net.mixture.to(device)
+        model.network = net.to(device).eval()
+        model.history = data.get("history", {})
+        return model
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> PEDENet:
+    """Load a saved :class:`PEDENet` (``pedenet.load(path)``)."""
+    return PEDENet.load(path, device)

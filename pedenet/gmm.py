@@ -1,0 +1,154 @@
+"""Gaussian mixture built from soft memberships, and the sample energy (DAGMM, Zong et al. 2018).
+
+Given embeddings z (N×D) and memberships γ (N×K, rows sum to 1) from the DE network:
+
+    φ_k = mean_i γ_ik                                          (DAGMM eq. 5)
+    μ_k = Σ_i γ_ik z_i / Σ_i γ_ik
+    Σ_k = Σ_i γ_ik (z_i − μ_k)(z_i − μ_k)ᵀ / Σ_i γ_ik
+    E(z) = −log Σ_k φ_k N(z | μ_k, Σ_k)                          (DAGMM eq. 6)
+    P_cov = Σ_k Σ_j 1 / Σ_k[j, j]                                (DAGMM eq. 7)
+
+Everything is computed in float64, with a ridge added to each covariance diagonal, a
+Cholesky factorization for the log-determinant and Mahalanobis distance, and log-sum-exp
+over components, so the energy stays finite for far-away embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MIN_WEIGHT = 1e-12
+
+
+def ridge_of(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge per component: ``ridge`` × the mean variance of each covariance (K×D×D → K)."""
+    mean_var = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)
+    return ridge * mean_var.clamp_min(1e-12) + 1e-9
+
+
+def gmm_params(z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixture weights, means and covariances from memberships (differentiable).
+
+    Args:
+        z: N×D embeddings (any float dtype; computed in float64).
+        gamma: N×K memberships, rows summing to 1.
+
+    Returns:
+        phi (K,), mu (K×D), cov (K×D×D), all float64.
+    """
+    z = z.double()
+    gamma = gamma.double()
+    nk = gamma.sum(0) + _MIN_WEIGHT
+    phi = nk / len(z)
+    mu = (gamma.T @ z) / nk[:, None]
+    weighted = gamma.T[:, :, None] * z[None, :, :]  # K×N×D
+    second = weighted.transpose(1, 2) @ z / nk[:, None, None]  # K×D×D, E_k[z zᵀ]
+    cov = second - mu[:, :, None] * mu[:, None, :]
+    return phi, mu, 0.5 * (cov + cov.transpose(1, 2))
+
+
+class GaussianMixture:
+    """Fixed mixture (φ, μ, Σ) ready to score embeddings; Cholesky factors precomputed.
+
+    Args:
+        phi: K mixture weights (sum 1). mu: K×D means. cov: K×D×D covariances.
+        ridge: relative ridge (fraction of each component's mean variance added to its diagonal).
+    Raises:
+        ValueError if the shapes disagree or a covariance stays non positive-definite.
+    """
+
+    def __init__(self, phi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-3):
+        phi, mu, cov = phi.double(), mu.double(), cov.double()
+        k, d = mu.shape
+        if phi.shape != (k,) or cov.shape != (k, d, d):
+            raise ValueError(f"inconsistent GMM shapes: phi {tuple(phi.shape)}, mu {tuple(mu.shape)}, cov {tuple(cov.shape)}")
+        self.phi, self.mu, self.cov, self.ridge = phi, mu, cov, ridge
+        eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+        reg = cov + ridge_of(cov, ridge)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(reg)
+        if bool((info != 0).any()):
+            raise ValueError("a mixture covariance is not positive definite even after the ridge")
+        self.chol = chol
+        self.log_norm = (
+            torch.log(phi.clamp_min(_MIN_WEIGHT))
+            - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+            - 0.5 * d * math.log(2 * math.pi)
+        )
+
+    def to(self, device) -> "GaussianMixture":
+        return GaussianMixture(self.phi.to(device), self.mu.to(device), self.cov.to(device), self.ridge)
+
+    def log_prob_components(self, z: torch.Tensor) -> torch.Tensor:
+        """log φ_k + log N(z | μ_k, Σ_k): N×D → N×K float64."""
+        z = z.double()
+        diff = z[None, :, :] - self.mu[:, None, :]  # K×N×D
+        y = torch.linalg.solve_triangular(self.chol, diff.transpose(1, 2), upper=False)  # K×D×N
+        maha = (y * y).sum(1)  # K×N
+        return (self.log_norm[:, None] - 0.5 * maha).T
+
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        """Sample energy E(z) = −log Σ_k φ_k N(z|μ_k,Σ_k) (DAGMM eq. 6): N×D → N float64."""
+        return -torch.logsumexp(self.log_prob_components(z), dim=1)
+
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior probability of each component: N×D → N×K float64 (rows sum to 1)."""
+        return torch.softmax(self.log_prob_components(z), dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        """Covariance penalty P_cov = Σ_k Σ_j 1/Σ_k[j,j] (DAGMM eq. 7), ridge included."""
+        diag = torch.diagonal(self.cov, dim1=-2, dim2=-1) + ridge_of(self.cov, self.ridge)[:, None]
+        return (1.0 / diag).sum()
+
+    def state_dict(self) -> dict:
+        return {"phi": self.phi.cpu(), "mu": self.mu.cpu(), "cov": self.cov.cpu(), "ridge": float(self.ridge)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GaussianMixture":
+        return cls(state["phi"], state["mu"], state["cov"], float(state["ridge"]))
+
+
+class GMMAccumulator:
+    """Sufficient statistics Σγ, Σγz, Σγzzᵀ (float64) accumulated over many batches.
+
+    ``add`` any number of (z, γ) batches, then ``finalize`` gives the mixture of all of them,
+    identical (to rounding) to ``gmm_params`` on the concatenation.
+    """
+
+    def __init__(self, n_components: int, dim: int):
+        self.s0 = torch.zeros(n_components, dtype=torch.float64)
+        self.s1 = torch.zeros(n_components, dim, dtype=torch.float64)
+        self.s2 = torch.zeros(n_components, dim, dim, dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, z: torch.Tensor, gamma: torch.Tensor) -> None:
+        """Add a batch: z N×D, gamma N×K."""
+        z = z.detach().double().cpu()
+        gamma = gamma.detach().double().cpu()
+        self.s0 += gamma.sum(0)
+        self.s1 += gamma.T @ z
+        self.s2 += (gamma.T[:, :, None] * z[None, :, :]).transpose(1, 2) @ z
+        self.count += len(z)
+
+    def finalize(self, ridge: float = 1e-3) -> GaussianMixture:
+        """The mixture of everything added. Raises ValueError if nothing was added.
+
+        A component with (almost) no membership gets the global mean and covariance and a
+        weight near zero, so it never produces a singular covariance.
+        """
+        if self.count == 0:
+            raise ValueError("no embeddings were accumulated")
+        total = self.s0.sum()
+        g_mu = self.s1.sum(0) / total
+        g_cov = self.s2.sum(0) / total - torch.outer(g_mu, g_mu)
+        nk = self.s0.clamp_min(_MIN_WEIGHT)
+        mu = self.s1 / nk[:, None]
+        cov = self.s2 / nk[:, None, None] - torch.einsum("kd,ke->kde", mu, mu)
+        empty = self.s0 < 1e-6 * total
+        mu[empty] = g_mu
+        cov[empty] = g_cov
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        phi = self.s0 / self.count
+        return GaussianMixture(phi, mu, cov, ridge)

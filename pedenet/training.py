@@ -1,0 +1,271 @@
+"""Training PEDENet on normal images: LP trains the encoder, the energy trains the DE network.
+
+Loss (PEDENet; DAGMM eq. 7 for the first two terms):
+
+    L = λ_DE · mean E(z) + λ_cov · P_cov + λ_LP · CE(LP(z_a, z_b), direction)
+
+By default the embeddings enter the energy *detached*: the energy trains the membership
+network (and so the mixture) while LP trains the encoder. The raw DAGMM objective, with the
+energy gradient reaching the encoder (``energy_trains_encoder=True``), collapses the
+embeddings (shrinking a direction lowers the energy); the effective rank of the embeddings
+and the smallest covariance eigenvalue are logged so that collapse is visible.
+
+The frozen part of the encoder is run once per training image and cached (float16), so a
+training step only runs the trainable head; dense: a whole (cropped) image per forward pass,
+LP pairs and DE samples taken from the dense embedding grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import PEDENetConfig
+from .encoders import PretrainedEncoder
+from .gmm import GaussianMixture, GMMAccumulator, gmm_params
+from .model import DIRECTIONS, PEDENetNetwork
+from .scoring import to_tensor
+
+DE_SAMPLES_PER_IMAGE = 256
+LOG_EVERY = 25
+
+
+@dataclass
+class TrainingHistory:
+    """Diagnostics logged every few steps (lists aligned with ``step``) and timings (seconds)."""
+
+    step: list = field(default_factory=list)
+    energy: list = field(default_factory=list)
+    cov_penalty: list = field(default_factory=list)
+    lp_loss: list = field(default_factory=list)
+    lp_accuracy: list = field(default_factory=list)
+    effective_rank: list = field(default_factory=list)
+    min_cov_eigenvalue: list = field(default_factory=list)
+    embedding_variance: list = field(default_factory=list)
+    cluster_usage: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def effective_rank(z: torch.Tensor) -> float:
+    """Effective rank exp(H(p)) of N×D embeddings, p = normalized covariance eigenvalues.
+
+    Roy & Vetterli (2007). D for isotropic embeddings, 1.0 for embeddings on a line.
+    """
+    z = z.detach().double()
+    ev = torch.linalg.eigvalsh(torch.cov(z.T)).clamp_min(0)
+    p = ev / ev.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+def cache_frozen_features(
+    network: PEDENetNetwork, loaders: Sequence[Callable[[], np.ndarray]], progress: bool = True
+) -> list[torch.Tensor]:
+    """Run the frozen part of the encoder once per image: list of C×h×w float16 tensors.
+
+    For the pretrained encoder this also fits the feature standardization and initializes
+    the reduction by PCA (both from the training features).
+    """
+    enc = network.encoder
+    size = network.config.image_size
+    device = next(network.parameters()).device
+    cache = []
+    for load in tqdm(loaders, desc="encoding training images", unit="img", disable=not progress):
+        x = to_tensor(load(), size).to(device)
+        f = enc.raw_features(x) if isinstance(enc, PretrainedEncoder) else enc.frozen_features(x)
+        cache.append(f[0].to("cpu", torch.float16))
+    if isinstance(enc, PretrainedEncoder):
+        gen = torch.Generator().manual_seed(network.config.seed)
+        sample = _sample_positions(cache, 200_000, gen).float()
+        enc.set_feature_stats(sample)
+        mean, std = enc.feature_mean.cpu()[:, None, None], enc.feature_std.cpu()[:, None, None]
+        cache = [((f.float() - mean) / std).to(torch.float16) for f in cache]
+        enc.init_projection((sample - mean[:, 0, 0]) / std[:, 0, 0])
+    return cache
+
+
+def _sample_positions(cache: list[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """About n feature vectors (N×C) drawn uniformly from the positions of all cached maps."""
+    per = max(1, math.ceil(n / len(cache)))
+    rows = []
+    for f in cache:
+        flat = f.reshape(f.shape[0], -1)
+        idx = torch.randint(flat.shape[1], (min(per, flat.shape[1]),), generator=gen)
+        rows.append(flat[:, idx].T)
+    return torch.cat(rows)
+
+
+def _lp_geometry(config: PEDENetConfig, stride: int) -> tuple[int, int]:
+    """Neighbour distance and jitter of LP pairs, in grid cells (about one patch apart)."""
+    dist = max(1, round(config.patch_size / stride))
+    return dist, max(0, dist // 4)
+
+
+def _crop_size(config: PEDENetConfig, network: PEDENetNetwork) -> int | None:
+    """Training crop side (pixels) for encoders trained end to end; None = whole image."""
+    if network.encoder.frozen:
+        return None
+    dist, jit = _lp_geometry(config, network.stride)
+    return max(128, network.stride * 2 * (dist + jit) + config.patch_size)
+
+
+def _random_crop(f: torch.Tensor, size: int | None, gen: torch.Generator) -> torch.Tensor:
+    if size is None or (f.shape[-2] <= size and f.shape[-1] <= size):
+        return f
+    h, w = f.shape[-2:]
+    top = int(torch.randint(max(h - size, 0) + 1, (1,), generator=gen))
+    left = int(torch.randint(max(w - size, 0) + 1, (1,), generator=gen))
+    return f[:, top: top + size, left: left + size]
+
+
+def _lp_pairs(emb: torch.Tensor, n: int, dist: int, jit: int, gen: torch.Generator):
+    """Draw n LP pairs from one embedding map D×h×w: (z_a n×D, z_b n×D, direction labels n)."""
+    d, h, w = emb.shape
+    dist = min(dist, (min(h, w) - 1) // 2 - jit)
+    if dist < 1:
+        return None
+    reach = dist + jit
+    ay = torch.randint(reach, h - reach, (n,), generator=gen)
+    ax = torch.randint(reach, w - reach, (n,), generator=gen)
+    label = torch.randint(0, 8, (n,), generator=gen)
+    dy = DIRECTIONS[label, 0] * dist + torch.randint(-jit, jit + 1, (n,), generator=gen)
+    dx = DIRECTIONS[label, 1] * dist + torch.randint(-jit, jit + 1, (n,), generator=gen)
+    dev = emb.device
+    za = emb[:, ay.to(dev), ax.to(dev)].T
+    zb = emb[:, (ay + dy).to(dev), (ax + dx).to(dev)].T
+    return za, zb, label.to(dev)
+
+
+def _de_samples(emb: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    d = emb.shape[0]
+    flat = emb.reshape(d, -1)
+    idx = torch.randint(flat.shape[1], (min(n, flat.shape[1]),), generator=gen)
+    return flat[:, idx.to(emb.device)].T
+
+
+def _embed_many(network: PEDENetNetwork, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Trainable head on a list of C×h×w features: one batched call when shapes agree."""
+    if all(f.shape == feats[0].shape for f in feats):
+        return list(network.encoder.head(torch.stack(feats)))
+    return [network.encoder.head(f[None])[0] for f in feats]
+
+
+def train_network(
+    network: PEDENetNetwork,
+    cache: list[torch.Tensor],
+    *,
+    progress: bool = True,
+    start_step: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainingHistory:
+    """Optimize the network on cached frozen features for ``config.steps`` Adam steps.
+
+    Args:
+        network: PEDENetNetwork, modified in place.
+        cache: list of C×h×w float16 frozen features, one per training image.
+        progress: show a tqdm bar with each loss part, LP accuracy and effective rank.
+        start_step: for resumed runs, the number of steps already done.
+        on_step: called with the step count after each step (checkpointing).
+
+    Returns:
+        TrainingHistory with the diagnostics every LOG_EVERY steps.
+    """
+    cfg = network.config
+    device = next(network.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start_step)
+    params = [p for p in network.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    if hasattr(network, "_optimizer_state"):
+        opt.load_state_dict(network._optimizer_state)
+    dist, jit = _lp_geometry(cfg, network.stride)
+    crop = _crop_size(cfg, network)
+    history = TrainingHistory()
+    network.train()
+    bar = tqdm(range(start_step, cfg.steps), desc="training", unit="step", disable=not progress,
+               initial=start_step, total=cfg.steps)
+    t0 = time.perf_counter()
+    for step in bar:
+        idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
+        feats = [_random_crop(cache[i], crop, gen).float().to(device) for i in idx.tolist()]
+        embs = _embed_many(network, feats)
+
+        za, zb, labels, zs = [], [], [], []
+        for emb in embs:
+            pairs = _lp_pairs(emb, cfg.lp_pairs, dist, jit, gen)
+            if pairs is not None:
+                za.append(pairs[0]), zb.append(pairs[1]), labels.append(pairs[2])
+            zs.append(_de_samples(emb, DE_SAMPLES_PER_IMAGE, gen))
+        z = torch.cat(zs)
+        z_de = z if cfg.energy_trains_encoder else z.detach()
+        gamma = network.membership(z_de)
+        phi, mu, cov = gmm_params(z_de, gamma)
+        mixture = GaussianMixture(phi, mu, cov, cfg.ridge)
+        energy = mixture.energy(z_de).mean()
+        penalty = mixture.penalty()
+        loss = cfg.lambda_de * energy.float() + cfg.lambda_cov * penalty.float()
+        lp_loss = torch.zeros((), device=device)
+        acc = float("nan")
+        if za:
+            logits = network.location(torch.cat(za), torch.cat(zb))
+            target = torch.cat(labels)
+            lp_loss = F.cross_entropy(logits, target)
+            acc = float((logits.argmax(1) == target).float().mean())
+            loss = loss + cfg.lambda_lp * lp_loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr or check the images")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == cfg.steps:
+            with torch.no_grad():
+                rank = effective_rank(z)
+                min_eig = float(torch.linalg.eigvalsh(mixture.cov.detach()).min())
+            history.step.append(done)
+            history.energy.append(float(energy))
+            history.cov_penalty.append(float(penalty))
+            history.lp_loss.append(float(lp_loss))
+            history.lp_accuracy.append(acc)
+            history.effective_rank.append(rank)
+            history.min_cov_eigenvalue.append(min_eig)
+            history.embedding_variance.append(float(z.detach().var(0).sum()))
+            history.cluster_usage.append([float(p) for p in phi.detach()])
+            bar.set_postfix(E=f"{float(energy):.1f}", Pcov=f"{float(penalty):.2f}", LP=f"{float(lp_loss):.3f}",
+                            acc=f"{acc:.2f}", rank=f"{rank:.1f}")
+        if on_step is not None:
+            on_step(done)
+    network._optimizer_state = opt.state_dict()
+    history.timings["train_seconds"] = time.perf_counter() - t0
+    network.eval()
+    return history
+
+
+@torch.no_grad()
+def fit_mixture(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bool = True) -> GaussianMixture:
+    """Fix φ, μ, Σ from the memberships of *all* training embeddings (accumulated statistics)."""
+    cfg = network.config
+    device = next(network.parameters()).device
+    network.eval()
+    acc = GMMAccumulator(cfg.n_components, cfg.embedding_dim)
+    for f in tqdm(cache, desc="fitting the mixture", unit="img", disable=not progress):
+        emb = network.encoder.head(f.float()[None].to(device))[0]
+        z = emb.reshape(emb.shape[0], -1).T
+        acc.add(z, network.membership(z))
+    network.mixture = acc.finalize(cfg.ridge)
+    return network.mixture
