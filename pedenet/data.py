@@ -223,6 +223,16 @@ def _to_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """Apply the image conversion rule to an in-memory PIL image: float32 H×W×3 in [0, 1].
+
+    The same rule as :func:`load_image` (EXIF orientation applied, alpha dropped, 16-bit
+    scaled, grayscale replicated to three channels).
+    """
+    img = ImageOps.exif_transpose(img) or img
+    return _to_rgb_array(img)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB following the module's conversion rule.
 

@@ -16,7 +16,7 @@ from .config import PEDENetConfig
 from .gmm import GaussianMixture
 from .model import PEDENetNetwork
 from .scoring import grid_to_map, to_tensor
-from .training import _seed_everything, cache_frozen_features, fit_mixture, train_network
+from .training import _seed_everything, cache_frozen_features, fit_mixture, train_network, training_energy_quantiles
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -97,6 +97,9 @@ class PEDENet:
         self.device = device
         self.network: PEDENetNetwork | None = None
         self.history: dict = {}
+        # quantiles ("0.5", "0.99", "0.999", "1.0") of the patch energy of the training images:
+        # the scale of normal scores, used to colour heatmaps consistently across images
+        self.normal_quantiles: dict[str, float] = {}
 
     # ---- training -------------------------------------------------------------------------
     def fit(self, images, progress: bool = True) -> "PEDENet":
@@ -118,6 +121,7 @@ class PEDENet:
         cache = cache_frozen_features(self.network, _loaders(items), progress)
         history = train_network(self.network, cache, progress=progress)
         fit_mixture(self.network, cache, progress)
+        self.normal_quantiles = training_energy_quantiles(self.network, cache)
         self.history = history.to_dict()
         self.history["n_train_images"] = len(items)
         return self
@@ -164,6 +168,7 @@ class PEDENet:
             "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
             "mixture": net.mixture.state_dict(),
             "history": self.history,
+            "normal_quantiles": self.normal_quantiles,
         })
 
     @classmethod
@@ -181,6 +186,7 @@ class PEDENet:
         net.mixture = net.mixture.to(device)
         model.network = net.to(device).eval()
         model.history = data.get("history", {})
+        model.normal_quantiles = data.get("normal_quantiles", {})
         return model
 
 

@@ -24,7 +24,8 @@ def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
     if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp(0.0, 1.0)
-    return x
+    # contiguous NCHW: a channels-last view (what permute gives) makes CPU convolutions ~50× slower
+    return x.contiguous()
 
 
 def _interp_matrix(n_out: int, n_processed: int, n_grid: int, stride: float, offset: float) -> np.ndarray:

@@ -238,6 +238,7 @@ def train_network(
                 rank = effective_rank(z)
                 min_eig = float(torch.linalg.eigvalsh(mixture.cov.detach()).min())
             history.step.append(done)
+            energy, penalty, lp_loss = energy.detach(), penalty.detach(), lp_loss.detach()
             history.energy.append(float(energy))
             history.cov_penalty.append(float(penalty))
             history.lp_loss.append(float(lp_loss))
@@ -269,3 +270,24 @@ def fit_mixture(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bo
         acc.add(z, network.membership(z))
     network.mixture = acc.finalize(cfg.ridge)
     return network.mixture
+
+
+@torch.no_grad()
+def training_energy_quantiles(network: PEDENetNetwork, cache: list[torch.Tensor], max_samples: int = 500_000) -> dict:
+    """Quantiles 0.5, 0.99, 0.999 and 1.0 of the patch energy over the training images.
+
+    The scale of normal scores (energy units): heatmaps are coloured from the median to
+    well above the largest normal value.
+    """
+    device = next(network.parameters()).device
+    per = max(1, max_samples // len(cache))
+    gen = torch.Generator().manual_seed(network.config.seed)
+    energies = []
+    for f in cache:
+        emb = network.encoder.head(f.float()[None].to(device))
+        e = network.energy_of_embeddings(emb).reshape(-1).cpu()
+        if len(e) > per:
+            e = e[torch.randperm(len(e), generator=gen)[:per]]
+        energies.append(e)
+    e = torch.cat(energies).numpy()
+    return {str(q): float(np.quantile(e, q)) for q in (0.5, 0.99, 0.999, 1.0)}

@@ -1,0 +1,243 @@
+"""Evaluating a fitted model on the test split of an MVTec-AD-layout category.
+
+:func:`evaluate` runs the model on every test image, reads the ground-truth masks and computes
+the image-level and pixel-level metrics of :mod:`pedenet.metrics`, overall and per defect type.
+:func:`format_table` turns the result into a plain aligned text table.
+
+Result dictionary (JSON-serializable; undefined metrics are ``None``)::
+
+    {
+      "category": "/abs/path/to/category",
+      "n_images": 83,                      # test images scored
+      "n_pixel_images": 83,                # of which used for the pixel metrics
+      "overall": {"image_auroc": 0.98, "image_f1_max": ..., "pixel_auroc": ...,
+                  "pixel_f1_max": ..., "au_pro_0.3": ..., "n_images": 83},
+      "per_defect": {"broken_large": {... same keys, on good + broken_large images ...}, ...},
+      "seconds_per_image": 0.21,           # mean wall time of model.anomaly_map (read included)
+      "seconds_total": 30.5,               # the whole evaluation, metrics included
+      "missing_masks": ["/abs/path/img.png", ...],   # defective images without a mask file
+      "undefined_metrics": ["per_defect/crack/image_auroc: ...", ...],
+      "images": [{"path": ..., "defect": "good", "label": 0, "score": 95.1,
+                  "mask": null}, ...],
+    }
+
+Scores and maps are in the model's energy units (−log density; higher = more anomalous).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import MissingMaskWarning, load_mask, resolve_category, test_samples
+from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
+
+__all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "to_jsonable"]
+
+AU_PRO_LIMIT = 0.3
+"""False positive rate limit of the AU-PRO metric reported by :func:`evaluate`."""
+
+METRIC_KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "au_pro_0.3")
+"""Metric names of each ``overall`` / ``per_defect`` entry (plus ``n_images``)."""
+
+
+def to_jsonable(value: Any) -> Any:
+    """Recursively convert to plain JSON types: NaN/Inf → None, numpy scalars/arrays → Python,
+    ``Path`` → str, tuples → lists. Dict keys become strings."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list, masks: list,
+             where: str, undefined: list[str]) -> dict:
+    """Image metrics on (scores, labels); pixel metrics on (maps, masks) (may be empty)."""
+    out: dict[str, Any] = {}
+
+    def run(name: str, fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UndefinedMetricWarning)
+            value = fn()
+        for w in caught:
+            if issubclass(w.category, UndefinedMetricWarning):
+                undefined.append(f"{where}/{name}: {w.message}")
+            else:  # pragma: no cover - pass other warnings through
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return value
+
+    out["image_auroc"] = run("image_auroc", lambda: image_auroc(scores, labels))
+    out["image_f1_max"] = run("image_f1_max", lambda: f1_max(scores, labels))
+    if maps:
+        pm = run("pixel", lambda: pixel_metrics(maps, masks, (AU_PRO_LIMIT,)))
+        out["pixel_auroc"] = pm["pixel_auroc"]
+        out["pixel_f1_max"] = pm["pixel_f1_max"]
+        out["au_pro_0.3"] = pm[f"aupro_{AU_PRO_LIMIT:g}"]
+    else:
+        undefined.append(f"{where}/pixel: no image with a ground-truth mask")
+        out["pixel_auroc"] = out["pixel_f1_max"] = out["au_pro_0.3"] = float("nan")
+    out["n_images"] = int(len(scores))
+    return out
+
+
+def evaluate(model, data, category: str | None = None, progress: bool = True,
+             return_maps: bool = False):
+    """Score every test image of a category and compute the metrics.
+
+    Args:
+        model: a fitted :class:`pedenet.estimator.PEDENet` (anything with
+            ``anomaly_map(path) -> float32 H×W``).
+        data: a category folder, or a dataset root together with ``category``
+            (as :func:`pedenet.data.resolve_category` takes).
+        category: category name under ``data``; ``None`` when ``data`` is the category folder.
+        progress: show a tqdm progress bar.
+        return_maps: also return the anomaly maps.
+
+    Returns:
+        ``result`` (see the module docstring), or ``(result, maps)`` when ``return_maps``:
+        ``maps[i]`` is the float32 H_i×W_i anomaly map (energy units, image resolution) of
+        ``result["images"][i]``.
+
+        Metrics: ``image_*`` use one score per image (the map maximum) over all images of the
+        group; ``pixel_*`` and ``au_pro_0.3`` (normalized area under the PRO curve up to a
+        false positive rate of 0.3) pool the pixels of the group's images that have
+        ground truth: good images count as all-normal; a defective image without a mask file
+        is left out of the pixel metrics (with a :class:`pedenet.data.MissingMaskWarning`) but
+        kept for the image metrics. ``per_defect[d]`` is computed on the good images plus the
+        images of defect ``d``. Undefined metrics (e.g. no good test images) are ``None`` and
+        listed in ``undefined_metrics``.
+
+    Raises:
+        pedenet.data.DataError: missing/unreadable category, image or mask, or a mask whose
+            size differs from its image.
+    """
+    t_start = time.perf_counter()
+    cat_dir = resolve_category(data, category)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MissingMaskWarning)
+        samples = test_samples(cat_dir)
+    for w in caught:
+        if not issubclass(w.category, MissingMaskWarning):  # pragma: no cover
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
+    missing: list[str] = []
+    infer_seconds = 0.0
+    for s in tqdm(samples, desc=f"evaluating {cat_dir.name}", unit="img", disable=not progress):
+        t0 = time.perf_counter()
+        amap = np.asarray(model.anomaly_map(s.path), dtype=np.float32)
+        infer_seconds += time.perf_counter() - t0
+        if s.label == 0:
+            mask = np.zeros(amap.shape, dtype=bool)
+        elif s.mask_path is None:
+            mask = None
+            missing.append(str(s.path))
+        else:
+            mask = load_mask(s.mask_path, expected_shape=amap.shape)
+        maps.append(amap)
+        masks.append(mask)
+    if missing:
+        warnings.warn(
+            f"{len(missing)} defective test image(s) of {cat_dir} have no mask file (first: "
+            f"{missing[0]}); they count for the image metrics only - add "
+            "ground_truth/<defect>/<stem>_mask.png to use them for the pixel metrics",
+            MissingMaskWarning, stacklevel=2)
+
+    scores = np.array([float(m.max()) for m in maps], dtype=np.float64)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    defects = [s.defect for s in samples]
+    undefined: list[str] = []
+
+    def group(select: np.ndarray, where: str) -> dict:
+        idx = np.flatnonzero(select)
+        gm = [maps[i] for i in idx if masks[i] is not None]
+        gk = [masks[i] for i in idx if masks[i] is not None]
+        return _metrics(scores[idx], labels[idx], gm, gk, where, undefined)
+
+    defect_names = sorted({d for d in defects if d != "good"})
+    is_good = np.array([d == "good" for d in defects])
+    overall = group(np.ones(len(samples), dtype=bool), "overall")
+    per_defect = {d: group(is_good | np.array([x == d for x in defects]), f"per_defect/{d}")
+                  for d in defect_names}
+
+    result = {
+        "category": str(cat_dir.resolve()),
+        "n_images": len(samples),
+        "n_pixel_images": sum(m is not None for m in masks),
+        "overall": overall,
+        "per_defect": per_defect,
+        "seconds_per_image": infer_seconds / len(samples),
+        "seconds_total": time.perf_counter() - t_start,
+        "missing_masks": missing,
+        "undefined_metrics": undefined,
+        "images": [
+            {"path": str(Path(s.path).resolve()), "defect": s.defect, "label": int(s.label),
+             "score": float(sc), "mask": str(Path(s.mask_path).resolve()) if s.mask_path else None}
+            for s, sc in zip(samples, scores)
+        ],
+    }
+    result = to_jsonable(result)
+    if return_maps:
+        return result, maps
+    return result
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+TABLE_COLUMNS = (
+    ("image AUROC", "image_auroc"),
+    ("pixel AUROC", "pixel_auroc"),
+    ("AU-PRO@0.3", "au_pro_0.3"),
+    ("F1-max (image)", "image_f1_max"),
+)
+
+
+def table_lines(rows: list[tuple[str, dict]], first: str = "defect") -> list[str]:
+    """Aligned text lines: a header and one row per ``(name, metrics dict)``."""
+    header = [first] + [c for c, _ in TABLE_COLUMNS] + ["n images"]
+    body = [[name] + [_fmt(m.get(k)) for _, k in TABLE_COLUMNS] + [str(m.get("n_images", ""))]
+            for name, m in rows]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                         for i, c in enumerate(cells)).rstrip()
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in body]
+    return out
+
+
+def format_table(result: dict) -> str:
+    """Plain aligned text table of an :func:`evaluate` result.
+
+    Rows: ``overall`` then each defect (good + that defect's images); columns: image AUROC,
+    pixel AUROC, AU-PRO@0.3, image F1-max, number of images. Undefined values show ``n/a``.
+    """
+    rows = [("overall", result["overall"])]
+    rows += [(d, m) for d, m in result.get("per_defect", {}).items()]
+    return "\n".join(table_lines(rows)) + "\n"

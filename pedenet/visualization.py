@@ -1,0 +1,154 @@
+"""Heatmap overlays of anomaly maps, and atomic PNG writing.
+
+* :func:`heatmap_overlay` blends a colour-mapped anomaly map over the image and draws the
+  ground-truth contour.
+* :func:`color_range` gives one colour scale per model (from the energy quantiles of its
+  training images), so that overlays of different images are comparable.
+* :func:`save_png` writes a PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "color_range", "heatmap_overlay", "save_png"]
+
+CONTOUR_COLOR = (255, 255, 255)
+"""RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
+with ``alpha > 0`` never produces, so the contour is always distinguishable."""
+
+
+HEADROOM = 0.25
+"""``vmax`` of :func:`color_range` lies this fraction of the normal spread (max − median of the
+training energies) above the largest training energy."""
+
+
+def color_range(model, amap: np.ndarray | None = None,
+                headroom: float = HEADROOM) -> tuple[float | None, float | None]:
+    """Colour scale ``(vmin, vmax)`` in energy units for the overlays of ``model``.
+
+    From ``model.normal_quantiles`` (patch energy quantiles over the training images):
+    ``vmin`` = the median ``"0.5"`` (a typical normal patch gets the coldest colour) and
+    ``vmax = q1 + headroom * (q1 - q0.5)`` with ``q1`` = the largest training energy ``"1.0"``,
+    so only patches above everything seen in training reach the hottest colours. (With
+    ``headroom = 2`` the defects of the built-in demo stayed in the blue third of the scale;
+    0.25 shows them orange to red.) If the quantiles are missing (an older checkpoint), falls
+    back to ``amap``'s own min/max, or ``(None, None)`` when no map is given (meaning: per
+    image, see :func:`heatmap_overlay`).
+    """
+    q = getattr(model, "normal_quantiles", None) or {}
+    try:
+        lo, hi = float(q["0.5"]), float(q["1.0"])
+    except (KeyError, TypeError, ValueError):
+        lo = hi = float("nan")
+    if np.isfinite(lo) and np.isfinite(hi):
+        vmax = hi + headroom * (hi - lo)
+        if vmax <= lo:
+            vmax = lo + max(1e-6, abs(lo) * 1e-6)
+        return lo, vmax
+    if amap is not None:
+        return float(np.min(amap)), float(np.max(amap))
+    return None, None
+
+
+def _as_rgb_float(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be H×W or H×W×C (C in 1, 3, 4), got shape {img.shape}")
+    img = img[:, :, :3]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    return np.clip(img.astype(np.float32), 0.0, 1.0)
+
+
+def heatmap_overlay(
+    image: np.ndarray,
+    amap: np.ndarray,
+    vmin: float | None,
+    vmax: float | None,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    contour_color: tuple[int, int, int] = CONTOUR_COLOR,
+    contour_mode: str = "outer",
+) -> np.ndarray:
+    """Colour-mapped anomaly map blended over the image, with the ground-truth contour.
+
+    Args:
+        image: float32 H×W×3 in [0, 1] (H×W grayscale and uint8 are accepted too).
+        amap: H×W anomaly map (energy units), clipped to [vmin, vmax] then scaled to [0, 1]
+            and coloured with matplotlib colormap ``cmap``. ``vmin``/``vmax`` ``None`` use the
+            map's own min/max.
+        mask: optional H×W ground truth (nonzero = anomalous); its boundary
+            (``skimage.segmentation.find_boundaries(mask, mode=contour_mode)``; "outer" = the
+            normal pixels touching the defect, so the heat inside thin defects stays visible)
+            is painted opaque in ``contour_color``.
+        alpha: weight of the heatmap, 0..1 (0 = image only, 1 = heatmap only).
+
+    Returns:
+        uint8 H×W×3 RGB array.
+    """
+    from matplotlib import colormaps
+    from skimage.segmentation import find_boundaries
+
+    img = _as_rgb_float(image)
+    amap = np.asarray(amap, dtype=np.float64)
+    if amap.shape != img.shape[:2]:
+        raise ValueError(f"anomaly map shape {amap.shape} differs from the image shape {img.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    finite = np.isfinite(amap)
+    if vmin is not None:
+        lo = float(vmin)
+    else:
+        lo = float(np.min(amap[finite])) if finite.any() else 0.0
+    if vmax is not None:
+        hi = float(vmax)
+    else:
+        hi = float(np.max(amap[finite])) if finite.any() else lo + 1.0
+    if not hi > lo:
+        hi = lo + 1e-12 if lo == 0 else lo + abs(lo) * 1e-6
+    norm = np.clip((np.nan_to_num(amap, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo), 0.0, 1.0)
+    heat = colormaps[cmap](norm)[..., :3].astype(np.float32)
+    out = (1.0 - alpha) * img + alpha * heat
+    out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    if mask is not None:
+        mask = np.asarray(mask) != 0
+        if mask.shape != out.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} differs from the image shape {out.shape[:2]}")
+        if mask.any():
+            out[find_boundaries(mask, mode=contour_mode)] = np.asarray(contour_color, dtype=np.uint8)
+    return out
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 H×W (gray) or H×W×3 / H×W×4 array as PNG, atomically.
+
+    The image is written to a temporary file in the destination folder (created if missing)
+    and renamed onto ``path`` with ``os.replace``, so ``path`` is never half-written.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"save_png expects a uint8 array, got {arr.dtype}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ValueError(f"save_png expects H×W, H×W×3 or H×W×4, got shape {arr.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,202 @@
+"""Tests for the command line interface (pedenet.cli) with click's CliRunner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pedenet import __version__, metrics
+from pedenet.builtin import DEFECT_TYPES, make_builtin_dataset
+from pedenet.cli import main
+
+STEPS = "3"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny images: one thread is as fast, and immune to OpenMP spin-wait slowdowns on busy machines
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True,
+                              terminal_width=200)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_builtin_dataset(tmp_path_factory.mktemp("cli") / "ds", categories=("grass",),
+                                n_train=6, n_test_good=2, n_test_defect=2, size=64)
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "grass"
+    result = run("fit", dataset, "--category", "grass", "--out", out, "--steps", STEPS,
+                 "--seed", "7", "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fit_writes_run_folder(run_dir, dataset):
+    assert (run_dir / "model.pt").is_file()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["seed"] == 7 and cfg["config"]["seed"] == 7
+    assert cfg["config"]["steps"] == int(STEPS)
+    assert cfg["pedenet_version"] == __version__
+    assert Path(cfg["data"]) == dataset.resolve() and cfg["category"] == "grass"
+    assert cfg["timings"]["train_seconds"] > 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert isinstance(history, dict) and history
+
+
+def test_fit_refuses_existing_run_without_overwrite(run_dir, dataset, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(run_dir, target)
+    (target / "metrics.json").write_text("{}")
+    before = (target / "model.pt").read_bytes()
+    result = run("fit", dataset / "grass", "--out", target, "--steps", "1", "--quiet")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "model.pt", "already exists", "--overwrite")
+    assert (target / "model.pt").read_bytes() == before
+    result = run("fit", dataset / "grass", "--out", target, "--steps", "1", "--quiet", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((target / "config.json").read_text())["config"]["steps"] == 1
+    assert not (target / "metrics.json").exists()  # stale results of the old model removed
+
+
+def test_evaluate_writes_metrics_and_overlays(run_dir):
+    result = run("evaluate", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    for name in ("overall", *DEFECT_TYPES):
+        assert name in result.stdout
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for entry in [m["overall"], *m["per_defect"].values()]:
+        for key in ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "au_pro_0.3"):
+            assert 0.0 <= entry[key] <= 1.0
+    scores = np.array([e["score"] for e in m["images"]])
+    labels = np.array([e["label"] for e in m["images"]])
+    assert m["overall"]["image_auroc"] == pytest.approx(metrics.image_auroc(scores, labels), abs=1e-12)
+    assert m["overall"]["image_f1_max"] == pytest.approx(metrics.f1_max(scores, labels), abs=1e-12)
+    spot = [i for i, e in enumerate(m["images"]) if e["defect"] in ("good", "spot")]
+    assert m["per_defect"]["spot"]["image_auroc"] == pytest.approx(
+        metrics.image_auroc(scores[spot], labels[spot]), abs=1e-12)
+    for e in m["images"]:
+        overlay = run_dir / "overlays" / e["defect"] / (Path(e["path"]).stem + ".png")
+        with Image.open(overlay) as img:
+            assert img.mode == "RGB" and img.size == (64, 64)
+    # --no-overlays, explicit --data
+    shutil.rmtree(run_dir / "overlays")
+    result = run("evaluate", run_dir, "--data", m["category"], "--no-overlays", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "overlays").exists()
+
+
+def test_predict_maps_overlays_scores(run_dir, dataset, tmp_path):
+    src = dataset / "grass" / "test" / "spot" / "000.png"
+    with Image.open(src) as img:
+        gray = np.asarray(img)
+    inputs = tmp_path / "in"
+    (inputs / "a").mkdir(parents=True)
+    (inputs / "b").mkdir()
+    Image.fromarray(gray[:50, :61]).save(inputs / "a" / "x.png")  # non-square, 61 wide, 50 high
+    Image.fromarray(gray[5:45, :]).save(inputs / "b" / "x.png")  # same stem, 64 x 40
+    out = tmp_path / "out"
+    result = run("predict", run_dir, inputs / "a" / "x.png", inputs / "b", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    with open(out / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == [str(inputs / "a" / "x.png"), str(inputs / "b" / "x.png")]
+    assert [r["name"] for r in rows] == ["x_1", "x_2"]
+    for row, shape in zip(rows, [(50, 61), (40, 64)]):
+        amap = np.load(out / f"{row['name']}_map.npy")
+        assert amap.dtype == np.float32 and amap.shape == shape
+        assert float(row["score"]) == float(amap.max())
+        with Image.open(out / f"{row['name']}_overlay.png") as img:
+            assert img.mode == "RGB" and img.size == (shape[1], shape[0])
+    # tiff output
+    out2 = tmp_path / "out2"
+    result = run("predict", run_dir, inputs / "a" / "x.png", "--out", out2, "--format", "tiff", "--quiet")
+    assert result.exit_code == 0, result.output
+    amap = tifffile.imread(out2 / "x_map.tiff")
+    assert amap.dtype == np.float32 and amap.shape == (50, 61)
+    np.testing.assert_array_equal(amap, np.load(out / "x_1_map.npy"))
+
+
+def test_bad_inputs_give_one_line_errors(run_dir, dataset, tmp_path):
+    missing = tmp_path / "nope"
+    assert_one_line_error(run("fit", missing, "--out", tmp_path / "r", "--quiet"), str(missing))
+    assert_one_line_error(run("fit", dataset, "--out", tmp_path / "r", "--quiet"), "grass")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert_one_line_error(run("predict", run_dir, notes, "--out", tmp_path / "o", "--quiet"),
+                          str(notes), "not an image")
+    broken_png = tmp_path / "broken.png"
+    broken_png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert_one_line_error(run("predict", run_dir, broken_png, "--out", tmp_path / "o", "--quiet"),
+                          str(broken_png))
+    bad_run = tmp_path / "badrun"
+    bad_run.mkdir()
+    (bad_run / "model.pt").write_bytes(b"garbage, not a checkpoint")
+    assert_one_line_error(run("predict", bad_run, dataset / "grass" / "test" / "good", "--out",
+                              tmp_path / "o", "--quiet"), "model.pt")
+    assert_one_line_error(run("evaluate", bad_run, "--data", dataset / "grass", "--quiet"), "model.pt")
+    assert_one_line_error(run("evaluate", tmp_path / "norun", "--quiet"), "norun")
+    assert_one_line_error(run("demo", "--categories", "marble", "--out", tmp_path / "d"), "marble")
+
+
+def test_help_shows_defaults():
+    for verb, expected in [
+        ("fit", ["default: 1000", "--n-components", "default: pretrained", "--overwrite"]),
+        ("evaluate", ["default: overlays", "--data"]),
+        ("predict", ["default: npy", "--format"]),
+        ("demo", ["default: runs/demo", "default: brick,grass,gravel", "--steps"]),
+    ]:
+        result = run(verb, "--help")
+        assert result.exit_code == 0
+        for e in expected:
+            assert e in result.output, (verb, e)
+        assert result.output.count("[default:") >= 2
+    result = run("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_demo_small(tmp_path, monkeypatch):
+    import functools
+
+    from pedenet import builtin
+
+    monkeypatch.setenv("PEDENET_CACHE", str(tmp_path / "cache"))
+    # the demo's dataset, shrunk to keep the test fast
+    monkeypatch.setattr(builtin, "make_builtin_dataset", functools.partial(
+        builtin.make_builtin_dataset, n_train=6, n_test_good=2, n_test_defect=2, size=64))
+    out = tmp_path / "demo"
+    result = run("demo", "--out", out, "--steps", "1", "--categories", "grass", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["categories"]) == {"grass"}
+    assert "grass" in (out / "summary.md").read_text() and "grass" in result.stdout
+    assert (out / "grass" / "metrics.json").is_file() and (out / "grass" / "overlays").is_dir()
+    assert Path(summary["dataset"]).parent == (tmp_path / "cache").resolve()

@@ -1,0 +1,127 @@
+"""Tests for pedenet.evaluation: evaluate() and format_table()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pedenet import metrics
+from pedenet.builtin import DEFECT_TYPES, make_builtin_dataset
+from pedenet.data import MissingMaskWarning, load_image, load_mask
+from pedenet.evaluation import METRIC_KEYS, evaluate, format_table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny images: one thread is as fast, and immune to OpenMP spin-wait slowdowns on busy machines
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class BrightnessModel:
+    """Stand-in model: the anomaly map is the image brightness (deterministic, instant)."""
+
+    normal_quantiles: dict = {}
+
+    def anomaly_map(self, path):
+        return (load_image(path).mean(axis=2) * 100.0).astype(np.float32)
+
+
+def _dataset(root, **kw):
+    params = dict(categories=("grass",), n_train=6, n_test_good=2, n_test_defect=2, size=64)
+    params.update(kw)
+    return make_builtin_dataset(root, **params)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _dataset(tmp_path_factory.mktemp("eval") / "ds")
+
+
+def test_evaluate_real_model(dataset):
+    from pedenet.estimator import PEDENet
+
+    model = PEDENet(steps=3).fit(dataset / "grass", progress=False)
+    result, maps = evaluate(model, dataset, "grass", progress=False, return_maps=True)
+    json.dumps(result, allow_nan=False)  # JSON-serializable, no NaN
+    assert result["n_images"] == 2 + 2 * len(DEFECT_TYPES) == len(maps) == len(result["images"])
+    assert set(result["per_defect"]) == set(DEFECT_TYPES)
+    for entry in [result["overall"], *result["per_defect"].values()]:
+        for k in METRIC_KEYS:
+            assert 0.0 <= entry[k] <= 1.0, k
+    assert result["per_defect"]["spot"]["n_images"] == 4
+    assert result["seconds_per_image"] > 0
+    for entry, amap in zip(result["images"], maps):
+        assert amap.dtype == np.float32 and amap.shape == (64, 64)
+        assert entry["score"] == pytest.approx(float(amap.max()))
+        assert entry["label"] == (entry["defect"] != "good")
+
+
+def test_metrics_match_pedenet_metrics(dataset):
+    result, maps = evaluate(BrightnessModel(), dataset / "grass", progress=False, return_maps=True)
+    images = result["images"]
+    scores = np.array([e["score"] for e in images])
+    labels = np.array([e["label"] for e in images])
+    masks = [load_mask(e["mask"]) if e["mask"] else np.zeros(m.shape, bool)
+             for e, m in zip(images, maps)]
+    assert result["overall"]["image_auroc"] == pytest.approx(metrics.image_auroc(scores, labels))
+    assert result["overall"]["image_f1_max"] == pytest.approx(metrics.f1_max(scores, labels))
+    assert result["overall"]["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(maps, masks))
+    assert result["overall"]["au_pro_0.3"] == pytest.approx(metrics.au_pro(maps, masks, 0.3))
+    sel = [i for i, e in enumerate(images) if e["defect"] in ("good", "patch")]
+    assert result["per_defect"]["patch"]["image_auroc"] == pytest.approx(
+        metrics.image_auroc(scores[sel], labels[sel]))
+    assert result["per_defect"]["patch"]["pixel_f1_max"] == pytest.approx(
+        metrics.pixel_f1_max([maps[i] for i in sel], [masks[i] for i in sel]))
+
+
+def test_undefined_metrics_are_none(tmp_path):
+    root = _dataset(tmp_path / "ds", n_test_good=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", metrics.UndefinedMetricWarning)  # must not leak
+        result = evaluate(BrightnessModel(), root, "grass", progress=False)
+    text = json.dumps(result, allow_nan=False)
+    assert result["overall"]["image_auroc"] is None  # no good image
+    assert result["per_defect"]["scratch"]["image_auroc"] is None
+    assert result["overall"]["pixel_auroc"] is not None  # normal pixels exist around defects
+    assert any("image_auroc" in u for u in result["undefined_metrics"])
+    assert "null" in text
+    table = format_table(result)
+    assert "n/a" in table
+
+
+def test_missing_mask_excluded_from_pixel_metrics(tmp_path):
+    root = _dataset(tmp_path / "ds")
+    cat = root / "grass"
+    (cat / "ground_truth" / "spot" / "000_mask.png").unlink()
+    with pytest.warns(MissingMaskWarning, match="no mask"):
+        result = evaluate(BrightnessModel(), cat, progress=False)
+    assert result["n_images"] == 8 and result["n_pixel_images"] == 7
+    assert len(result["missing_masks"]) == 1 and result["missing_masks"][0].endswith("000.png")
+    assert result["per_defect"]["spot"]["n_images"] == 4  # still counted for image metrics
+    # all masks of a defect missing: its pixel metrics are computed on good images only -> None
+    shutil.rmtree(cat / "ground_truth" / "spot")
+    with pytest.warns(MissingMaskWarning):
+        result = evaluate(BrightnessModel(), cat, progress=False)
+    assert result["per_defect"]["spot"]["pixel_auroc"] is None
+    assert result["per_defect"]["spot"]["image_auroc"] is not None
+
+
+def test_format_table(dataset):
+    result = evaluate(BrightnessModel(), dataset, "grass", progress=False)
+    table = format_table(result)
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "defect" and "image AUROC" in lines[0] and "AU-PRO@0.3" in lines[0]
+    assert lines[2].startswith("overall")
+    for d in DEFECT_TYPES:
+        assert any(line.startswith(d) for line in lines)
+    # aligned: every row as wide as the rule under the header (right-aligned numbers)
+    assert len({len(line) for line in lines}) == 1
+    assert f"{result['overall']['image_auroc']:.3f}" in lines[2]
