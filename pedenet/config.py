@@ -41,6 +41,9 @@ class PEDENetConfig:
         energy_trains_encoder: if True the energy gradient also reaches the encoder (the raw
             DAGMM objective, known to collapse embeddings); default False: the energy trains
             the membership network only and LP trains the encoder.
+        de_init: ``"em"`` (default): the membership network starts by reproducing a mixture
+            fitted by EM with k-means++ init (scikit-learn) on the initial embeddings;
+            ``"random"``: plain random initialization (DAGMM).
         lp_pairs: LP pairs drawn per image per step.
         seed: seed for every random choice (torch, numpy).
     """
@@ -60,6 +63,7 @@ class PEDENetConfig:
     lambda_cov: float = 0.005
     lambda_lp: float = 1.0
     energy_trains_encoder: bool = False
+    de_init: str = "em"
     lp_pairs: int = 64
     seed: int = 0
 
@@ -71,6 +75,8 @@ class PEDENetConfig:
         for name in ("embedding_dim", "n_components", "patch_size", "steps", "batch_size", "lp_pairs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.de_init not in ("em", "random"):
+            raise ValueError(f"de_init must be 'em' or 'random', got {self.de_init!r}")
         if self.image_size and self.image_size < self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
 

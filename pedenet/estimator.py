@@ -16,7 +16,14 @@ from .config import PEDENetConfig
 from .gmm import GaussianMixture
 from .model import PEDENetNetwork
 from .scoring import grid_to_map, to_tensor
-from .training import _seed_everything, cache_frozen_features, fit_mixture, train_network, training_energy_quantiles
+from .training import (
+    _seed_everything,
+    cache_frozen_features,
+    fit_mixture,
+    init_membership,
+    train_network,
+    training_energy_quantiles,
+)
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -119,10 +126,12 @@ class PEDENet:
         _seed_everything(self.config.seed)
         self.network = PEDENetNetwork(self.config).to(self.device)
         cache = cache_frozen_features(self.network, _loaders(items), progress)
+        init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
         history = train_network(self.network, cache, progress=progress)
         fit_mixture(self.network, cache, progress)
         self.normal_quantiles = training_energy_quantiles(self.network, cache)
         self.history = history.to_dict()
+        self.history["de_init"] = init
         self.history["n_train_images"] = len(items)
         return self
 

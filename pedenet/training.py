@@ -166,6 +166,57 @@ def _embed_many(network: PEDENetNetwork, feats: list[torch.Tensor]) -> list[torc
     return [network.encoder.head(f[None])[0] for f in feats]
 
 
+@torch.no_grad()
+def _sample_embeddings(network: PEDENetNetwork, cache: list[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """About n embeddings (N×D float32) drawn uniformly from the training images."""
+    device = next(network.parameters()).device
+    per = max(1, math.ceil(n / len(cache)))
+    rows = []
+    for f in cache:
+        emb = network.encoder.head(f.float()[None].to(device))[0]
+        rows.append(_de_samples(emb, per, gen).cpu())
+    return torch.cat(rows)
+
+
+def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bool = True,
+                    n_samples: int = 100_000, steps: int = 300) -> dict:
+    """Start the DE network from a mixture fitted by EM (k-means++ init) on the initial embeddings.
+
+    The DAGMM energy, minimized from a random membership network, settles in poor local
+    optima (measured on MTD: image AUROC 0.65 against 0.77 for a k-means-initialized EM fit of
+    the same embeddings). So the membership network is first trained (soft cross-entropy,
+    ``steps`` Adam steps) to reproduce the EM posteriors of scikit-learn's GaussianMixture
+    fitted on ``n_samples`` embeddings; training then continues with the energy objective.
+
+    Returns:
+        dict with the EM fit's log-likelihood per sample, its iterations and the agreement
+        (fraction of equal arg-max cluster) between the network and the EM posteriors.
+    """
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    cfg = network.config
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    z = _sample_embeddings(network, cache, n_samples, gen)
+    zd = z.double().numpy()
+    reg = cfg.ridge * float(zd.var(0).mean())
+    em = SkGaussianMixture(cfg.n_components, covariance_type="full", reg_covar=reg, max_iter=100,
+                           init_params="k-means++", random_state=cfg.seed).fit(zd)
+    target = torch.from_numpy(em.predict_proba(zd)).float()
+    device = next(network.parameters()).device
+    z, target = z.to(device), target.to(device)
+    opt = torch.optim.Adam(network.membership.parameters(), lr=3e-3)
+    for _ in tqdm(range(steps), desc="initializing the DE network", unit="step", disable=not progress):
+        idx = torch.randint(len(z), (4096,), generator=gen).to(device)
+        logp = torch.log(network.membership(z[idx]).clamp_min(1e-12))
+        loss = -(target[idx] * logp).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        agree = float((network.membership(z).argmax(1) == target.argmax(1)).float().mean())
+    return {"em_log_likelihood": float(em.score(zd)), "em_iterations": int(em.n_iter_), "membership_agreement": agree}
+
+
 def train_network(
     network: PEDENetNetwork,
     cache: list[torch.Tensor],

@@ -1,0 +1,97 @@
+"""Training on the built-in dataset: no collapse, determinism, save/load round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+import pedenet
+from pedenet.builtin import make_builtin_dataset
+from pedenet.checkpoint import CheckpointError
+from pedenet.data import test_samples, train_samples
+
+
+@pytest.fixture(scope="module")
+def gravel(tmp_path_factory):
+    root = make_builtin_dataset(tmp_path_factory.mktemp("builtin"), categories=("gravel",), n_train=16,
+                                n_test_good=3, n_test_defect=3, size=128, seed=0)
+    return root / "gravel"
+
+
+@pytest.fixture(scope="module")
+def fitted(gravel):
+    torch.set_num_threads(1)
+    paths = [s.path for s in train_samples(gravel)]
+    return pedenet.PEDENet(steps=75, image_size=128, seed=3).fit(paths, progress=False)
+
+
+def test_training_keeps_embeddings_full_rank(fitted):
+    h = fitted.history
+    assert h["step"][-1] == 75
+    # D = 64: a collapsed embedding has effective rank ~1; the default training keeps it high
+    assert min(h["effective_rank"]) > 8.0
+    assert h["effective_rank"][-1] > 0.5 * h["effective_rank"][0]
+    assert min(h["min_cov_eigenvalue"]) > 0.0
+    assert all(np.isfinite(h["energy"])) and all(np.isfinite(h["lp_loss"]))
+    assert h["de_init"]["membership_agreement"] > 0.5
+    assert abs(sum(h["cluster_usage"][-1]) - 1.0) < 1e-6
+
+
+def test_maps_have_image_size_and_score_is_max(fitted, gravel):
+    samples = test_samples(gravel)
+    maps, scores = fitted.predict([s.path for s in samples])
+    assert len(maps) == len(samples)
+    for m, sc in zip(maps, scores):
+        assert m.shape == (128, 128) and m.dtype == np.float32 and np.isfinite(m).all()
+        assert sc == pytest.approx(float(m.max()))
+    # a non-square array input keeps its own size
+    m = fitted.anomaly_map(np.random.default_rng(0).random((90, 150)).astype(np.float32))
+    assert m.shape == (90, 150)
+
+
+def test_defects_score_higher_than_normal_on_average(fitted, gravel):
+    samples = test_samples(gravel)
+    _, scores = fitted.predict([s.path for s in samples])
+    labels = np.array([s.label for s in samples])
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+
+def test_save_load_round_trip(fitted, gravel, tmp_path):
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    loaded = pedenet.load(path)
+    img = test_samples(gravel)[-1].path
+    np.testing.assert_array_equal(loaded.anomaly_map(img), fitted.anomaly_map(img))
+    assert loaded.config == fitted.config
+    assert loaded.normal_quantiles == fitted.normal_quantiles
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, fitted):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        pedenet.load(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a pedenet checkpoint"):
+        pedenet.load(foreign)
+    good = tmp_path / "good.pt"
+    fitted.save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        pedenet.load(truncated)
+
+
+def test_same_seed_same_model(gravel):
+    torch.set_num_threads(1)
+    paths = [s.path for s in train_samples(gravel)][:6]
+    kw = dict(steps=10, image_size=96, n_components=3, seed=5)
+    a = pedenet.PEDENet(**kw).fit(paths, progress=False)
+    b = pedenet.PEDENet(**kw).fit(paths, progress=False)
+    img = test_samples(gravel)[0].path
+    np.testing.assert_allclose(a.anomaly_map(img), b.anomaly_map(img), rtol=1e-5)
+
+
+def test_fit_refuses_empty_input():
+    with pytest.raises(ValueError, match="at least one"):
+        pedenet.PEDENet().fit([])
