@@ -314,7 +314,7 @@ def main(ctx: click.Context) -> None:
               help="Run folder to write (model.pt, config.json, history.json).")
 @click.option("--category", default=None, show_default=True,
               help="Category under DATA when DATA is a dataset root.")
-@click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True,
+@click.option("--steps", type=click.IntRange(min=0), default=DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -331,6 +331,8 @@ def main(ctx: click.Context) -> None:
               show_default=True, help="Patch side in pixels of the resized image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size,
               show_default=True, help="Images per optimizer step.")
+@click.option("--encoder-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of the encoder's trainable part [default: --lr for scratch, 1e-4 for pretrained].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
               show_default=True, help="Adam learning rate.")
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
@@ -339,14 +341,14 @@ def main(ctx: click.Context) -> None:
               help="No progress bars or messages.")
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
-        n_components, patch_size, batch_size, lr, overwrite, quiet):
+        n_components, patch_size, batch_size, encoder_lr, lr, overwrite, quiet):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/) or a dataset root with --category.
     """
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
                   embedding_dim=embedding_dim, n_components=n_components, patch_size=patch_size,
-                  batch_size=batch_size, lr=lr)
+                  batch_size=batch_size, lr=lr, encoder_lr=encoder_lr)
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config)
 
 

@@ -34,9 +34,15 @@ class PEDENetConfig:
             processed image (4 px at 256 px is the usual value).
 
     Training
-        steps: number of optimizer steps.
+        steps: number of optimizer steps (0: no training; the mixture is fitted on the
+            initial embeddings — the "untrained" reference).
         batch_size: images per step.
-        lr: Adam learning rate.
+        lr: Adam learning rate of the DE and LP networks.
+        encoder_lr: Adam learning rate of the encoder's trainable part; None (default) means
+            ``lr`` for ``scratch`` and 1e-4 for ``pretrained``: lower than ``lr`` so
+            that LP refines the PCA-initialized reduction of the pretrained features without
+            discarding what the mixture needs (measured on MTD: at 1e-3 the effective rank of
+            the embeddings fell from 42 to 26 and image AUROC from 0.77 to 0.69).
         lambda_de, lambda_cov, lambda_lp: loss weights of L = λ_DE·E + λ_cov·P_cov + λ_LP·L_LP.
         energy_trains_encoder: if True the energy gradient also reaches the encoder (the raw
             DAGMM objective, known to collapse embeddings); default False: the energy trains
@@ -59,6 +65,7 @@ class PEDENetConfig:
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
+    encoder_lr: float | None = None
     lambda_de: float = 1.0
     lambda_cov: float = 0.005
     lambda_lp: float = 1.0
@@ -72,13 +79,22 @@ class PEDENetConfig:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder == "scratch" and self.patch_size not in (32, 64):
             raise ValueError(f"the scratch encoder supports patch_size 32 or 64, got {self.patch_size}")
-        for name in ("embedding_dim", "n_components", "patch_size", "steps", "batch_size", "lp_pairs"):
+        for name in ("embedding_dim", "n_components", "patch_size", "batch_size", "lp_pairs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.de_init not in ("em", "random"):
             raise ValueError(f"de_init must be 'em' or 'random', got {self.de_init!r}")
         if self.image_size and self.image_size < self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+
+    @property
+    def encoder_learning_rate(self) -> float:
+        """The encoder's learning rate after resolving the None default."""
+        if self.encoder_lr is not None:
+            return float(self.encoder_lr)
+        return 1e-4 if self.encoder == "pretrained" else float(self.lr)
 
     def to_dict(self) -> dict:
         """Plain dict of every field (JSON-serializable)."""

@@ -240,8 +240,9 @@ def train_network(
     cfg = network.config
     device = next(network.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start_step)
-    params = [p for p in network.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    enc_params = [p for p in network.encoder.parameters() if p.requires_grad]
+    head_params = [p for p in list(network.membership.parameters()) + list(network.location.parameters())]
+    opt = torch.optim.Adam([{"params": enc_params, "lr": cfg.encoder_learning_rate}, {"params": head_params, "lr": cfg.lr}])
     if hasattr(network, "_optimizer_state"):
         opt.load_state_dict(network._optimizer_state)
     dist, jit = _lp_geometry(cfg, network.stride)
