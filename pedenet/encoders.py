@@ -113,6 +113,10 @@ class PretrainedEncoder(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[: self.feature_blocks[-1] + 1])
         for p in list(self.stem.parameters()) + list(self.blocks.parameters()):
             p.requires_grad_(False)
+        # eval mode from the start: batch norms use their ImageNet statistics and drop-connect
+        # is off, also while training features are cached (modules are built in train mode)
+        self.stem.eval()
+        self.blocks.eval()
         self.n_features = 40 + 112
         self.register_buffer("feature_mean", torch.zeros(self.n_features))
         self.register_buffer("feature_std", torch.ones(self.n_features))
@@ -131,6 +135,9 @@ class PretrainedEncoder(nn.Module):
     @torch.no_grad()
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features before standardization: B×3×H×W in [0,1] → B×152×h×w."""
+        if self.stem.training or self.blocks.training:
+            self.stem.eval()
+            self.blocks.eval()
         h = self.stem((x - LITE_MEAN) / LITE_STD)
         outs = []
         for i, block in enumerate(self.blocks):

@@ -54,6 +54,18 @@ def test_pretrained_encoder_loads_imagenet_weights_and_is_frozen():
     assert not enc.blocks.training  # backbone batch norms stay in eval mode
 
 
+def test_pretrained_features_do_not_depend_on_the_batch_or_the_mode():
+    """A freshly built encoder (train mode) gives per-image, deterministic features."""
+    torch.manual_seed(0)
+    enc = PretrainedEncoder(embedding_dim=8)  # not switched to eval by the caller
+    x = torch.rand(2, 3, 64, 64)
+    alone = enc.raw_features(x[:1])
+    batched = enc.raw_features(x)
+    again = enc.raw_features(x[:1])
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, alone, rtol=0, atol=0)
+
+
 def test_pca_initialization_decorrelates_features():
     enc = PretrainedEncoder(embedding_dim=4)
     g = torch.Generator().manual_seed(0)
