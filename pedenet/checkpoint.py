@@ -2,16 +2,16 @@
 
 A checkpoint is a ``torch.save`` dict of tensors and plain values only, read back with
 ``torch.load(weights_only=True)`` (no pickled code runs). It holds the format tag and version,
-the config, the network weights (input normalization and feature standardization included
-as buffers), the fitted mixture (φ, μ, Σ), and optional extras (training history, resume state).
+its kind, the config, the network weights (input normalization and feature standardization
+included as buffers) and either the fitted mixture (φ, μ, Σ) and training history (kind
+``"model"``, ``model.pt``) or the state of an unfinished training run (kind ``"resume"``,
+``resume.pt``: step, optimizer state, random generator state, history so far).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -50,19 +50,30 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(data, fh))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+REQUIRED_KEYS = {
+    "model": ("config", "state_dict", "mixture"),
+    "resume": ("config", "state_dict", "optimizer", "generator", "step"),
+}
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     """Read a checkpoint without executing code.
+
+    Args:
+        path: the file.
+        kind: ``"model"`` (a fitted model, ``model.pt``) or ``"resume"`` (an unfinished
+            training run, ``resume.pt``). Files without a kind tag are models.
 
     Raises:
         CheckpointError: missing file, not a torch file, tampered/unsafe content, not a
-            pedenet checkpoint, or written by an incompatible format version.
+            pedenet checkpoint, the other kind, or written by an incompatible format version.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; run `pedenet fit` first or check the path")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # weights_only: no code ran; any failure means a bad file
         raise CheckpointError(
             f"{path}: not a loadable pedenet checkpoint (corrupt, truncated, or holding unsafe content): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -75,7 +86,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: checkpoint format version {version}, this pedenet reads version {FORMAT_VERSION}; "
             "retrain with `pedenet fit` or use the pedenet version that wrote it"
         )
-    for key in ("config", "state_dict", "mixture"):
+    found = data.get("kind", "model")
+    if found != kind:
+        if found == "resume":
+            raise CheckpointError(
+                f"{path}: is the resume state of an unfinished `pedenet fit`, not a model; "
+                "finish the run with `pedenet fit ... --resume`")
+        raise CheckpointError(f"{path}: is a pedenet {found!s} checkpoint, not a {kind} checkpoint")
+    for key in REQUIRED_KEYS[kind]:
         if key not in data:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'; it is incomplete")
     return data

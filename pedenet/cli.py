@@ -3,13 +3,16 @@
 Run folder (``RUN_DIR``) written by ``pedenet fit`` and read by the other verbs::
 
     RUN_DIR/model.pt        the fitted model (PEDENet.save)
+    RUN_DIR/resume.pt       training state of an unfinished fit (deleted when the fit ends)
     RUN_DIR/config.json     config, pedenet version, seed, data path, category, timings
     RUN_DIR/history.json    training diagnostics (PEDENet.history)
     RUN_DIR/metrics.json    written by ``pedenet evaluate``
     RUN_DIR/overlays/<defect>/<stem>.png   written by ``pedenet evaluate --overlays``
 
 User errors (missing or unreadable data, bad checkpoints, existing runs) end with a one-line
-``Error: ...`` message and a nonzero exit code, never a traceback.
+``Error: ...`` message and a nonzero exit code, never a traceback. Every input image (and
+mask) is checked before any work starts; ``--skip-bad-files`` leaves bad ones out with a
+warning. Existing results are never replaced without ``--overwrite``. See docs/conventions.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -39,7 +43,8 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .checkpoint import CheckpointError, atomic_write_bytes
 from .config import ENCODERS, PEDENetConfig
-from .data import DataError, find_images, load_image, load_mask, resolve_category, train_samples
+from .data import (BadFilesError, DataError, check_images, find_images, load_image, load_mask,
+                   resolve_category, train_samples)
 
 DEFAULTS = PEDENetConfig()
 DEMO_STEPS = 300
@@ -79,9 +84,20 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except BadFilesError as exc:
+            msg = _one_line(exc)
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and "skip_bad_files" in ctx.params and not ctx.params["skip_bad_files"]:
+                msg += " (or pass --skip-bad-files to leave bad files out)"
+            raise UserError(msg) from None
         except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError,
                 OSError) as exc:
             raise UserError(_one_line(exc)) from None
+        except FloatingPointError as exc:
+            raise UserError(_one_line(exc)) from None
+        except MemoryError:
+            raise UserError("out of memory; use a smaller --image-size or --batch-size, or "
+                            "smaller images") from None
 
     return wrapper
 
@@ -183,31 +199,114 @@ def _progress(items, quiet: bool, desc: str, unit: str = "img"):
     return tqdm(items, desc=desc, unit=unit, disable=quiet)
 
 
+def _checked(paths: list[Path], *, min_side: int, skip_bad_files: bool, quiet: bool,
+             desc: str) -> list[Path]:
+    """Decode every image before any work starts (see pedenet.data.check_images)."""
+    keep = check_images(paths, min_side=min_side, skip_bad=skip_bad_files, progress=not quiet,
+                        desc=desc)
+    return [paths[i] for i in keep]
+
+
+RUN_FILES = ("model.pt", "resume.pt", "config.json", "history.json")
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """A folder holding a pedenet run: model.pt, resume.pt, pedenet's config.json, or a
+    temporary file left by an interrupted atomic write of one of them."""
+    if (run_dir / "model.pt").exists() or (run_dir / "resume.pt").exists():
+        return True
+    if any(p.name.startswith(tuple(f".{n}." for n in RUN_FILES)) and p.name.endswith(".tmp")
+           for p in run_dir.iterdir()):
+        return True
+    cfg = run_dir / "config.json"
+    try:
+        return "pedenet_version" in json.loads(cfg.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to replace anything in ``run_dir`` unless asked (--overwrite / --resume)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not _is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: folder is not empty and holds no pedenet run; choose a new "
+                        "or empty --out folder", exit_code=2)
+    model_path, resume_path = run_dir / "model.pt", run_dir / "resume.pt"
+    if model_path.exists() and not overwrite:
+        done = " (the run is complete; nothing to resume)" if resume else ""
+        raise UserError(f"{model_path}: a model already exists{done}; pass --overwrite to replace it "
+                        "or choose another --out", exit_code=2)
+    if resume_path.exists() and not (resume or overwrite):
+        from .resume import resume_step
+
+        step = resume_step(resume_path)
+        at = f" at step {step}" if step is not None else ""
+        raise UserError(f"{resume_path}: an unfinished fit was interrupted{at}; pass --resume to "
+                        "continue it, or --overwrite to start over", exit_code=2)
+    if not (model_path.exists() or resume_path.exists()) and not (overwrite or resume):
+        raise UserError(f"{run_dir}: holds an incomplete run (no model.pt); pass --overwrite to "
+                        "replace it or choose another --out", exit_code=2)
+
+
 # --------------------------------------------------------------------------- shared steps
 
 
 def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, overwrite: bool,
-             quiet: bool, config: dict) -> dict:
-    """Fit a model on ``data``'s training images and write the run folder; return config.json."""
+             quiet: bool, config: dict, resume: bool = False, skip_bad_files: bool = False,
+             checkpoint_every: int = 100) -> dict:
+    """Fit a model on ``data``'s training images and write the run folder; return config.json.
+
+    Training state goes to RUN_DIR/resume.pt every ``checkpoint_every`` steps and on
+    SIGINT/SIGTERM; ``resume`` continues from it. It is deleted once model.pt is written.
+    """
     from .estimator import PEDENet
+    from .resume import TrainingInterrupted
 
     run_dir = Path(run_dir)
     model_path = run_dir / "model.pt"
-    if model_path.exists() and not overwrite:
-        raise UserError(f"{model_path}: a model already exists; pass --overwrite to replace it "
-                        "or choose another --out", exit_code=2)
+    resume_path = run_dir / "resume.pt"
+    _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     _check_device(device)
     cat_dir = resolve_category(data, category)
     samples = train_samples(cat_dir)
     model = PEDENet(device=device, **config)
+    all_paths = [s.path for s in samples]
+    paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
+                     quiet=quiet, desc="checking training images")
+    kept = set(paths)
+    skipped = [str(p) for p in all_paths if p not in kept]
+    resuming = resume and resume_path.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:  # results of the previous model would be stale
         (run_dir / "metrics.json").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "overlays", ignore_errors=True)
-    _info(quiet, f"fitting {cat_dir}: {len(samples)} training images, {model.config.steps} steps, "
-                 f"encoder {model.config.encoder}, device {device}")
+        if not resuming:
+            resume_path.unlink(missing_ok=True)
+    if resume and not resuming:
+        _info(quiet, f"--resume: no {resume_path}; starting from step 0")
+    _info(quiet, f"fitting {cat_dir}: {len(paths)} training images, {model.config.steps} steps, "
+                 f"encoder {model.config.encoder}, device {device}"
+                 + (" (resuming)" if resuming else ""))
     t0 = time.perf_counter()
-    model.fit([s.path for s in samples], progress=not quiet)
+    try:
+        model.fit(paths, progress=not quiet, checkpoint=resume_path,
+                  checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=True)
+    except KeyboardInterrupt as exc:
+        ctx = click.get_current_context(silent=True)
+        how = ("rerun the same command with --resume to continue"
+               if ctx is not None and "resume" in ctx.params else "rerun to start again")
+        if isinstance(exc, TrainingInterrupted):
+            code = 143 if exc.signum == getattr(signal, "SIGTERM", None) else 130
+            raise UserError(f"interrupted after step {exc.step}/{exc.total}; progress saved to "
+                            f"{resume_path} - {how}", exit_code=code) from None
+        if resume_path.exists():
+            raise UserError(f"interrupted; the last saved progress is in {resume_path} - {how}",
+                            exit_code=130) from None
+        raise UserError("interrupted before any progress was saved; rerun the command",
+                        exit_code=130) from None
     train_seconds = time.perf_counter() - t0
     record = {
         "pedenet_version": __version__,
@@ -216,7 +315,8 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         "category": category,
         "category_dir": str(cat_dir.resolve()),
         "device": device,
-        "n_train_images": len(samples),
+        "n_train_images": len(paths),
+        "skipped_files": skipped,
         "config": model.config.to_dict(),
         # train_seconds: the whole fit (feature caching, training, mixture); fit_stages: the
         # estimator's own stage timings (history["timings"])
@@ -227,6 +327,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     _write_json(run_dir / "config.json", record)
     _write_json(run_dir / "history.json", model.history)
     model.save(model_path)  # last: model.pt marks a complete run
+    resume_path.unlink(missing_ok=True)  # only now: the model is safely on disk
     _info(quiet, f"fitted in {train_seconds:.1f} s -> {run_dir}")
     return record
 
@@ -256,8 +357,12 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
 
 
 def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, overlays: bool,
-                  device: str, quiet: bool) -> dict:
-    """Evaluate the run's model, write metrics.json (and overlays); return the result."""
+                  device: str, quiet: bool, overwrite: bool = True,
+                  skip_bad_files: bool = False) -> dict:
+    """Evaluate the run's model, write metrics.json (and overlays); return the result.
+
+    Without ``overwrite``, existing results (metrics.json, overlays/) are not replaced.
+    """
     from .evaluation import evaluate
     from .visualization import color_range, heatmap_overlay, save_png
 
@@ -265,9 +370,15 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
     model_path = _model_path(run_dir)
     if model_path == run_dir:  # a model file was given: results go beside it
         run_dir = run_dir.parent
+    old = [p for p in (run_dir / "metrics.json", run_dir / "overlays") if p.exists()]
+    if old and not overwrite:
+        raise UserError(f"{old[0]}: results of an earlier evaluation exist; pass --overwrite to "
+                        "replace them", exit_code=2)
     cat_dir = _resolve_eval_data(run_dir, data, category)
     model = _load_model(model_path, device)
-    result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True)
+    result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
+                            skip_bad_files=skip_bad_files)
+    shutil.rmtree(run_dir / "overlays", ignore_errors=True)  # stale overlays of an earlier run
     record = {"run_dir": str(run_dir.resolve()), "model": str(model_path.resolve()),
               "evaluated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               **result}
@@ -336,20 +447,32 @@ def main(ctx: click.Context) -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
               show_default=True, help="Adam learning rate.")
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
-              help="Replace a model already in RUN_DIR.")
+              help="Replace a model (or an unfinished run) already in RUN_DIR.")
+@click.option("--resume", is_flag=True, default=False, show_default=True,
+              help="Continue an interrupted fit from RUN_DIR/resume.pt (same options and images); "
+              "starts from step 0 if there is none.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Save the training state to RUN_DIR/resume.pt every N steps (0: only on "
+              "Ctrl-C/SIGTERM).")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages.")
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
-        n_components, patch_size, batch_size, encoder_lr, lr, overwrite, quiet):
+        n_components, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
+        skip_bad_files, quiet):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/) or a dataset root with --category.
+    Every training image is checked before training starts. Ctrl-C or SIGTERM saves the
+    training state to RUN_DIR/resume.pt; rerun with --resume to continue.
     """
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
                   embedding_dim=embedding_dim, n_components=n_components, patch_size=patch_size,
                   batch_size=batch_size, lr=lr, encoder_lr=encoder_lr)
-    _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config)
+    _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
+             resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
 
 
 @main.command()
@@ -362,14 +485,24 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="Write heatmap overlays to RUN_DIR/overlays/<defect>/<stem>.png.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace the results of an earlier evaluation (metrics.json, overlays/).")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave test images with an unreadable image or mask out (with a warning) "
+              "instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages (the table is still printed).")
 @_user_errors
-def evaluate(run_dir, data, category, overlays, device, quiet):
-    """Evaluate RUN_DIR's model on the test split; write RUN_DIR/metrics.json."""
+def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_files, quiet):
+    """Evaluate RUN_DIR's model on the test split; write RUN_DIR/metrics.json.
+
+    Every test image and mask is checked first. Undefined metrics (e.g. no defective test
+    images) are shown as n/a and stored as null.
+    """
     from .evaluation import format_table
 
-    result = _evaluate_run(run_dir, data, category, overlays=overlays, device=device, quiet=quiet)
+    result = _evaluate_run(run_dir, data, category, overlays=overlays, device=device, quiet=quiet,
+                           overwrite=overwrite, skip_bad_files=skip_bad_files)
     click.echo(f"{result['category']}  ({result['n_images']} test images, "
                f"{result['seconds_per_image']:.3f} s/image)")
     click.echo(format_table(result), nl=False)
@@ -383,22 +516,38 @@ def evaluate(run_dir, data, category, overlays, device, quiet):
 @click.option("--format", "fmt", type=click.Choice(["npy", "tiff"]), default="npy",
               show_default=True, help="File format of the raw float32 anomaly maps.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Write into an --out folder that is not empty (files of the same name are "
+              "replaced).")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages.")
 @_user_errors
-def predict(run_dir, inputs, out_dir, fmt, device, quiet):
+def predict(run_dir, inputs, out_dir, fmt, device, overwrite, skip_bad_files, quiet):
     """Anomaly maps, overlays and scores for image files or folders INPUT...
 
-    Folders are searched recursively. Images sharing a file stem get _1, _2, ... suffixes
-    (input order). scores.csv lists path, score (the map maximum, energy units) and the
-    output name.
+    Folders are searched recursively (the --out folder excluded). Every image is checked
+    first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
+    lists path, score (the map maximum, energy units) and the output name.
     """
     from .visualization import color_range, heatmap_overlay, save_png
 
-    images = find_images(list(inputs))
-    model = _load_model(run_dir, device)
-    names = _unique_names(images)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
+                        "or choose another --out", exit_code=2)
+    out_resolved = out_dir.resolve()
+    images = [p for p in find_images(list(inputs))
+              if out_resolved not in p.resolve().parents]  # never read our own outputs
+    if not images:
+        raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out")
+    model = _load_model(run_dir, device)
+    images = _checked(images, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
+                      quiet=quiet, desc="checking images")
+    names = _unique_names(images)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, name in zip(_progress(images, quiet, "predicting"), names):
@@ -521,3 +670,8 @@ def demo(out_dir, steps, categories, seed, device, quiet):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+# `pedenet export` and `pedenet benchmark` (pedenet/cli_perf.py)
+from .cli_perf import register as _register_perf_commands  # noqa: E402
+
+_register_perf_commands(main)

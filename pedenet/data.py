@@ -26,6 +26,15 @@ Every image in pedenet is read by :func:`load_image`, which returns a ``float32`
 
 Unreadable files (corrupt, truncated, not an image) raise :class:`DataError` naming the file.
 
+Checking inputs up front
+------------------------
+:func:`check_images` decodes every image (and its mask) before any work starts and reports
+*all* bad files at once: unreadable images or masks, masks whose size differs from their
+image, images over the size limit, and - when images are used at their native size
+(``image_size`` 0) - images with a side shorter than the patch size (``min_side``).  It raises
+:class:`BadFilesError` (a :class:`DataError`), or, with ``skip_bad=True``, warns once per
+bad file (:class:`SkippedFileWarning`) and returns the usable ones.
+
 Mask rule
 ---------
 :func:`load_mask` returns a ``bool`` array ``H x W`` (``True`` = anomalous):
@@ -67,8 +76,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BadFilesError",
     "DataError",
     "MissingMaskWarning",
+    "SkippedFileWarning",
+    "check_image",
+    "check_images",
     "Sample",
     "load_image",
     "load_mask",
@@ -95,6 +108,18 @@ class DataError(ValueError):
 
 class MissingMaskWarning(UserWarning):
     """A defective test image has no ground-truth mask file."""
+
+
+class BadFilesError(DataError):
+    """One or more input files cannot be used; ``bad`` lists ``(path, message)`` for each."""
+
+    def __init__(self, message: str, bad: list[tuple[Path, str]]):
+        super().__init__(message)
+        self.bad = bad
+
+
+class SkippedFileWarning(UserWarning):
+    """An unusable input file was skipped (``skip_bad=True``)."""
 
 
 def _is_image_file(path: Path) -> bool:
@@ -133,12 +158,21 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not an image file; pass an image file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            out = _transpose(img, path)
-            if out is img:
-                out = img.copy()
-            return out
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                out = _transpose(img, path)
+                if out is img:
+                    out = img.copy()
+        for w in caught:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                warnings.warn(f"{path}: very large image ({w.message}); reading it needs a lot "
+                              "of memory - downscale it if that is a problem",
+                              Image.DecompressionBombWarning, stacklevel=3)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
     except Image.DecompressionBombError as exc:
         raise _too_large(path, exc) from exc
     except _PIL_ERRORS as exc:
@@ -198,26 +232,34 @@ def _to_unit_float(arr: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def _unit8(a: np.ndarray) -> np.ndarray:
+    out = a.astype(np.float32)
+    out /= 255.0
+    return out
+
+
 def _to_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     """Apply the image conversion rule to a decoded image: float32 H x W x 3 in [0, 1]."""
     if isinstance(img, np.ndarray):
         arr = _to_unit_float(_drop_alpha(img))
     else:
         mode = img.mode
+        # 8-bit modes: one float32 copy, divided in place (same values as ``a / 255.0``; keeps
+        # the peak memory of large images at one float32 image)
         if mode == "1":
-            arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            arr = _unit8(np.asarray(img.convert("L")))
         elif mode in ("L", "RGB"):
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = _unit8(np.asarray(img))
         elif mode in ("LA", "La", "RGBA", "RGBa", "RGBX"):
-            arr = _drop_alpha(np.asarray(img)).astype(np.float32) / 255.0
+            arr = _unit8(_drop_alpha(np.asarray(img)))
         elif mode in ("P", "PA"):
             has_alpha = mode == "PA" or "transparency" in img.info
             converted = img.convert("RGBA" if has_alpha else "RGB")
-            arr = np.asarray(converted)[..., :3].astype(np.float32) / 255.0
+            arr = _unit8(np.asarray(converted)[..., :3])
         elif mode.startswith("I;16") or mode in ("I", "F"):
             arr = _to_unit_float(np.asarray(img))
         else:  # CMYK, YCbCr, LAB, HSV, ...
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            arr = _unit8(np.asarray(img.convert("RGB")))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -287,7 +329,8 @@ def _mask_channel(img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def load_mask(
-    path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None
+    path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None,
+    image: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Read a ground-truth mask following the module's mask rule.
 
@@ -295,6 +338,7 @@ def load_mask(
         path: mask image file.
         expected_shape: ``(H, W)`` (or ``(H, W, C)``, only the first two are compared) of the
             image the mask belongs to; ``None`` skips the check.
+        image: the image file the mask belongs to (only used in error messages).
 
     Returns:
         ``np.ndarray`` of dtype ``bool``, shape ``(H, W)``; ``True`` marks anomalous pixels.
@@ -302,7 +346,8 @@ def load_mask(
 
     Raises:
         DataError: the mask cannot be read (see :func:`load_image`), or its size differs
-            from ``expected_shape`` (the message names the mask and both shapes).
+            from ``expected_shape`` (the message names the mask, ``image`` if given, and
+            both shapes).
     """
     path = Path(path)
     raw, scaled, is_float = _mask_channel(_decode(path))
@@ -319,11 +364,106 @@ def load_mask(
     if expected_shape is not None:
         want = tuple(int(s) for s in tuple(expected_shape)[:2])
         if mask.shape != want:
+            of_image = f" of {image}" if image is not None else ""
             raise DataError(
                 f"{path}: mask shape {mask.shape} (H, W) does not match the image shape "
-                f"{want} (H, W); the mask must have the size of its image - fix or replace it"
+                f"{want} (H, W){of_image}; the mask must have the size of its image "
+                "(after EXIF orientation) - fix or replace it"
             )
     return mask
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def check_image(path: str | os.PathLike, min_side: int = 0) -> tuple[int, int]:
+    """Decode ``path`` completely (as :func:`load_image` does) and return its ``(H, W)``.
+
+    Args:
+        path: image file.
+        min_side: smallest accepted side in pixels (0: any size).  pedenet passes the patch
+            size when images are used at their native size (``image_size`` 0).
+
+    Raises:
+        DataError: the file cannot be read (see :func:`load_image`) or a side is shorter than
+            ``min_side``; the message names the file.
+    """
+    path = Path(path)
+    decoded = _decode(path)
+    if isinstance(decoded, np.ndarray):
+        h, w = int(decoded.shape[0]), int(decoded.shape[1])
+    else:
+        w, h = decoded.size
+    if min_side and min(h, w) < min_side:
+        raise DataError(
+            f"{path}: image is {w}x{h} px, smaller than the {min_side} px patch size; images "
+            f"used at their native size (image size 0) need both sides >= {min_side} px - "
+            "enlarge or remove the image, or resize all images (--image-size)"
+        )
+    return h, w
+
+
+def check_images(
+    paths: Iterable[str | os.PathLike],
+    *,
+    masks: Iterable[str | os.PathLike | None] | None = None,
+    min_side: int = 0,
+    skip_bad: bool = False,
+    progress: bool = False,
+    desc: str = "checking images",
+) -> list[int]:
+    """Check every image (and mask) before any work starts.
+
+    Each image is decoded completely (:func:`check_image`); each mask given in ``masks``
+    (aligned with ``paths``; ``None`` = no mask) is read and compared with its image's size.
+
+    Args:
+        paths: image files.
+        masks: optional mask file (or ``None``) for each image.
+        min_side: see :func:`check_image`.
+        skip_bad: warn (:class:`SkippedFileWarning`, one per bad file) and leave bad files
+            out instead of raising.
+        progress: show a tqdm progress bar.
+        desc: progress bar label.
+
+    Returns:
+        the indices of the usable images, in input order.
+
+    Raises:
+        BadFilesError: some files are bad (and ``skip_bad`` is False), or all are bad; the
+            message names the first bad file and counts the others, ``.bad`` lists them all.
+    """
+    from tqdm.auto import tqdm
+
+    paths = [Path(p) for p in paths]
+    mask_list = list(masks) if masks is not None else [None] * len(paths)
+    if len(mask_list) != len(paths):
+        raise ValueError("masks must have one entry per image")
+    ok: list[int] = []
+    bad: list[tuple[Path, str]] = []
+    for i, (path, mask) in enumerate(tqdm(list(zip(paths, mask_list)), desc=desc, unit="img",
+                                          disable=not progress)):
+        try:
+            shape = check_image(path, min_side)
+            if mask is not None:
+                load_mask(mask, expected_shape=shape, image=path)
+        except DataError as exc:
+            bad.append((path, str(exc)))
+            continue
+        ok.append(i)
+    if bad and skip_bad:
+        for path, msg in bad:
+            warnings.warn(f"skipped: {msg}", SkippedFileWarning, stacklevel=2)
+    if bad and (not skip_bad or not ok):
+        first = bad[0][1]
+        more = ""
+        if len(bad) > 1:
+            others = ", ".join(str(p) for p, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+            more = f" [and {len(bad) - 1} more bad file(s): {others}]"
+        if skip_bad:
+            raise BadFilesError(f"all {len(paths)} files are unusable; first: {first}{more}", bad)
+        raise BadFilesError(first + more, bad)
+    return ok
 
 
 # --------------------------------------------------------------------------- layout

@@ -17,6 +17,7 @@ from .gmm import GaussianMixture
 from .model import PEDENetNetwork
 from .scoring import grid_to_map, to_tensor
 from .training import (
+    TrainingHistory,
     _seed_everything,
     cache_frozen_features,
     fit_mixture,
@@ -24,6 +25,7 @@ from .training import (
     train_network,
     training_energy_quantiles,
 )
+from .resume import ResumeWriter, deferred_interrupts, read_resume_state
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -65,8 +67,25 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _loaders(images: Sequence[ImageLike]):
-    return [(lambda im=im: as_rgb_array(im)) for im in images]
+def _describe(image: ImageLike) -> str:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image"
+
+
+def check_side(arr: np.ndarray, min_side: int, image: ImageLike = None) -> np.ndarray:
+    """Raise ``pedenet.data.DataError`` if a side of the H×W×3 ``arr`` is below ``min_side``."""
+    from .data import DataError
+
+    h, w = arr.shape[:2]
+    if min_side and min(h, w) < min_side:
+        raise DataError(
+            f"{_describe(image)}: image is {w}x{h} px, smaller than the {min_side} px patch size; "
+            f"images used at their native size (image size 0) need both sides >= {min_side} px - "
+            "enlarge or remove the image, or resize all images (--image-size)")
+    return arr
+
+
+def _loaders(images: Sequence[ImageLike], min_side: int = 0):
+    return [(lambda im=im: check_side(as_rgb_array(im), min_side, im)) for im in images]
 
 
 def _expand(images: Union[ImageLike, Iterable[ImageLike]]) -> list:
@@ -108,31 +127,77 @@ class PEDENet:
         # the scale of normal scores, used to colour heatmaps consistently across images
         self.normal_quantiles: dict[str, float] = {}
 
+    @property
+    def min_image_side(self) -> int:
+        """Smallest accepted image side in pixels: the patch size when images are used at
+        their native size (``image_size`` 0), else 1 (every image is resized first)."""
+        return int(self.config.patch_size) if not self.config.image_size else 1
+
     # ---- training -------------------------------------------------------------------------
-    def fit(self, images, progress: bool = True) -> "PEDENet":
+    def fit(self, images, progress: bool = True, *, checkpoint: str | os.PathLike | None = None,
+            checkpoint_every: int = 100, resume: bool = False,
+            keep_checkpoint: bool = False) -> "PEDENet":
         """Train on normal images.
 
         Args:
             images: a folder of normal images (or a category folder with train/good), or a
                 sequence of paths / PIL images / arrays (see :func:`as_rgb_array`).
             progress: show progress bars.
+            checkpoint: resume file (e.g. ``RUN_DIR/resume.pt``). When given, the training
+                state is written to it atomically every ``checkpoint_every`` steps, and when
+                SIGINT (Ctrl-C) or SIGTERM arrives during training: the current step is
+                finished, the state saved, and :class:`pedenet.resume.TrainingInterrupted`
+                (a ``KeyboardInterrupt``) raised.
+            checkpoint_every: steps between periodic saves (0: only on a signal).
+            resume: continue from ``checkpoint`` if it exists (same config and images
+                required); the result equals that of an uninterrupted run. The frozen
+                features are recomputed; the EM initialization is not redone (the saved
+                network holds it).
+            keep_checkpoint: keep ``checkpoint`` after a successful fit (default: delete it).
 
         Returns:
-            self. Raises ValueError if there are no images.
+            self. Raises ValueError if there are no images, CheckpointError for an unusable
+            resume file.
         """
         items = _expand(images)
         if not items:
             raise ValueError("fit needs at least one normal image; the input holds none")
+        state = None
+        if resume and checkpoint is not None and Path(checkpoint).exists():
+            state = read_resume_state(checkpoint, self.config, items)
         _seed_everything(self.config.seed)
         self.network = PEDENetNetwork(self.config).to(self.device)
-        cache = cache_frozen_features(self.network, _loaders(items), progress)
-        init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
-        history = train_network(self.network, cache, progress=progress)
+        cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side), progress)
+        if state is None:
+            init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
+            start, opt_state, gen_state, history = 0, None, None, None
+        else:  # the saved weights hold the EM initialization and the training so far
+            try:
+                self.network.load_state_dict(state["state_dict"], strict=True)
+            except (RuntimeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{checkpoint}: resume state does not match this model: {exc}") from None
+            init = state.get("de_init", {})
+            start, opt_state, gen_state = int(state["step"]), state["optimizer"], state["generator"]
+            history = TrainingHistory(**state.get("history", {}))
+        on_step = None
+        if checkpoint is not None:
+            on_step = ResumeWriter(checkpoint, every=checkpoint_every, network=self.network,
+                                   config=self.config, items=items, de_init=init)
+        with deferred_interrupts(enabled=checkpoint is not None) as stop:
+            if on_step is not None:
+                on_step.stop = stop
+            history = train_network(self.network, cache, progress=progress, start_step=start,
+                                    optimizer_state=opt_state, generator_state=gen_state,
+                                    history=history, on_step=on_step)
         fit_mixture(self.network, cache, progress)
         self.normal_quantiles = training_energy_quantiles(self.network, cache)
         self.history = history.to_dict()
         self.history["de_init"] = init
         self.history["n_train_images"] = len(items)
+        if state is not None:
+            self.history["resumed_from_step"] = start
+        if checkpoint is not None and not keep_checkpoint:
+            Path(checkpoint).unlink(missing_ok=True)
         return self
 
     def _require_fitted(self) -> PEDENetNetwork:
@@ -142,17 +207,40 @@ class PEDENet:
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
-    def anomaly_map(self, image: ImageLike) -> np.ndarray:
-        """Anomaly map of one image: float32 H×W at the image's own resolution (energy units)."""
+    def anomaly_map(self, image: ImageLike, max_tile: int | None = 1024) -> np.ndarray:
+        """Anomaly map of one image: float32 H×W at the image's own resolution (energy units).
+
+        ``max_tile``: images whose processed size exceeds this many pixels on a side are
+        encoded in overlapping tiles (see :meth:`iter_predict`); None disables tiling.
+        """
         net = self._require_fitted()
-        arr = as_rgb_array(image)
+        arr = check_side(as_rgb_array(image), self.min_image_side, image)
         x = to_tensor(arr, self.config.image_size).to(self.device)
-        grid = net.patch_energy(x)[0].cpu().numpy()
+        grid = net.patch_energy(x, max_tile)[0].cpu().numpy()
         return grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=tuple(x.shape[-2:]),
                            original_size=arr.shape[:2], sigma=self.config.smoothing_sigma)
 
-    def predict(self, images, progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
-        """Anomaly maps and image scores.
+    def iter_predict(self, images, batch_size: int = 16, max_tile: int | None = 1024):
+        """Stream ``(index, map, score)`` for each image, in input order (a generator).
+
+        Images (paths, folders, arrays, PIL images; a generator is consumed lazily) are read
+        in a background thread at most ``2 × batch_size`` ahead, and consecutive images that
+        share a processed size (all of them when ``image_size`` > 0) are encoded together in
+        batches of ``batch_size`` under ``torch.inference_mode``; nothing is kept after it is
+        yielded, so memory stays flat for any number of images. ``map`` is float32 H×W at
+        the image's own resolution and equals :meth:`anomaly_map` (to float rounding of the
+        batched convolutions); ``score`` is its maximum. Images larger than ``max_tile``
+        pixels on a side after preprocessing are encoded in overlapping tiles
+        (:meth:`pedenet.model.PEDENetNetwork.patch_energy`); None disables tiling.
+        """
+        from .inference import iter_predict
+
+        self._require_fitted()
+        return iter_predict(self, images, batch_size=batch_size, max_tile=max_tile)
+
+    def predict(self, images, progress: bool = False, batch_size: int = 16,
+                max_tile: int | None = 1024) -> tuple[list[np.ndarray], np.ndarray]:
+        """Anomaly maps and image scores (batched and streamed: see :meth:`iter_predict`).
 
         Returns:
             maps: list of float32 H_i×W_i arrays (each at its image's resolution; higher =
@@ -160,8 +248,13 @@ class PEDENet:
             scores: float64 array (N,), the maximum of each map.
         """
         items = _expand(images)
-        maps = [self.anomaly_map(im) for im in tqdm(items, desc="scoring", unit="img", disable=not progress)]
-        return maps, np.array([float(m.max()) for m in maps], dtype=np.float64)
+        maps: list = [None] * len(items)
+        scores = np.zeros(len(items), dtype=np.float64)
+        results = self.iter_predict(items, batch_size=batch_size, max_tile=max_tile)
+        for i, amap, score in tqdm(results, total=len(items), desc="scoring", unit="img",
+                                   disable=not progress):
+            maps[i], scores[i] = amap, score
+        return maps, scores
 
     def score_samples(self, images) -> np.ndarray:
         """Image anomaly scores (N,) float64 (higher = more anomalous)."""

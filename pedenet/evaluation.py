@@ -16,6 +16,7 @@ Result dictionary (JSON-serializable; undefined metrics are ``None``)::
       "seconds_per_image": 0.21,           # mean wall time of model.anomaly_map (read included)
       "seconds_total": 30.5,               # the whole evaluation, metrics included
       "missing_masks": ["/abs/path/img.png", ...],   # defective images without a mask file
+      "skipped_files": ["/abs/path/bad.png", ...],   # left out (skip_bad_files=True)
       "undefined_metrics": ["per_defect/crack/image_auroc: ...", ...],
       "images": [{"path": ..., "defect": "good", "label": 0, "score": 95.1,
                   "mask": null}, ...],
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import MissingMaskWarning, load_mask, resolve_category, test_samples
+from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
 
 __all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "to_jsonable"]
@@ -100,7 +101,7 @@ def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list, masks: list,
 
 
 def evaluate(model, data, category: str | None = None, progress: bool = True,
-             return_maps: bool = False):
+             return_maps: bool = False, skip_bad_files: bool = False):
     """Score every test image of a category and compute the metrics.
 
     Args:
@@ -111,6 +112,12 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         category: category name under ``data``; ``None`` when ``data`` is the category folder.
         progress: show a tqdm progress bar.
         return_maps: also return the anomaly maps.
+        skip_bad_files: leave out (with a :class:`pedenet.data.SkippedFileWarning` each) test
+            images whose image or mask is unusable, instead of raising.
+
+    Every test image and mask is checked before scoring starts
+    (:func:`pedenet.data.check_images`: fully decoded, mask size equal to image size,
+    and at least ``model.min_image_side`` pixels on each side when the model has it).
 
     Returns:
         ``result`` (see the module docstring), or ``(result, maps)`` when ``return_maps``:
@@ -128,7 +135,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
 
     Raises:
         pedenet.data.DataError: missing/unreadable category, image or mask, or a mask whose
-            size differs from its image.
+            size differs from its image (:class:`pedenet.data.BadFilesError` naming the first
+            bad file and counting the others).
     """
     t_start = time.perf_counter()
     cat_dir = resolve_category(data, category)
@@ -138,6 +146,11 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
     for w in caught:
         if not issubclass(w.category, MissingMaskWarning):  # pragma: no cover
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    keep = check_images([s.path for s in samples], masks=[s.mask_path for s in samples],
+                        min_side=int(getattr(model, "min_image_side", 0)), skip_bad=skip_bad_files,
+                        progress=progress, desc=f"checking {cat_dir.name}")
+    skipped = [str(Path(samples[i].path).resolve()) for i in sorted(set(range(len(samples))) - set(keep))]
+    samples = [samples[i] for i in keep]
 
     maps: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
@@ -189,6 +202,7 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         "seconds_per_image": infer_seconds / len(samples),
         "seconds_total": time.perf_counter() - t_start,
         "missing_masks": missing,
+        "skipped_files": skipped,
         "undefined_metrics": undefined,
         "images": [
             {"path": str(Path(s.path).resolve()), "defect": s.defect, "label": int(s.label),

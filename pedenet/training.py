@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -178,6 +179,21 @@ def _sample_embeddings(network: PEDENetNetwork, cache: list[torch.Tensor], n: in
     return torch.cat(rows)
 
 
+@torch.no_grad()
+def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
+    """Number of patch embeddings (grid cells) of all cached training images."""
+    device = next(network.parameters()).device
+    sizes: dict[tuple, int] = {}
+    total = 0
+    for f in cache:
+        key = tuple(f.shape)
+        if key not in sizes:
+            emb = network.encoder.head(f.float()[None].to(device))[0]
+            sizes[key] = int(emb.shape[-2] * emb.shape[-1])
+        total += sizes[key]
+    return total
+
+
 def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bool = True,
                     n_samples: int = 100_000, steps: int = 300) -> dict:
     """Start the DE network from a mixture fitted by EM (k-means++ init) on the initial embeddings.
@@ -194,13 +210,26 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
     """
     from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
+    from sklearn.exceptions import ConvergenceWarning
+
     cfg = network.config
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     z = _sample_embeddings(network, cache, n_samples, gen)
+    n_cells = _count_cells(network, cache)
+    if n_cells < cfg.n_components:
+        raise ValueError(
+            f"the {len(cache)} training image(s) give only {n_cells} patch embeddings, fewer than "
+            f"the {cfg.n_components} mixture components; use more or larger training images, a "
+            "larger image size, or fewer components (--n-components)")
     zd = z.double().numpy()
-    reg = cfg.ridge * float(zd.var(0).mean())
-    em = SkGaussianMixture(cfg.n_components, covariance_type="full", reg_covar=reg, max_iter=100,
-                           init_params="k-means++", random_state=cfg.seed).fit(zd)
+    # the ridge of pedenet.gmm.ridge_of: relative, with a floor so that constant embeddings
+    # (e.g. all-black training images) still give positive-definite covariances
+    reg = cfg.ridge * max(float(zd.var(0).mean()), 1e-12) + 1e-9
+    with warnings.catch_warnings():
+        # duplicates (few distinct embeddings) make k-means++ find fewer clusters: harmless
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em = SkGaussianMixture(cfg.n_components, covariance_type="full", reg_covar=reg, max_iter=100,
+                               init_params="k-means++", random_state=cfg.seed).fit(zd)
     target = torch.from_numpy(em.predict_proba(zd)).float()
     device = next(network.parameters()).device
     z, target = z.to(device), target.to(device)
@@ -223,34 +252,48 @@ def train_network(
     *,
     progress: bool = True,
     start_step: int = 0,
-    on_step: Callable[[int], None] | None = None,
+    optimizer_state: dict | None = None,
+    generator_state: torch.Tensor | None = None,
+    history: TrainingHistory | None = None,
+    on_step: Callable[..., None] | None = None,
 ) -> TrainingHistory:
     """Optimize the network on cached frozen features for ``config.steps`` Adam steps.
+
+    A resumed run (``start_step`` > 0 with the optimizer state, generator state and history
+    saved after step ``start_step``) continues exactly as the uninterrupted run would have.
 
     Args:
         network: PEDENetNetwork, modified in place.
         cache: list of C×h×w float16 frozen features, one per training image.
         progress: show a tqdm bar with each loss part, LP accuracy and effective rank.
         start_step: for resumed runs, the number of steps already done.
-        on_step: called with the step count after each step (checkpointing).
+        optimizer_state: ``Adam.state_dict()`` saved after ``start_step`` steps.
+        generator_state: ``torch.Generator.get_state()`` of the batch sampler saved after
+            ``start_step`` steps; None starts the generator from ``config.seed``.
+        history: the history so far (continued in place); None starts a new one.
+        on_step: called after each step as ``on_step(done, optimizer=..., generator=...,
+            history=...)`` (checkpointing); it may raise to stop training.
 
     Returns:
         TrainingHistory with the diagnostics every LOG_EVERY steps.
     """
     cfg = network.config
     device = next(network.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start_step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    if generator_state is not None:
+        gen.set_state(generator_state)
     enc_params = [p for p in network.encoder.parameters() if p.requires_grad]
     head_params = [p for p in list(network.membership.parameters()) + list(network.location.parameters())]
     opt = torch.optim.Adam([{"params": enc_params, "lr": cfg.encoder_learning_rate}, {"params": head_params, "lr": cfg.lr}])
-    if hasattr(network, "_optimizer_state"):
-        opt.load_state_dict(network._optimizer_state)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     dist, jit = _lp_geometry(cfg, network.stride)
     crop = _crop_size(cfg, network)
-    history = TrainingHistory()
+    history = TrainingHistory() if history is None else history
     network.train()
     bar = tqdm(range(start_step, cfg.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
+    seconds_before = float(history.timings.get("train_seconds", 0.0))
     t0 = time.perf_counter()
     for step in bar:
         idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
@@ -302,9 +345,10 @@ def train_network(
             bar.set_postfix(E=f"{float(energy):.1f}", Pcov=f"{float(penalty):.2f}", LP=f"{float(lp_loss):.3f}",
                             acc=f"{acc:.2f}", rank=f"{rank:.1f}")
         if on_step is not None:
-            on_step(done)
+            history.timings["train_seconds"] = seconds_before + time.perf_counter() - t0
+            on_step(done, optimizer=opt, generator=gen, history=history)
     network._optimizer_state = opt.state_dict()
-    history.timings["train_seconds"] = time.perf_counter() - t0
+    history.timings["train_seconds"] = seconds_before + time.perf_counter() - t0
     network.eval()
     return history
 

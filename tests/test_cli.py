@@ -110,6 +110,9 @@ def test_evaluate_writes_metrics_and_overlays(run_dir):
     # --no-overlays, explicit --data
     shutil.rmtree(run_dir / "overlays")
     result = run("evaluate", run_dir, "--data", m["category"], "--no-overlays", "--quiet")
+    assert_one_line_error(result, "metrics.json", "--overwrite")  # earlier results are kept
+    result = run("evaluate", run_dir, "--data", m["category"], "--no-overlays", "--overwrite",
+                 "--quiet")
     assert result.exit_code == 0, result.output
     assert not (run_dir / "overlays").exists()
 

@@ -1,0 +1,432 @@
+"""``pedenet benchmark``: speed and memory figures of this machine (see docs/benchmarks.md).
+
+Sections (each also written to the JSON file):
+
+* ``inference``: single-image latency (p50/p95 of ``PEDENet.anomaly_map`` on an in-memory
+  array, preprocessing and map included) and batched throughput (``PEDENet.predict``,
+  batch 16) at 256×256 (the model's ``image_size``) and at native MTD-like sizes
+  (103×300, 400×632; ``image_size`` 0);
+* ``scratch_patch_vs_dense``: the scratch encoder (32 px patches, stride 4) applied to every
+  32×32 patch of a 256×256 image cut out with ``unfold`` (in batches of 512 patches) versus
+  one dense pass over the image (the same embeddings, checked);
+* ``scoring``: the energy under the K-component Gaussian mixture versus exact nearest-neighbour
+  distance to a memory bank of all training embeddings (PatchCore/SPADE style,
+  ``torch.cdist`` in chunks) and to a 10% random coreset, per test image (1024 embeddings,
+  D = 64; synthetic Gaussian embeddings) for 100 / 1000 / 10 000 training images;
+* ``training``: optimizer steps per second of ``PEDENet.fit``;
+* ``flops``: multiply-accumulates of the encoder's convolutions and linear layers counted with
+  forward hooks on a 256×256 image, the energy's analytic count, and the achieved GFLOP/s
+  against the GFLOP/s of a large 3×3 convolution measured in the same run (the ceiling).
+
+Peak RSS per section: the process's resident-set high-water mark (``VmHWM``), reset before
+each section through ``/proc/self/clear_refs`` where Linux allows it, else
+``resource.getrusage`` (then it is the process peak so far). Without RUN_DIR the model is an
+untrained default (``PEDENet(steps=0)``: pretrained encoder, PCA reduction, EM mixture) fitted
+on 8 built-in texture images; speed does not depend on training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+
+NATIVE_SIZES = ((103, 300), (400, 632))
+SCORING_TRAIN_IMAGES = (100, 1000, 10_000)
+EMBEDDINGS_PER_IMAGE = 1024
+EMBEDDING_DIM = 64
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Resident-set high-water mark of this process in MiB (since the last reset)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if platform.system() == "Darwin" else rss / 1024.0
+
+
+class _Section:
+    """Context manager: resets the RSS peak on entry, records it (MiB) on exit."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def __enter__(self):
+        self.out["peak_rss_resettable"] = _reset_peak()
+        self.t0 = time.perf_counter()
+        return self.out
+
+    def __exit__(self, *exc):
+        self.out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        self.out["section_seconds"] = round(time.perf_counter() - self.t0, 2)
+        return False
+
+
+def _times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return np.asarray(out)
+
+
+def _best(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    return float(_times(fn, repeats, warmup=warmup).min())
+
+
+def count_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every Conv2d and Linear in ``module`` for input ``x`` (hooks)."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, inp, out):
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, inp, out):
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        with torch.inference_mode():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def conv_ceiling_gflops(quick: bool) -> dict:
+    """GFLOP/s of a large 3×3 convolution (256→256 channels on 64×64, batch 1)."""
+    conv = nn.Conv2d(256, 256, 3, padding=1).eval()
+    x = torch.rand(1, 256, 64, 64)
+    flops = 2 * 64 * 64 * 256 * 256 * 9
+    with torch.inference_mode():
+        t = _best(lambda: conv(x), repeats=2 if quick else 5)
+    return {"shape": "conv 3x3, 256->256 channels, 1x256x64x64, float32", "gflop": flops / 1e9,
+            "seconds": t, "gflops": flops / t / 1e9}
+
+
+# --------------------------------------------------------------------------- model
+
+
+def default_model(progress: bool = False):
+    """An untrained default PEDENet (steps 0) fitted on 8 built-in grass images (160 px).
+
+    ``de_init="random"``: the EM initialization of the membership network (scikit-learn EM
+    on 100 000 embeddings, ~30-90 s on 2 cores) is skipped; it changes no speed figure."""
+    from .builtin import make_builtin_dataset
+    from .estimator import PEDENet
+
+    with tempfile.TemporaryDirectory(prefix="pedenet-bench-") as tmp:
+        root = make_builtin_dataset(Path(tmp) / "ds", categories=("grass",), n_train=8,
+                                    n_test_good=1, n_test_defect=1, size=160)
+        images = sorted((root / "grass" / "train" / "good").glob("*.png"))
+        return PEDENet(steps=0, de_init="random").fit(images, progress=progress)
+
+
+def _with_image_size(model, image_size: int):
+    """A shallow copy of ``model`` whose config says ``image_size`` (same network)."""
+    other = copy.copy(model)
+    other.config = dataclasses.replace(model.config, image_size=image_size)
+    return other
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_inference(model, size: tuple[int, int], image_size: int, quick: bool,
+                    batch_size: int = 16) -> dict:
+    m = model if model.config.image_size == image_size else _with_image_size(model, image_size)
+    rng = np.random.default_rng(0)
+    n_lat = 3 if quick else 30
+    n_thr = batch_size if quick else 4 * batch_size
+    if size[0] * size[1] > 200_000:  # large native images: fewer repeats
+        n_lat = 2 if quick else 12
+        n_thr = batch_size // 4 if quick else 2 * batch_size
+    images = [rng.random((*size, 3), dtype=np.float32) for _ in range(min(n_thr, 8))]
+    out = {"input_size": list(size), "image_size": image_size, "batch_size": batch_size}
+    with _Section(out):
+        lat = _times(lambda: m.anomaly_map(images[0]), n_lat, warmup=1)
+        batch = [images[i % len(images)] for i in range(n_thr)]
+        if not quick:
+            m.predict(batch[:batch_size], batch_size=batch_size)  # warm-up
+        t0 = time.perf_counter()
+        m.predict(batch, batch_size=batch_size)
+        t = time.perf_counter() - t0
+    out.update({
+        "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
+        "latency_ms_p95": float(np.percentile(lat, 95) * 1e3),
+        "latency_repeats": int(n_lat),
+        "images_per_s": n_thr / t,
+        "throughput_images": int(n_thr),
+    })
+    return out
+
+
+def bench_scratch_patchwise(quick: bool, size: int = 256, chunk: int = 512) -> dict:
+    from .encoders import ScratchEncoder
+
+    torch.manual_seed(0)
+    enc = ScratchEncoder(EMBEDDING_DIM, 32).eval()
+    p, s = enc.patch_size, enc.stride
+    x = torch.rand(1, 3, size, size)
+
+    def dense():
+        return enc(x)
+
+    def patchwise():
+        patches = torch.nn.functional.unfold(x, kernel_size=p, stride=s)  # 1×(3·p·p)×L
+        patches = patches[0].T.reshape(-1, 3, p, p)
+        return torch.cat([enc(patches[i:i + chunk]) for i in range(0, len(patches), chunk)])
+
+    out = {"image": [size, size], "patch_size": p, "stride": s, "patch_batch": chunk}
+    with _Section(out), torch.inference_mode():
+        d = dense()
+        pw = patchwise()
+        n = d.shape[-2] * d.shape[-1]
+        diff = (pw.reshape(d.shape[-2], d.shape[-1], -1).permute(2, 0, 1) - d[0]).abs().max().item()
+        t_dense = _best(dense, 3 if quick else 10, warmup=0)
+        t_patch = _best(patchwise, 1 if quick else 3, warmup=0)
+    out.update({"n_patches": int(n), "dense_ms": t_dense * 1e3, "patchwise_ms": t_patch * 1e3,
+                "ratio_patchwise_over_dense": t_patch / t_dense, "max_abs_difference": diff})
+    return out
+
+
+def _nn_distance(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
+                 chunk: int = 16384) -> torch.Tensor:
+    """Exact Euclidean distance of each query row to its nearest bank row.
+
+    The matrix-multiply form that ``torch.cdist`` uses for large inputs
+    (‖q‖² − 2 q·b + ‖b‖², ``bank_sq`` = ‖b‖² precomputed with the bank), in chunks of
+    ``chunk`` bank rows, the square root taken on the minima only (measured 25% faster
+    than ``torch.cdist`` over the same chunks, same result to float rounding).
+    """
+    best = torch.full((len(query),), float("inf"))
+    for i in range(0, len(bank), chunk):
+        d2 = torch.addmm(bank_sq[None, i:i + chunk], query, bank[i:i + chunk].T, alpha=-2.0)
+        best = torch.minimum(best, d2.amin(dim=1))
+    return (best + (query * query).sum(1)).clamp_min(0.0).sqrt()
+
+
+def bench_scoring(model, n_train_images: int, quick: bool) -> dict:
+    from .gmm import GaussianMixture
+
+    mix = model.network.mixture if model is not None else None
+    d = EMBEDDING_DIM
+    if mix is None or mix.mu.shape[1] != d:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(10, d, d, generator=g, dtype=torch.float64) / d ** 0.5
+        mix = GaussianMixture(torch.full((10,), 0.1, dtype=torch.float64),
+                              torch.randn(10, d, generator=g, dtype=torch.float64), a @ a.transpose(1, 2))
+    k = mix.mu.shape[0]
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(EMBEDDINGS_PER_IMAGE, d, generator=g)
+    n_bank = n_train_images * EMBEDDINGS_PER_IMAGE
+    out = {"n_train_images": n_train_images, "bank_size": n_bank, "embedding_dim": d,
+           "query_embeddings": EMBEDDINGS_PER_IMAGE, "n_components": int(k)}
+    with _Section(out), torch.inference_mode():
+        bank = torch.randn(n_bank, d, generator=g)
+        coreset = bank[torch.randperm(n_bank, generator=g)[: max(1, n_bank // 10)]]
+        bank_sq, core_sq = (bank * bank).sum(1), (coreset * coreset).sum(1)
+        # one timed run (after a small warm-up) for the large banks: they take seconds
+        reps = 3 if (not quick and n_train_images <= 100) else 1
+        _nn_distance(query, bank[:16384], bank_sq[:16384])
+        t_gmm = _best(lambda: mix.energy(query), 3 if quick else 10)
+        t_nn = _best(lambda: _nn_distance(query, bank, bank_sq), reps, warmup=0)
+        t_core = _best(lambda: _nn_distance(query, coreset, core_sq), reps, warmup=0)
+    out.update({
+        "gmm_ms_per_image": t_gmm * 1e3,
+        "nn_ms_per_image": t_nn * 1e3,
+        "nn_coreset10_ms_per_image": t_core * 1e3,
+        "ratio_nn_over_gmm": t_nn / t_gmm,
+        "ratio_coreset10_over_gmm": t_core / t_gmm,
+        "bank_mb": n_bank * d * 4 / 2 ** 20,
+        "coreset10_mb": len(coreset) * d * 4 / 2 ** 20,
+        "gmm_parameters_kb": (k * d * d + k * d + k) * 8 / 1024,
+    })
+    del bank, coreset, bank_sq, core_sq
+    return out
+
+
+def bench_training(quick: bool) -> dict:
+    from .builtin import make_builtin_dataset
+    from .estimator import PEDENet
+
+    steps = 5 if quick else 50
+    out = {"steps": steps, "batch_size": 8, "encoder": "pretrained", "image_size": 256,
+           "train_images": 8, "timed": "the optimizer steps of PEDENet.fit (history "
+           "timings.train_seconds); feature caching and the mixture fit excluded"}
+    with tempfile.TemporaryDirectory(prefix="pedenet-bench-") as tmp:
+        root = make_builtin_dataset(Path(tmp) / "ds", categories=("grass",), n_train=8,
+                                    n_test_good=1, n_test_defect=1, size=160)
+        images = sorted((root / "grass" / "train" / "good").glob("*.png"))
+        with _Section(out):
+            model = PEDENet(steps=steps, batch_size=8, de_init="random").fit(images, progress=False)
+    secs = float(model.history.get("timings", {}).get("train_seconds", float("nan")))
+    out.update({"train_seconds": secs, "steps_per_s": steps / secs})
+    return out
+
+
+def bench_flops(model, inference_256: dict | None, quick: bool) -> dict:
+    net = model.network
+    size = int(model.config.image_size) or 256
+    x = torch.rand(1, 3, size, size)
+    enc_macs = count_macs(net.encoder, x)
+    with torch.inference_mode():
+        emb = net.embed(x)
+    n_cells = emb.shape[-2] * emb.shape[-1]
+    k, d = net.mixture.mu.shape
+    # per cell and component: z − μ (D), triangular solve (D(D+1)/2), squared norm (D)
+    energy_macs = n_cells * k * (d * (d + 1) // 2 + 2 * d)
+    out = {"image": [size, size], "encoder_gflop": 2 * enc_macs / 1e9,
+           "energy_gflop": 2 * energy_macs / 1e9, "counted": "2 x multiply-accumulates of "
+           "Conv2d/Linear layers (forward hooks) + analytic energy; activations, batch norm, "
+           "pooling, interpolation and map smoothing not counted"}
+    batch = x.repeat(16, 1, 1, 1)
+    with torch.inference_mode():
+        t_enc = _best(lambda: net.encoder(batch), 1 if quick else 5, warmup=0 if quick else 1) / 16
+    ceiling = conv_ceiling_gflops(quick)
+    total = out["encoder_gflop"] + out["energy_gflop"]
+    out.update({
+        "gflop_per_image": total,
+        "encoder_ms_per_image_batch16": t_enc * 1e3,
+        "encoder_gflops_achieved": out["encoder_gflop"] / t_enc,
+        "ceiling": ceiling,
+        "encoder_fraction_of_ceiling": out["encoder_gflop"] / t_enc / ceiling["gflops"],
+    })
+    if inference_256:
+        achieved = total * inference_256["images_per_s"]
+        out["end_to_end_gflops_achieved"] = achieved
+        out["end_to_end_fraction_of_ceiling"] = achieved / ceiling["gflops"]
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "pedenet": __version__, "platform": platform.platform(), "load_average_at_start": load}
+
+
+def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
+                  log: Callable[[str], None] = print, device: str = "cpu") -> dict:
+    """Run every section; return the figures (see the module docstring)."""
+    from .estimator import PEDENet
+
+    t_start = time.perf_counter()
+    result: dict = {"quick": bool(quick), "machine": _machine()}
+    log(f"machine: {result['machine']['cpu']} ({result['machine']['logical_cpus']} logical CPUs, "
+        f"{result['machine']['torch_threads']} torch threads), load average "
+        f"{result['machine']['load_average_at_start']}")
+    if run_dir is not None:
+        path = Path(run_dir)
+        model = PEDENet.load(path / "model.pt" if path.is_dir() else path, device=device)
+        source = str(path)
+    else:
+        model = default_model()
+        source = "untrained default: PEDENet(steps=0, de_init='random') on 8 built-in grass images"
+    result["model"] = {"source": source, "encoder": model.config.encoder,
+                       "image_size": model.config.image_size,
+                       "embedding_dim": model.config.embedding_dim,
+                       "n_components": model.config.n_components}
+    log(f"model: {source} (encoder {model.config.encoder}, image_size {model.config.image_size})")
+
+    inference = []
+    main_size = int(model.config.image_size) or 256
+    for size, image_size in [((main_size, main_size), model.config.image_size)] + \
+            [(s, 0) for s in NATIVE_SIZES]:
+        r = bench_inference(model, size, image_size, quick)
+        inference.append(r)
+        log(f"inference {size[0]}x{size[1]} (image_size {image_size}): "
+            f"p50 {r['latency_ms_p50']:.1f} ms, p95 {r['latency_ms_p95']:.1f} ms, "
+            f"{r['images_per_s']:.1f} images/s (batch {r['batch_size']}), peak RSS {r['peak_rss_mb']:.0f} MiB")
+    result["inference"] = inference
+
+    r = bench_scratch_patchwise(quick)
+    result["scratch_patch_vs_dense"] = r
+    log(f"scratch encoder on {r['image'][0]}x{r['image'][1]}: dense {r['dense_ms']:.1f} ms, "
+        f"{r['n_patches']} patches one by one (unfold, batches of {r['patch_batch']}) "
+        f"{r['patchwise_ms']:.0f} ms, ratio {r['ratio_patchwise_over_dense']:.0f}x "
+        f"(max |difference| {r['max_abs_difference']:.1e})")
+
+    scoring = []
+    for n in (SCORING_TRAIN_IMAGES[:2] if quick else SCORING_TRAIN_IMAGES):
+        r = bench_scoring(model, n, quick)
+        scoring.append(r)
+        log(f"scoring, {n} training images ({r['bank_size']} embeddings, {r['bank_mb']:.0f} MiB bank): "
+            f"GMM {r['gmm_ms_per_image']:.2f} ms/image, exact NN {r['nn_ms_per_image']:.0f} ms "
+            f"({r['ratio_nn_over_gmm']:.0f}x), 10% coreset {r['nn_coreset10_ms_per_image']:.0f} ms "
+            f"({r['ratio_coreset10_over_gmm']:.0f}x), peak RSS {r['peak_rss_mb']:.0f} MiB")
+    result["scoring"] = scoring
+
+    r = bench_training(quick)
+    result["training"] = r
+    log(f"training: {r['steps_per_s']:.2f} optimizer steps/s (batch {r['batch_size']}, "
+        f"{r['image_size']} px, {r['encoder']}), peak RSS {r['peak_rss_mb']:.0f} MiB")
+
+    r = bench_flops(model, inference[0], quick)
+    result["flops"] = r
+    log(f"FLOPs per {r['image'][0]}x{r['image'][1]} image: {r['gflop_per_image']:.3f} GFLOP "
+        f"(encoder {r['encoder_gflop']:.3f}, energy {r['energy_gflop']:.4f}); encoder "
+        f"{r['encoder_gflops_achieved']:.1f} GFLOP/s, end to end "
+        f"{r.get('end_to_end_gflops_achieved', float('nan')):.1f} GFLOP/s; ceiling (large conv) "
+        f"{r['ceiling']['gflops']:.1f} GFLOP/s")
+    result["peak_rss_mb_process"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 * (1024.0 if platform.system() == "Darwin" else 1.0)), 1)
+    result["seconds_total"] = time.perf_counter() - t_start
+    log(f"total {result['seconds_total']:.0f} s")
+    return result

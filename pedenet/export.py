@@ -1,0 +1,223 @@
+"""Export a fitted model as one self-contained network: image tensor → anomaly map and score.
+
+:class:`AnomalyMapModule` holds the encoder, the fixed mixture (inverse Cholesky factors and
+log-normalizers as buffers) and the map post-processing of :func:`pedenet.scoring.grid_to_map`,
+as plain tensor operations that ONNX and TorchScript can record:
+
+input ``image``: float32 B×3×H×W, RGB, values in [0, 1] (no mean/std normalization: the
+model does its own). H = W = ``image_size`` when the model resizes (``image_size`` > 0; resize
+with :func:`pedenet.scoring.to_tensor` — bilinear, antialiased — to get pedenet's own
+results); any H, W ≥ the encoder's minimum (the patch size, 32 px) when ``image_size`` = 0.
+
+outputs: ``anomaly_map`` float32 B×H×W (energy, −log density; higher = more anomalous) at the
+input's resolution, and ``score`` float32 B (the map's maximum).
+
+Steps (identical to ``PEDENet.anomaly_map`` for an input already at the processed size):
+patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − D/2 log 2π −
+½‖L_k⁻¹(z − μ_k)‖²) in float64 (default) → bilinear interpolation from the patch centres
+(offset + stride·i), clamped at the borders → separable Gaussian smoothing with σ =
+``smoothing_sigma`` px, radius int(4σ + 0.5), replicated borders (scipy's mode="nearest").
+
+``pedenet export RUN_DIR --format onnx|torchscript --out FILE`` writes it (:func:`export_model`).
+ONNX: opset 17, the TorchScript-based exporter (``dynamo=False``: needs no onnxscript); the
+batch axis is dynamic, and so are H and W when ``image_size`` = 0. Model facts (image size,
+σ, stride, normal-score quantiles, pedenet version) are stored as metadata (ONNX
+``metadata_props`` / TorchScript extra file ``pedenet.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .scoring import gaussian_kernel
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+
+
+class AnomalyMapModule(nn.Module):
+    """A fitted PEDENet network as image → (anomaly map, score); see the module docstring.
+
+    Args:
+        network: a fitted :class:`pedenet.model.PEDENetNetwork` (mixture set).
+        smoothing_sigma: σ of the map smoothing in pixels (the config's ``smoothing_sigma``).
+        energy_dtype: dtype of the energy computation (float64 default: the energy of an
+            anomalous patch can reach 10⁴–10⁶ and float32 then loses the small differences
+            between normal patches; the encoder always runs in float32).
+    """
+
+    def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if network.mixture is None:
+            raise ValueError("the network has no fitted mixture: fit or load a model first")
+        self.encoder = copy.deepcopy(network.encoder).cpu().eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        mix = network.mixture
+        chol = mix.chol.detach().cpu().double()
+        eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # K×D×D, L⁻¹
+        self.register_buffer("mu", mix.mu.detach().cpu().to(energy_dtype))  # K×D
+        self.register_buffer("chol_inv_t", chol_inv.transpose(1, 2).contiguous().to(energy_dtype))
+        self.register_buffer("log_norm", mix.log_norm.detach().cpu().to(energy_dtype))  # K
+        self.stride = float(network.stride)
+        self.offset = float(network.offset)
+        self.sigma = float(smoothing_sigma)
+        if self.sigma > 0:
+            k = torch.from_numpy(gaussian_kernel(self.sigma)).float()
+            self.radius = (len(k) - 1) // 2
+            self.register_buffer("kernel_x", k.reshape(1, 1, 1, -1).clone())
+            self.register_buffer("kernel_y", k.reshape(1, 1, -1, 1).clone())
+        else:
+            self.radius = 0
+
+    def energy(self, emb: torch.Tensor) -> torch.Tensor:
+        """B×D×h×w embeddings → B×h×w energy (``energy_dtype``)."""
+        b, d = emb.shape[0], emb.shape[1]
+        z = emb.flatten(2).transpose(1, 2).to(self.mu.dtype)  # B×N×D
+        diff = z.unsqueeze(1) - self.mu.unsqueeze(0).unsqueeze(2)  # B×K×N×D
+        y = torch.matmul(diff, self.chol_inv_t.unsqueeze(0))  # B×K×N×D: (L⁻¹(z−μ))ᵀ
+        maha = (y * y).sum(-1)  # B×K×N
+        log_p = self.log_norm.reshape(1, -1, 1) - 0.5 * maha
+        energy = -torch.logsumexp(log_p, dim=1)  # B×N
+        return energy.reshape(emb.shape[0], emb.shape[2], emb.shape[3])
+
+    def _axis(self, n_out: torch.Tensor | int, n_grid: torch.Tensor | int, like: torch.Tensor):
+        """Indices lo, hi and weight of hi for bilinear interpolation along one axis."""
+        centres = torch.arange(n_out, dtype=like.dtype, device=like.device) + 0.5
+        hi_clip = (torch.ones((), dtype=like.dtype) * n_grid) - 1.0
+        g = torch.minimum(torch.clamp((centres - self.offset) / self.stride, min=0.0), hi_clip)
+        lo = torch.floor(g)
+        frac = g - lo
+        lo_i = lo.to(torch.int64)
+        hi_i = torch.minimum(lo_i + 1, hi_clip.to(torch.int64))
+        return lo_i, hi_i, frac
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.encoder(image)
+        grid = self.energy(emb)  # B×h×w
+        h_out, w_out = image.shape[2], image.shape[3]
+        lo, hi, f = self._axis(h_out, grid.shape[1], grid)
+        rows = grid.index_select(1, lo) * (1.0 - f).reshape(1, -1, 1) + grid.index_select(1, hi) * f.reshape(1, -1, 1)
+        lo, hi, f = self._axis(w_out, grid.shape[2], grid)
+        amap = rows.index_select(2, lo) * (1.0 - f).reshape(1, 1, -1) + rows.index_select(2, hi) * f.reshape(1, 1, -1)
+        amap = amap.to(torch.float32).unsqueeze(1)  # B×1×H×W
+        if self.sigma > 0:
+            r = self.radius
+            amap = F.conv2d(F.pad(amap, (r, r, 0, 0), mode="replicate"), self.kernel_x)
+            amap = F.conv2d(F.pad(amap, (0, 0, r, r), mode="replicate"), self.kernel_y)
+        amap = amap.squeeze(1)
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+def _metadata(model) -> dict:
+    return {
+        "pedenet_version": __version__,
+        "image_size": int(model.config.image_size),
+        "smoothing_sigma": float(model.config.smoothing_sigma),
+        "stride": float(model.network.stride),
+        "offset": float(model.network.offset),
+        "encoder": model.config.encoder,
+        "input": "float32 Bx3xHxW RGB in [0, 1]; H = W = image_size (or any size >= patch_size "
+                 "when image_size is 0); no normalization (done inside)",
+        "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (map maximum)",
+        "normal_quantiles": dict(model.normal_quantiles),
+    }
+
+
+def build_module(model, energy_dtype: torch.dtype = torch.float64) -> AnomalyMapModule:
+    """The :class:`AnomalyMapModule` of a fitted :class:`pedenet.PEDENet` (CPU, eval mode)."""
+    net = model._require_fitted()
+    return AnomalyMapModule(net, model.config.smoothing_sigma, energy_dtype).eval()
+
+
+def example_input(model) -> torch.Tensor:
+    """A 1×3×S×S input of the right size (S = image_size, or 256 when image_size is 0)."""
+    size = int(model.config.image_size) or 256
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
+                 energy_dtype: torch.dtype = torch.float64) -> Path:
+    """Write ``model`` (a fitted :class:`pedenet.PEDENet`) as an ONNX or TorchScript file.
+
+    Args:
+        path: output file (parent folders are created; an existing file is replaced).
+        fmt: ``"onnx"`` (run with onnxruntime) or ``"torchscript"`` (``torch.jit.load``).
+        energy_dtype: see :class:`AnomalyMapModule`.
+
+    Returns the path. Raises ValueError for an unknown format.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = build_module(model, energy_dtype)
+    x = example_input(model)
+    meta = _metadata(model)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
+            if fmt == "torchscript":
+                with torch.no_grad():
+                    traced = torch.jit.trace(module, (x,), check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={"pedenet.json": json.dumps(meta)})
+            else:
+                _export_onnx(module, x, tmp, dynamic_hw=not model.config.image_size, meta=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _export_onnx(module: nn.Module, x: torch.Tensor, path: Path, dynamic_hw: bool, meta: dict) -> None:
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime") from exc
+    axes = {"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+    if dynamic_hw:
+        axes["image"].update({2: "height", 3: "width"})
+        axes["anomaly_map"].update({1: "height", 2: "width"})
+    with torch.no_grad():
+        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["image"], output_names=["anomaly_map", "score"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata written by :func:`export_model` (ONNX or TorchScript file)."""
+    path = Path(path)
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        out = {}
+        for p in proto.metadata_props:
+            try:
+                out[p.key] = json.loads(p.value)
+            except ValueError:
+                out[p.key] = p.value
+        return out
+    except Exception:  # noqa: BLE001 - not an ONNX file: try TorchScript
+        extra = {"pedenet.json": ""}
+        torch.jit.load(str(path), _extra_files=extra)
+        return json.loads(extra["pedenet.json"])
+

@@ -1,0 +1,138 @@
+"""Streaming, batched inference: what ``PEDENet.iter_predict`` / ``predict`` run.
+
+Images are read and preprocessed in a background thread (a bounded queue of at most
+``2 × batch_size`` ready tensors, so memory stays flat however many images there are), grouped
+into batches of consecutive images that share a processed size (all of them when
+``image_size`` > 0; runs of equal native sizes when ``image_size`` = 0), encoded in one pass
+per batch under ``torch.inference_mode``, and turned into maps one by one (two small matrix
+products per image, :func:`pedenet.scoring.grid_to_map`). Results come back in input order.
+
+Images larger than ``max_tile`` pixels on a side (only possible with ``image_size`` = 0, or an
+``image_size`` above ``max_tile``) are encoded in overlapping tiles
+(:meth:`pedenet.model.PEDENetNetwork.patch_energy`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .scoring import grid_to_map, to_tensor
+
+DEFAULT_MAX_TILE = 1024
+"""Default tile side (pixels) above which an image is encoded in overlapping tiles."""
+
+DEFAULT_BATCH_SIZE = 16
+"""Default number of images encoded together."""
+
+_END = object()
+
+
+def iter_items(images) -> Iterator:
+    """Lazily expand ``images`` like ``estimator._expand``: a folder → its images (sorted; a
+    category folder → its train/good), a single image → itself, an iterable → its items
+    with folders expanded. A generator is consumed one item at a time."""
+    from .data import find_images
+
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir() and (p / "train" / "good").is_dir():
+            p = p / "train" / "good"
+        yield from find_images([p])
+        return
+    if isinstance(images, np.ndarray) or hasattr(images, "mode"):
+        yield images
+        return
+    for im in images:
+        if isinstance(im, (str, os.PathLike)) and Path(im).is_dir():
+            yield from find_images([im])
+        else:
+            yield im
+
+
+def prefetched(items: Iterable, fn: Callable, depth: int) -> Iterator:
+    """``map(fn, items)`` computed in a background thread, at most ``depth`` results ahead.
+
+    Exceptions raised by ``fn`` (or by iterating ``items``) are re-raised in the consumer at
+    the position where they occurred. Closing the generator early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(obj) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set() or not put((True, fn(item))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((False, exc))
+            return
+        put((True, _END))
+
+    thread = threading.Thread(target=work, name="pedenet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, value = q.get()
+            if not ok:
+                raise value
+            if value is _END:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@torch.inference_mode()
+def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_tile: int | None = DEFAULT_MAX_TILE) -> Iterator[tuple[int, np.ndarray, float]]:
+    """Yield ``(index, map, score)`` for each image of ``images`` in input order.
+
+    ``model`` is a fitted :class:`pedenet.PEDENet`; ``map`` is float32 H×W at the image's
+    own resolution, ``score`` its maximum (float). See :meth:`pedenet.PEDENet.iter_predict`.
+    """
+    from .estimator import as_rgb_array, check_side
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    net = model._require_fitted()
+    size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
+    device = model.device
+
+    def load(item):
+        arr = check_side(as_rgb_array(item), min_side, item)
+        return arr.shape[:2], to_tensor(arr, size)
+
+    def run(batch):
+        xb = torch.cat([x for _, _, x in batch]).to(device)
+        grids = net.patch_energy(xb, max_tile).cpu().numpy()
+        processed = tuple(xb.shape[-2:])
+        for (i, original, _), grid in zip(batch, grids):
+            amap = grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=processed,
+                               original_size=original, sigma=sigma)
+            yield i, amap, float(amap.max())
+
+    batch: list = []
+    for i, (original, x) in enumerate(prefetched(iter_items(images), load, depth=2 * batch_size)):
+        if batch and (len(batch) == batch_size or x.shape != batch[0][2].shape):
+            yield from run(batch)
+            batch = []
+        batch.append((i, original, x))
+    if batch:
+        yield from run(batch)

@@ -1,0 +1,145 @@
+"""Exported models (ONNX via onnxruntime, TorchScript) reproduce PEDENet.anomaly_map.
+
+What is compared: the exported model's map for an input already at the processed size
+(image_size×image_size, or any size when image_size is 0, so no resize differs) against
+``PEDENet.anomaly_map`` of the same image, as max |difference| / (max − min of the reference
+map). The tolerance is 1e-4 of that range; the maps' absolute values (energies, here from
+about −200 to 10⁴) are irrelevant to anomaly ranking, their spread is what matters. Measured:
+~2e-6 (ONNX) and ~1e-6 (TorchScript), float32 rounding of the encoder and the smoothing.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pedenet import PEDENet
+from pedenet.builtin import make_builtin_dataset
+from pedenet.cli import main
+from pedenet.export import build_module, export_model, read_metadata
+from pedenet.scoring import to_tensor
+
+TOL = 1e-4
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = make_builtin_dataset(tmp_path_factory.mktemp("export") / "ds", categories=("grass",),
+                                n_train=4, n_test_good=1, n_test_defect=1, size=64)
+    return sorted((root / "grass" / "train" / "good").glob("*.png")), root / "grass" / "test"
+
+
+def _fit(images, **cfg):
+    return PEDENet(steps=0, de_init="random", **cfg).fit(images[0], progress=False)
+
+
+@pytest.fixture(scope="module")
+def scratch64(images):
+    return _fit(images, encoder="scratch", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def pretrained_native(images):
+    return _fit(images, encoder="pretrained", image_size=0)
+
+
+def _test_images(images, sizes):
+    from pedenet.data import load_image
+
+    test = sorted(images[1].rglob("*.png"))
+    rng = np.random.default_rng(0)
+    out = [load_image(p) for p in test]  # 64×64 test images, one defective
+    for h, w in sizes:
+        out.append(rng.random((h, w, 3)).astype(np.float32))
+    return out
+
+
+def _run_onnx(path, x: np.ndarray):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["anomaly_map", "score"], {"image": x})
+
+
+def _run_torchscript(path, x: np.ndarray):
+    ts = torch.jit.load(str(path))
+    with torch.no_grad():
+        m, s = ts(torch.from_numpy(x))
+    return m.numpy(), s.numpy()
+
+
+def _check(model, arr, amap, score):
+    ref = model.anomaly_map(arr)
+    assert amap.shape == ref.shape and amap.dtype == np.float32
+    spread = float(ref.max() - ref.min())
+    assert spread > 0
+    err = float(np.abs(amap - ref).max()) / spread
+    assert err <= TOL, (err, spread)
+    assert abs(float(score) - float(ref.max())) <= TOL * spread
+    return err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    path = export_model(scratch64, tmp_path / f"m.{fmt}", fmt)
+    run = _run_onnx if fmt == "onnx" else _run_torchscript
+    arrs = _test_images(images, [])
+    for arr in arrs:
+        x = to_tensor(arr, 64).numpy()
+        amap, score = run(path, x)
+        _check(scratch64, arr, amap[0], score[0])
+    # a batch of two gives each image's own map
+    x = np.concatenate([to_tensor(a, 64).numpy() for a in arrs[:2]])
+    amap, score = run(path, x)
+    assert amap.shape == (2, 64, 64) and score.shape == (2,)
+    for i in range(2):
+        _check(scratch64, arrs[i], amap[i], score[i])
+    meta = read_metadata(path)
+    assert meta["image_size"] == 64 and meta["smoothing_sigma"] == 4.0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_any_size_when_image_size_is_zero(pretrained_native, images, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    path = export_model(pretrained_native, tmp_path / f"m.{fmt}", fmt)
+    run = _run_onnx if fmt == "onnx" else _run_torchscript
+    for arr in _test_images(images, [(70, 90), (41, 120)]):
+        x = to_tensor(arr, 0).numpy()
+        amap, score = run(path, x)
+        _check(pretrained_native, arr, amap[0], score[0])
+
+
+def test_float32_energy_export_also_meets_the_tolerance(scratch64, images):
+    module = build_module(scratch64, energy_dtype=torch.float32)
+    arr = _test_images(images, [])[-1]
+    with torch.no_grad():
+        amap, score = module(to_tensor(arr, 64))
+    _check(scratch64, arr, amap[0].numpy(), score[0].item())
+
+
+def test_export_cli(scratch64, tmp_path):
+    pytest.importorskip("onnx")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    scratch64.save(run_dir / "model.pt")
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "onnx",
+                                       "--out", str(tmp_path / "out" / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "m.onnx").is_file()
+    meta = read_metadata(tmp_path / "out" / "m.onnx")
+    assert json.dumps(meta)
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code != 0 and "Error:" in result.output and "Traceback" not in result.output

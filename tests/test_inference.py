@@ -1,0 +1,176 @@
+"""Batched, streamed inference and tiling agree with the one-image path."""
+
+import numpy as np
+import pytest
+import torch
+
+from pedenet import PEDENet
+from pedenet.builtin import make_builtin_dataset
+from pedenet.config import PEDENetConfig
+from pedenet.gmm import GMMAccumulator
+from pedenet.inference import prefetched
+from pedenet.model import PEDENetNetwork
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory):
+    root = make_builtin_dataset(tmp_path_factory.mktemp("inf") / "ds", categories=("gravel",),
+                                n_train=4, n_test_good=1, n_test_defect=1, size=64)
+    return sorted((root / "gravel" / "train" / "good").glob("*.png"))
+
+
+def _assert_same_maps(a, b):
+    """Batched convolutions may sum in another order: equal to float32 rounding (a few ulp of
+    the energy's magnitude, and 1e-5 of the map's spread)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype == np.float32
+        spread = float(y.max() - y.min())
+        assert float(np.abs(x - y).max()) <= 1e-5 * spread + 1e-6 * float(np.abs(y).max())
+
+
+@pytest.mark.parametrize("encoder,image_size", [("scratch", 48), ("scratch", 0), ("pretrained", 64)])
+def test_batched_predict_equals_one_by_one(train_images, encoder, image_size):
+    model = PEDENet(steps=0, de_init="random", encoder=encoder, image_size=image_size).fit(train_images, progress=False)
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (64, 64), (70, 50), (64, 64), (64, 64), (64, 64), (40, 90)]
+    imgs = [rng.random((*s, 3)).astype(np.float32) for s in sizes] + list(train_images[:2])
+    one = [model.anomaly_map(im) for im in imgs]
+    maps, scores = model.predict(imgs, batch_size=3)
+    _assert_same_maps(maps, one)
+    np.testing.assert_allclose(scores, [m.max() for m in maps])
+    # the generator yields indices in input order and consumes a generator input lazily
+    seen = []
+
+    def lazy():
+        for im in imgs:
+            seen.append(1)
+            yield im
+
+    it = model.iter_predict(lazy(), batch_size=2)
+    i, amap, score = next(it)
+    assert i == 0 and score == float(amap.max())
+    _assert_same_maps([amap], one[:1])
+    # bounded read-ahead: the prefetch queue (2 × batch), one item waiting to enter it, the
+    # batch being encoded and the item that closed it
+    assert len(seen) <= 2 * 2 + 1 + 2 + 1 < len(imgs)
+    assert [j for j, _, _ in it] == list(range(1, len(imgs)))
+
+
+def test_prefetch_propagates_errors_in_order():
+    def fn(x):
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x * 2
+
+    out = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for v in prefetched(range(6), fn, depth=2):
+            out.append(v)
+    assert out == [0, 2, 4]
+    gen = prefetched(range(1000), fn=lambda x: x, depth=2)
+    assert next(gen) == 0
+    gen.close()  # stops the worker thread
+
+
+def _network(encoder: str, seed: int = 0) -> PEDENetNetwork:
+    torch.manual_seed(seed)
+    net = PEDENetNetwork(PEDENetConfig(encoder=encoder, embedding_dim=16, n_components=3, image_size=0)).eval()
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        z = net.embed(x).permute(0, 2, 3, 1).reshape(-1, 16)
+        acc = GMMAccumulator(3, 16)
+        acc.add(z, net.membership(z))
+    net.mixture = acc.finalize()
+    return net
+
+
+def _smooth_image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g), size=(h, w),
+                                           mode="bilinear").contiguous()
+
+
+@pytest.mark.parametrize("max_tile", [96, 130, 200])
+def test_scratch_tiled_energy_equals_untiled(max_tile):
+    """No padding: tiles overlapping by patch_size − stride and starting on the stride give
+    exactly the untiled grid (to float rounding of convolutions of different sizes)."""
+    net = _network("scratch")
+    x = _smooth_image(203, 317)
+    with torch.no_grad():
+        full = net.patch_energy(x)
+        tiled = net.patch_energy(x, max_tile=max_tile)
+    assert len(net.tile_plan(317, max_tile)) > 1
+    for a, b, _, _ in net.tile_plan(317, max_tile):
+        assert b - a <= max_tile
+    assert tiled.shape == full.shape
+    spread = float(full.max() - full.min())
+    assert float((tiled - full).abs().max()) <= 1e-5 * spread
+
+
+def test_pretrained_tiled_energy_agrees_within_tolerance():
+    """Zero padding at tile edges: agreement within 1e-3 of the energy spread (sides that are
+    multiples of 16 px; see PEDENetNetwork.patch_energy)."""
+    net = _network("pretrained")
+    x = _smooth_image(400, 640)
+    with torch.no_grad():
+        full = net.patch_energy(x)
+        tiled = net.patch_energy(x, max_tile=400)
+    assert len(net.tile_plan(640, 400)) > 1
+    assert tiled.shape == full.shape
+    spread = float(full.max() - full.min())
+    assert float((tiled - full).abs().max()) <= 1e-3 * spread
+
+
+def test_tile_plan_covers_every_cell_once():
+    net = _network("scratch")
+    for n in (100, 257, 1000, 1031):
+        plan = net.tile_plan(n, 100)
+        owned = []
+        for a, b, c0, c1 in plan:
+            assert 0 <= a < b <= n and b - a <= 100 and a % net.stride == 0
+            owned.append((c0, c1))
+        assert owned[0][0] == 0 and owned[-1][1] is None
+        for (c0, c1), (d0, _) in zip(owned, owned[1:]):
+            assert c1 == d0 and c1 > c0
+    with pytest.raises(ValueError, match="too small"):
+        _network("pretrained").tile_plan(1000, 200)
+
+
+def test_predict_tiles_large_native_images(train_images):
+    model = PEDENet(steps=0, de_init="random", encoder="scratch", image_size=0).fit(train_images, progress=False)
+    img = np.random.default_rng(1).random((150, 260, 3)).astype(np.float32)
+    untiled = model.anomaly_map(img, max_tile=None)
+    (tiled,), _ = model.predict([img], max_tile=100)
+    spread = float(untiled.max() - untiled.min())
+    assert float(np.abs(tiled - untiled).max()) <= 1e-5 * spread
+
+
+@pytest.mark.parametrize("grid_shape,processed,original,stride,offset", [
+    ((32, 32), (256, 256), (256, 256), 8, 7.5),
+    ((32, 32), (256, 256), (512, 128), 8, 7.5),
+    ((50, 79), (400, 632), (400, 632), 8, 7.5),
+    ((3, 2), (40, 36), (21, 9), 4, 16),
+])
+def test_grid_to_map_matrices_equal_scipy_filter(grid_shape, processed, original, stride, offset):
+    """grid_to_map (two matrix products) = interpolation then scipy.ndimage.gaussian_filter."""
+    from scipy.ndimage import gaussian_filter
+
+    from pedenet.scoring import _interp_matrix, grid_to_map
+
+    grid = np.random.default_rng(0).random(grid_shape) * 100
+    (hp, wp), (h, w) = processed, original
+    ref = _interp_matrix(h, hp, grid_shape[0], stride, offset) @ grid @ \
+        _interp_matrix(w, wp, grid_shape[1], stride, offset).T
+    ref = gaussian_filter(ref, sigma=(4 * h / hp, 4 * w / wp), mode="nearest", truncate=4.0)
+    amap = grid_to_map(grid, stride=stride, offset=offset, processed_size=processed,
+                       original_size=original, sigma=4)
+    np.testing.assert_allclose(amap, ref.astype(np.float32), rtol=1e-6, atol=1e-6 * np.abs(ref).max())
