@@ -6,6 +6,8 @@ Sections (each also written to the JSON file):
   array, preprocessing and map included) and batched throughput (``PEDENet.predict``,
   batch 16) at 256×256 (the model's ``image_size``) and at native MTD-like sizes
   (103×300, 400×632; ``image_size`` 0);
+* ``exported`` (not with ``--quick``): latency of the exported model (``pedenet export``)
+  on one image in onnxruntime and as TorchScript;
 * ``scratch_patch_vs_dense``: the scratch encoder (32 px patches, stride 4) applied to every
   32×32 patch of a 256×256 image cut out with ``unfold`` (in batches of 512 patches) versus
   one dense pass over the image (the same embeddings, checked);
@@ -20,7 +22,9 @@ Sections (each also written to the JSON file):
 
 Peak RSS per section: the process's resident-set high-water mark (``VmHWM``), reset before
 each section through ``/proc/self/clear_refs`` where Linux allows it, else
-``resource.getrusage`` (then it is the process peak so far). Without RUN_DIR the model is an
+``resource.getrusage`` (then it is the process peak so far); the reset also resets
+``getrusage``'s ``ru_maxrss`` (and what ``/usr/bin/time`` reports), so the process peak is
+given as the largest section peak. Without RUN_DIR the model is an
 untrained default (``PEDENet(steps=0)``: pretrained encoder, PCA reduction, EM mixture) fitted
 on 8 built-in texture images; speed does not depend on training.
 """
@@ -183,7 +187,11 @@ def bench_inference(model, size: tuple[int, int], image_size: int, quick: bool,
         n_lat = 2 if quick else 12
         n_thr = batch_size // 4 if quick else 2 * batch_size
     images = [rng.random((*size, 3), dtype=np.float32) for _ in range(min(n_thr, 8))]
-    out = {"input_size": list(size), "image_size": image_size, "batch_size": batch_size}
+    from .inference import BATCH_PIXELS
+
+    effective = max(1, min(batch_size, BATCH_PIXELS["cpu"] // (size[0] * size[1])))
+    out = {"input_size": list(size), "image_size": image_size, "batch_size": batch_size,
+           "effective_batch": effective}
     with _Section(out):
         lat = _times(lambda: m.anomaly_map(images[0]), n_lat, warmup=1)
         batch = [images[i % len(images)] for i in range(n_thr)]
@@ -266,7 +274,9 @@ def bench_scoring(model, n_train_images: int, quick: bool) -> dict:
     with _Section(out), torch.inference_mode():
         bank = torch.randn(n_bank, d, generator=g)
         coreset = bank[torch.randperm(n_bank, generator=g)[: max(1, n_bank // 10)]]
-        bank_sq, core_sq = (bank * bank).sum(1), (coreset * coreset).sum(1)
+        # squared norms without a bank-sized temporary
+        bank_sq = torch.linalg.vector_norm(bank, dim=1).square_()
+        core_sq = torch.linalg.vector_norm(coreset, dim=1).square_()
         # one timed run (after a small warm-up) for the large banks: they take seconds
         reps = 3 if (not quick and n_train_images <= 100) else 1
         _nn_distance(query, bank[:16384], bank_sq[:16384])
@@ -321,14 +331,18 @@ def bench_flops(model, inference_256: dict | None, quick: bool) -> dict:
            "energy_gflop": 2 * energy_macs / 1e9, "counted": "2 x multiply-accumulates of "
            "Conv2d/Linear layers (forward hooks) + analytic energy; activations, batch norm, "
            "pooling, interpolation and map smoothing not counted"}
-    batch = x.repeat(16, 1, 1, 1)
+    from .inference import BATCH_PIXELS
+
+    nb = max(1, min(16, BATCH_PIXELS["cpu"] // (size * size)))  # the batch predict uses
+    batch = x.repeat(nb, 1, 1, 1)
     with torch.inference_mode():
-        t_enc = _best(lambda: net.encoder(batch), 1 if quick else 5, warmup=0 if quick else 1) / 16
+        t_enc = _best(lambda: net.encoder(batch), 1 if quick else 5, warmup=0 if quick else 1) / nb
     ceiling = conv_ceiling_gflops(quick)
     total = out["encoder_gflop"] + out["energy_gflop"]
     out.update({
         "gflop_per_image": total,
-        "encoder_ms_per_image_batch16": t_enc * 1e3,
+        "encoder_batch": nb,
+        "encoder_ms_per_image": t_enc * 1e3,
         "encoder_gflops_achieved": out["encoder_gflop"] / t_enc,
         "ceiling": ceiling,
         "encoder_fraction_of_ceiling": out["encoder_gflop"] / t_enc / ceiling["gflops"],
@@ -337,6 +351,41 @@ def bench_flops(model, inference_256: dict | None, quick: bool) -> dict:
         achieved = total * inference_256["images_per_s"]
         out["end_to_end_gflops_achieved"] = achieved
         out["end_to_end_fraction_of_ceiling"] = achieved / ceiling["gflops"]
+    return out
+
+
+def bench_exported(model, quick: bool) -> dict:
+    """Latency of the exported model (ONNX in onnxruntime; TorchScript) on one image."""
+    from .export import example_input, export_model
+
+    x = example_input(model)
+    n = 3 if quick else 20
+    out: dict = {"input": list(x.shape)}
+    with _Section(out), tempfile.TemporaryDirectory(prefix="pedenet-bench-") as tmp:
+        try:
+            import onnxruntime as ort
+
+            path = export_model(model, Path(tmp) / "m.onnx", "onnx")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = {"image": x.numpy()}
+            lat = _times(lambda: sess.run(None, feed), n, warmup=2)
+            out["onnxruntime_ms_p50"] = float(np.percentile(lat, 50) * 1e3)
+            out["onnxruntime_ms_p95"] = float(np.percentile(lat, 95) * 1e3)
+            out["onnxruntime"] = ort.__version__
+        except ImportError:
+            out["onnxruntime"] = None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = export_model(model, Path(tmp) / "m.ts", "torchscript")
+            ts = torch.jit.load(str(path))
+        with torch.inference_mode():
+            lat = _times(lambda: ts(x), n, warmup=2)
+        out["torchscript_ms_p50"] = float(np.percentile(lat, 50) * 1e3)
+        out["torchscript_ms_p95"] = float(np.percentile(lat, 95) * 1e3)
     return out
 
 
@@ -393,8 +442,16 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
         inference.append(r)
         log(f"inference {size[0]}x{size[1]} (image_size {image_size}): "
             f"p50 {r['latency_ms_p50']:.1f} ms, p95 {r['latency_ms_p95']:.1f} ms, "
-            f"{r['images_per_s']:.1f} images/s (batch {r['batch_size']}), peak RSS {r['peak_rss_mb']:.0f} MiB")
+            f"{r['images_per_s']:.1f} images/s (predict, batches of {r['effective_batch']}), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MiB")
     result["inference"] = inference
+
+    if not quick:
+        r = bench_exported(model, quick)
+        result["exported"] = r
+        log(f"exported model, {r['input'][2]}x{r['input'][3]}: onnxruntime p50 "
+            f"{r.get('onnxruntime_ms_p50', float('nan')):.1f} ms, TorchScript p50 "
+            f"{r['torchscript_ms_p50']:.1f} ms")
 
     r = bench_scratch_patchwise(quick)
     result["scratch_patch_vs_dense"] = r
@@ -425,8 +482,11 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
         f"{r['encoder_gflops_achieved']:.1f} GFLOP/s, end to end "
         f"{r.get('end_to_end_gflops_achieved', float('nan')):.1f} GFLOP/s; ceiling (large conv) "
         f"{r['ceiling']['gflops']:.1f} GFLOP/s")
-    result["peak_rss_mb_process"] = round(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 * (1024.0 if platform.system() == "Darwin" else 1.0)), 1)
+    # the largest section peak (ru_maxrss cannot serve: resetting VmHWM resets it as well)
+    peaks = [r["peak_rss_mb"] for key in ("inference", "scoring") for r in result[key]]
+    peaks += [result[key]["peak_rss_mb"] for key in ("exported", "scratch_patch_vs_dense", "training")
+              if key in result]
+    result["peak_rss_mb_process"] = max(peaks + [round(peak_rss_mb(), 1)])
     result["seconds_total"] = time.perf_counter() - t_start
     log(f"total {result['seconds_total']:.0f} s")
     return result

@@ -226,7 +226,8 @@ class PEDENet:
         Images (paths, folders, arrays, PIL images; a generator is consumed lazily) are read
         in a background thread at most ``2 × batch_size`` ahead, and consecutive images that
         share a processed size (all of them when ``image_size`` > 0) are encoded together in
-        batches of ``batch_size`` under ``torch.inference_mode``; nothing is kept after it is
+        batches of at most ``batch_size`` images and ``pedenet.inference.BATCH_PIXELS``
+        pixels under ``torch.inference_mode``; nothing is kept after it is
         yielded, so memory stays flat for any number of images. ``map`` is float32 H×W at
         the image's own resolution and equals :meth:`anomaly_map` (to float rounding of the
         batched convolutions); ``score`` is its maximum. Images larger than ``max_tile``

@@ -22,7 +22,9 @@ patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − 
 ONNX: opset 17, the TorchScript-based exporter (``dynamo=False``: needs no onnxscript); the
 batch axis is dynamic, and so are H and W when ``image_size`` = 0. Model facts (image size,
 σ, stride, normal-score quantiles, pedenet version) are stored as metadata (ONNX
-``metadata_props`` / TorchScript extra file ``pedenet.json``).
+``metadata_props`` / TorchScript extra file ``pedenet.json``). TorchScript is a traced module
+(``torch.jit.trace``; sizes stay dynamic, tested); torch 2.13 marks ``torch.jit`` as deprecated,
+so prefer ONNX for new deployments (it is also ~5× faster on CPU, docs/benchmarks.md).
 """
 
 from __future__ import annotations

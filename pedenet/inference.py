@@ -3,8 +3,9 @@
 Images are read and preprocessed in a background thread (a bounded queue of at most
 ``2 × batch_size`` ready tensors, so memory stays flat however many images there are), grouped
 into batches of consecutive images that share a processed size (all of them when
-``image_size`` > 0; runs of equal native sizes when ``image_size`` = 0), encoded in one pass
-per batch under ``torch.inference_mode``, and turned into maps one by one (two small matrix
+``image_size`` > 0; runs of equal native sizes when ``image_size`` = 0) of at most
+``batch_size`` images and :data:`BATCH_PIXELS` pixels, encoded in one pass per batch under
+``torch.inference_mode``, and turned into maps one by one (two small matrix
 products per image, :func:`pedenet.scoring.grid_to_map`). Results come back in input order.
 
 Images larger than ``max_tile`` pixels on a side (only possible with ``image_size`` = 0, or an
@@ -29,7 +30,13 @@ DEFAULT_MAX_TILE = 1024
 """Default tile side (pixels) above which an image is encoded in overlapping tiles."""
 
 DEFAULT_BATCH_SIZE = 16
-"""Default number of images encoded together."""
+"""Default largest number of images encoded together."""
+
+BATCH_PIXELS = {"cpu": 4 * 256 * 256, "cuda": 64 * 256 * 256}
+"""Pixels encoded together at most (a batch holds ``min(batch_size, budget // (H·W))``
+images, at least one). On CPU larger batches are slower per image: the pretrained
+encoder's activations then overflow the caches (measured on 2 idle cores, encoder ms per
+image for batches of 1/2/4/8/16: 256×256 58/39/46/43/63; 400×632 103/122/184/227/361)."""
 
 _END = object()
 
@@ -114,6 +121,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     net = model._require_fitted()
     size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
     device = model.device
+    budget = BATCH_PIXELS["cuda" if str(device).startswith("cuda") else "cpu"]
 
     def load(item):
         arr = check_side(as_rgb_array(item), min_side, item)
@@ -130,7 +138,8 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
 
     batch: list = []
     for i, (original, x) in enumerate(prefetched(iter_items(images), load, depth=2 * batch_size)):
-        if batch and (len(batch) == batch_size or x.shape != batch[0][2].shape):
+        limit = max(1, min(batch_size, budget // (x.shape[-2] * x.shape[-1])))
+        if batch and (len(batch) >= limit or x.shape != batch[0][2].shape):
             yield from run(batch)
             batch = []
         batch.append((i, original, x))
