@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -19,15 +18,6 @@ from pedenet.builtin import DEFECT_TYPES, make_builtin_dataset
 from pedenet.cli import main
 
 STEPS = "3"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny images: one thread is as fast, and immune to OpenMP spin-wait slowdowns on busy machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(*args):

@@ -8,21 +8,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from pedenet import metrics
 from pedenet.builtin import DEFECT_TYPES, make_builtin_dataset
 from pedenet.data import MissingMaskWarning, load_image, load_mask
 from pedenet.evaluation import METRIC_KEYS, evaluate, format_table
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny images: one thread is as fast, and immune to OpenMP spin-wait slowdowns on busy machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class BrightnessModel:

@@ -12,14 +12,6 @@ from pedenet.inference import prefetched
 from pedenet.model import PEDENetNetwork
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def train_images(tmp_path_factory):
     root = make_builtin_dataset(tmp_path_factory.mktemp("inf") / "ds", categories=("gravel",),
