@@ -2,7 +2,8 @@
 
     >>> import pedenet
     >>> model = pedenet.PEDENet().fit("data/mtd/train/good")
-    >>> maps, scores = model.predict(["tile.jpg"])
+    >>> pred = model.predict(["tile.jpg"])        # maps, scores, p_values, anomalous, masks
+    >>> pedenet.evaluate(model, "data/mtd")       # metrics on the test split
 """
 
 import os
@@ -15,5 +16,7 @@ __version__ = "0.1.0"
 
 from .config import PEDENetConfig  # noqa: E402
 from .estimator import PEDENet, load  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
+from .inference import Predictions  # noqa: E402
 
-__all__ = ["PEDENet", "PEDENetConfig", "load", "__version__"]
+__all__ = ["PEDENet", "PEDENetConfig", "Predictions", "evaluate", "load", "__version__"]

@@ -53,6 +53,7 @@ __all__ = [
     "TRAIN_FRACTION",
     "builtin_dataset_root",
     "make_builtin_dataset",
+    "normal_crops",
 ]
 
 DATASET_NAME = "builtin-textures-v1"
@@ -274,6 +275,31 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def normal_crops(category: str, n: int, *, size: int = 160, seed: int = 1) -> list[np.ndarray]:
+    """``n`` fresh defect-free crops drawn exactly like the category's train/good images.
+
+    Crops come from the same rows (the top :data:`TRAIN_FRACTION` of the photograph) at random
+    positions, so they are exchangeable with the training images: what calibration tests need
+    (a test's new normal images). Use a ``seed`` other than the dataset's for new crops.
+
+    Returns:
+        list of ``n`` uint8 ``size``×``size`` grayscale arrays.
+
+    Raises:
+        ValueError: unknown category, ``n`` < 0, or ``size`` out of range.
+    """
+    if category not in TEXTURES:
+        raise ValueError(f"unknown built-in category {category!r}; choose from {', '.join(TEXTURES)}")
+    photo = np.asarray(TEXTURES[category](), dtype=np.uint8)
+    if photo.ndim == 3:
+        photo = photo[..., 0]
+    split = int(round(TRAIN_FRACTION * photo.shape[0]))
+    if n < 0 or not _MIN_SIZE <= size <= split:
+        raise ValueError(f"need n >= 0 and {_MIN_SIZE} <= size <= {split}; got n={n}, size={size}")
+    rng = np.random.default_rng([int(seed), zlib.crc32(category.encode()), 2])
+    return _crops(photo, n, size, (0, split - size), rng)
 
 
 def make_builtin_dataset(

@@ -51,6 +51,9 @@ DEMO_STEPS = 300
 """Default ``--steps`` of ``pedenet demo``: sized so that the three built-in categories (fit,
 evaluation and overlays) finish in well under 10 minutes on 2 CPU cores."""
 DEMO_CATEGORIES = "brick,grass,gravel"
+DEMO_TARGET_FPR = 0.1
+"""Target false-alarm rate of ``pedenet demo``: its 60 normal images per category leave 12 for
+calibration, which can guarantee at best 1/13 ≈ 0.077 (the library default 0.01 needs 99)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,6 +126,37 @@ def _info(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
+_VERBOSE = {"on": False}
+
+
+def _set_verbose(verbose: bool, quiet: bool) -> None:
+    """--verbose: details (settings, timings, thresholds, per-image scores) on stderr."""
+    if verbose and quiet:
+        raise UserError("--verbose and --quiet contradict each other; pass one", exit_code=2)
+    _VERBOSE["on"] = bool(verbose)
+
+
+def _debug(message: str) -> None:
+    if _VERBOSE["on"]:
+        click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def _verbose_option(fn):
+    return click.option("--verbose", is_flag=True, default=False, show_default=True,
+                        help="Print details: settings, stage timings, thresholds, per-image scores.")(fn)
+
+
+def _thresholds_line(th: dict | None) -> str:
+    if not th:
+        return "no thresholds (fitted with --calibration-fraction 0): scores only"
+    line = (f"thresholds from {th['n_calibration']} held-out normal images: target false-alarm rate "
+            f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}, "
+            f"pixel threshold {th['pixel_threshold']:.4g}")
+    if th["guaranteed_fpr"] > th["target_fpr"]:
+        line += f" (guaranteed only {th['guaranteed_fpr']:.3g}: too few held-out images)"
+    return line
+
+
 def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
@@ -193,10 +227,10 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _progress(items, quiet: bool, desc: str, unit: str = "img"):
+def _progress(items, quiet: bool, desc: str, unit: str = "img", total: int | None = None):
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit=unit, disable=quiet)
+    return tqdm(items, desc=desc, unit=unit, disable=quiet, total=total)
 
 
 def _checked(paths: list[Path], *, min_side: int, skip_bad_files: bool, quiet: bool,
@@ -262,6 +296,8 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     Training state goes to RUN_DIR/resume.pt every ``checkpoint_every`` steps and on
     SIGINT/SIGTERM; ``resume`` continues from it. It is deleted once model.pt is written.
     """
+    import torch
+
     from .estimator import PEDENet
     from .resume import TrainingInterrupted
 
@@ -282,12 +318,16 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:  # results of the previous model would be stale
         (run_dir / "metrics.json").unlink(missing_ok=True)
+        (run_dir / "report.html").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "overlays", ignore_errors=True)
         if not resuming:
             resume_path.unlink(missing_ok=True)
     if resume and not resuming:
         _info(quiet, f"--resume: no {resume_path}; starting from step 0")
-    _info(quiet, f"fitting {cat_dir}: {len(paths)} training images, {model.config.steps} steps, "
+    _debug(f"config: {json.dumps(model.config.to_dict())}")
+    _debug(f"torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
+                 f"({model.config.calibration_fraction:g} held out for thresholds), {model.config.steps} steps, "
                  f"encoder {model.config.encoder}, device {device}"
                  + (" (resuming)" if resuming else ""))
     t0 = time.perf_counter()
@@ -322,6 +362,8 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         # estimator's own stage timings (history["timings"])
         "timings": {"train_seconds": train_seconds,
                     "fit_stages": dict(model.history.get("timings", {}))},
+        "n_calibration_images": model.history.get("n_calibration_images", 0),
+        "thresholds": model.thresholds(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _write_json(run_dir / "config.json", record)
@@ -329,6 +371,11 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     model.save(model_path)  # last: model.pt marks a complete run
     resume_path.unlink(missing_ok=True)  # only now: the model is safely on disk
     _info(quiet, f"fitted in {train_seconds:.1f} s -> {run_dir}")
+    _info(quiet, _thresholds_line(model.thresholds()))
+    _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))
+    last = {k: v[-1] for k, v in model.history.items() if isinstance(v, list) and v
+            and isinstance(v[-1], (int, float))}
+    _debug("last training diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     return record
 
 
@@ -358,10 +405,11 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
 
 def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, overlays: bool,
                   device: str, quiet: bool, overwrite: bool = True,
-                  skip_bad_files: bool = False) -> dict:
-    """Evaluate the run's model, write metrics.json (and overlays); return the result.
+                  skip_bad_files: bool = False, fpr: float | None = None,
+                  report: bool = False) -> dict:
+    """Evaluate the run's model, write metrics.json (and overlays, report.html); return the result.
 
-    Without ``overwrite``, existing results (metrics.json, overlays/) are not replaced.
+    Without ``overwrite``, existing results (metrics.json, overlays/, report.html) are not replaced.
     """
     from .evaluation import evaluate
     from .visualization import color_range, heatmap_overlay, save_png
@@ -370,15 +418,22 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
     model_path = _model_path(run_dir)
     if model_path == run_dir:  # a model file was given: results go beside it
         run_dir = run_dir.parent
-    old = [p for p in (run_dir / "metrics.json", run_dir / "overlays") if p.exists()]
+    old = [p for p in (run_dir / "metrics.json", run_dir / "overlays", run_dir / "report.html")
+           if p.exists()]
     if old and not overwrite:
         raise UserError(f"{old[0]}: results of an earlier evaluation exist; pass --overwrite to "
                         "replace them", exit_code=2)
     cat_dir = _resolve_eval_data(run_dir, data, category)
     model = _load_model(model_path, device)
+    _debug(f"model {model_path}; test data {cat_dir}")
     result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
-                            skip_bad_files=skip_bad_files)
-    shutil.rmtree(run_dir / "overlays", ignore_errors=True)  # stale overlays of an earlier run
+                            skip_bad_files=skip_bad_files, fpr=fpr)
+    for entry in result["images"]:
+        _debug(f"{entry['path']}: score {entry['score']:.4g}"
+               + (f", p-value {entry['p_value']:.3g}, {'ANOMALOUS' if entry['anomalous'] else 'normal'}"
+                  if "p_value" in entry else ""))
+    shutil.rmtree(run_dir / "overlays", ignore_errors=True)  # stale results of an earlier run
+    (run_dir / "report.html").unlink(missing_ok=True)
     record = {"run_dir": str(run_dir.resolve()), "model": str(model_path.resolve()),
               "evaluated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               **result}
@@ -401,6 +456,13 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
             save_png(out_root / entry["defect"] / f"{names[i]}.png",
                      heatmap_overlay(image, amap, vmin, vmax, mask=mask))
         _info(quiet, f"overlays -> {out_root}")
+    if report:
+        from .report import write_evaluation_report
+
+        path = write_evaluation_report(run_dir / "report.html", result, maps,
+                                       color_range=color_range(model),
+                                       title=f"pedenet evaluation: {Path(result['category']).name}")
+        _info(quiet, f"report -> {path}")
     return record
 
 
@@ -454,23 +516,33 @@ def main(ctx: click.Context) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Save the training state to RUN_DIR/resume.pt every N steps (0: only on "
               "Ctrl-C/SIGTERM).")
+@click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULTS.calibration_fraction, show_default=True,
+              help="Fraction of the normal images held out of training to calibrate the "
+              "thresholds (0: no thresholds).")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEFAULTS.target_fpr, show_default=True,
+              help="Default target false-alarm rate: the fraction of normal images that may be flagged.")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages.")
+@_verbose_option
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
         n_components, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
-        skip_bad_files, quiet):
+        calibration_fraction, target_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/) or a dataset root with --category.
     Every training image is checked before training starts. Ctrl-C or SIGTERM saves the
     training state to RUN_DIR/resume.pt; rerun with --resume to continue.
     """
+    _set_verbose(verbose, quiet)
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
                   embedding_dim=embedding_dim, n_components=n_components, patch_size=patch_size,
-                  batch_size=batch_size, lr=lr, encoder_lr=encoder_lr)
+                  batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
+                  calibration_fraction=calibration_fraction, target_fpr=target_fpr)
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
              resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
 
@@ -490,19 +562,29 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave test images with an unreadable image or mask out (with a warning) "
               "instead of stopping.")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
+@click.option("--report", is_flag=True, default=False, show_default=True,
+              help="Write RUN_DIR/report.html: metrics, ROC and PRO curves, score histograms, "
+              "a gallery of the worst errors (self-contained, opens offline).")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages (the table is still printed).")
+@_verbose_option
 @_user_errors
-def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_files, quiet):
+def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_files, fpr, report,
+             quiet, verbose):
     """Evaluate RUN_DIR's model on the test split; write RUN_DIR/metrics.json.
 
     Every test image and mask is checked first. Undefined metrics (e.g. no defective test
-    images) are shown as n/a and stored as null.
+    images) are shown as n/a and stored as null. For a model with thresholds, the realized
+    false-alarm and miss rates of its decisions are reported next to the target.
     """
     from .evaluation import format_table
 
+    _set_verbose(verbose, quiet)
     result = _evaluate_run(run_dir, data, category, overlays=overlays, device=device, quiet=quiet,
-                           overwrite=overwrite, skip_bad_files=skip_bad_files)
+                           overwrite=overwrite, skip_bad_files=skip_bad_files, fpr=fpr,
+                           report=report)
     click.echo(f"{result['category']}  ({result['n_images']} test images, "
                f"{result['seconds_per_image']:.3f} s/image)")
     click.echo(format_table(result), nl=False)
@@ -512,9 +594,14 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff and scores.csv.")
+              help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png and scores.csv.")
 @click.option("--format", "fmt", type=click.Choice(["npy", "tiff"]), default="npy",
               show_default=True, help="File format of the raw float32 anomaly maps.")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
+@click.option("--report", is_flag=True, default=False, show_default=True,
+              help="Write OUT/report.html: scores, histogram with the threshold, gallery "
+              "(self-contained, opens offline).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Write into an --out folder that is not empty (files of the same name are "
@@ -523,16 +610,22 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages.")
+@_verbose_option
 @_user_errors
-def predict(run_dir, inputs, out_dir, fmt, device, overwrite, skip_bad_files, quiet):
-    """Anomaly maps, overlays and scores for image files or folders INPUT...
+def predict(run_dir, inputs, out_dir, fmt, fpr, report, device, overwrite, skip_bad_files, quiet,
+            verbose):
+    """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
     first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
-    lists path, score (the map maximum, energy units) and the output name.
+    lists path, score (the map maximum, energy units), p_value, anomalous (the decision at
+    the target false-alarm rate) and the output name; <stem>_mask.png (0/255) marks the
+    pixels above the pixel threshold in images decided anomalous. A model fitted with
+    --calibration-fraction 0 gives scores only.
     """
     from .visualization import color_range, heatmap_overlay, save_png
 
+    _set_verbose(verbose, quiet)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out", exit_code=2)
@@ -548,13 +641,28 @@ def predict(run_dir, inputs, out_dir, fmt, device, overwrite, skip_bad_files, qu
     images = _checked(images, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
                       quiet=quiet, desc="checking images")
     names = _unique_names(images)
+    cal = model.calibration
+    th = None
+    if cal is not None:
+        if fpr is not None:
+            cal.image_threshold(fpr)  # warns when the target is out of reach
+        th = model.thresholds(fpr)
+    _info(quiet, _thresholds_line(th))
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path, name in zip(_progress(images, quiet, "predicting"), names):
+    vmin, vmax = color_range(model)
+    rows, kept_maps = [], []
+    results = model.iter_predict(images)
+    for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
+        path, name = images[i], names[i]
         image = load_image(path)
-        amap = np.asarray(model.anomaly_map(image), dtype=np.float32)
-        vmin, vmax = color_range(model, amap)
-        save_png(out_dir / f"{name}_overlay.png", heatmap_overlay(image, amap, vmin, vmax))
+        lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
+        row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
+        if th is not None:
+            row["p_value"] = float(cal.p_values(score))
+            row["anomalous"] = bool(score > th["image_threshold"])
+            mask = (amap > th["pixel_threshold"]) & row["anomalous"]
+            save_png(out_dir / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+        save_png(out_dir / f"{name}_overlay.png", heatmap_overlay(image, amap, lo, hi))
         if fmt == "npy":
             atomic_write_bytes(out_dir / f"{name}_map.npy", lambda fh: np.save(fh, amap))
         else:
@@ -563,13 +671,30 @@ def predict(run_dir, inputs, out_dir, fmt, device, overwrite, skip_bad_files, qu
             buf = io.BytesIO()
             tifffile.imwrite(buf, amap)
             atomic_write_bytes(out_dir / f"{name}_map.tiff", lambda fh: fh.write(buf.getvalue()))
-        rows.append((str(path), repr(float(amap.max())), name))
+        _debug(f"{path}: score {score:.4g}" + (f", p-value {row['p_value']:.3g}, "
+                                             f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
+                                             if th is not None else ""))
+        rows.append(row)
+        if report:
+            kept_maps.append(amap)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "score", "name"])
-    writer.writerows(rows)
+    writer.writerow(["path", "score", "p_value", "anomalous", "name"])
+    for r in rows:
+        writer.writerow([r["path"], repr(r["score"]),
+                         "" if r["p_value"] is None else repr(r["p_value"]),
+                         "" if r["anomalous"] is None else int(r["anomalous"]), r["name"]])
     _write_text(out_dir / "scores.csv", text.getvalue())
-    _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt})")
+    if report:
+        from .report import write_prediction_report
+
+        path = write_prediction_report(out_dir / "report.html", rows, kept_maps,
+                                       color_range=(vmin, vmax), thresholds=th)
+        _info(quiet, f"report -> {path}")
+    flagged = sum(bool(r["anomalous"]) for r in rows)
+    _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
+                 + (", *_mask.png" if th is not None else "") + ")"
+                 + (f"; {flagged} flagged anomalous" if th is not None else ""))
 
 
 def _summary_rows(results: dict) -> list[tuple[str, dict]]:
@@ -605,17 +730,24 @@ def _markdown(rows: list[tuple[str, dict]]) -> str:
 @click.option("--categories", default=DEMO_CATEGORIES, show_default=True,
               help="Comma-separated built-in categories (brick, grass, gravel).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEMO_TARGET_FPR, show_default=True,
+              help="Target false-alarm rate of the decisions (12 held-out normal images per "
+              "category guarantee at best 1/13).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages (the summary is still printed).")
+@_verbose_option
 @_user_errors
-def demo(out_dir, steps, categories, seed, device, quiet):
+def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
     """Fit and evaluate on the built-in texture dataset (no download).
 
     The dataset (synthetic scratches, spots and patches on scikit-image's brick, grass and
     gravel photographs) is written to the pedenet cache (~/.cache/pedenet, or $PEDENET_CACHE),
-    or to OUT/data if the cache cannot be written.
+    or to OUT/data if the cache cannot be written. Each category's run folder gets
+    metrics.json, overlays/ and report.html.
     """
+    _set_verbose(verbose, quiet)
     from .builtin import TEXTURES, builtin_dataset_root, make_builtin_dataset
     from .evaluation import format_table, table_lines
 
@@ -636,9 +768,10 @@ def demo(out_dir, steps, categories, seed, device, quiet):
     for cat in cats:
         run_dir = out_dir / cat
         rec = _fit_run(root, cat, run_dir, device=device, overwrite=True, quiet=quiet,
-                       config=dict(steps=steps, seed=seed))
+                       config=dict(steps=steps, seed=seed, target_fpr=target_fpr))
         t0 = time.perf_counter()
-        res = _evaluate_run(run_dir, None, None, overlays=True, device=device, quiet=quiet)
+        res = _evaluate_run(run_dir, None, None, overlays=True, device=device, quiet=quiet,
+                            report=True)
         timings[cat] = {"train_seconds": rec["timings"]["train_seconds"],
                         "evaluate_seconds": time.perf_counter() - t0}
         results[cat] = res

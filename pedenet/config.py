@@ -52,6 +52,13 @@ class PEDENetConfig:
             ``"random"``: plain random initialization (DAGMM).
         lp_pairs: LP pairs drawn per image per step.
         seed: seed for every random choice (torch, numpy).
+
+    Thresholds (:mod:`pedenet.calibration`)
+        calibration_fraction: fraction of the normal training images held out of training
+            to calibrate the thresholds (conformal p-values); 0 disables calibration (no
+            p-values or decisions, all images train).
+        target_fpr: default target false-alarm rate: the fraction of normal images that may
+            be flagged (``predict`` can use another).
     """
 
     encoder: str = "pretrained"
@@ -73,8 +80,14 @@ class PEDENetConfig:
     de_init: str = "em"
     lp_pairs: int = 64
     seed: int = 0
+    calibration_fraction: float = 0.2
+    target_fpr: float = 0.01
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.calibration_fraction) < 1.0:
+            raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
+        if not 0.0 < float(self.target_fpr) < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder == "scratch" and self.patch_size not in (32, 64):

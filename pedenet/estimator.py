@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -11,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calibration import Calibration, calibrate, split_calibration
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PEDENetConfig
 from .gmm import GaussianMixture
+from .inference import Predictions
 from .model import PEDENetNetwork
 from .scoring import grid_to_map, to_tensor
 from .training import (
@@ -112,10 +116,15 @@ class PEDENet:
     """PEDENet anomaly detector trained on normal images only.
 
     >>> model = PEDENet(steps=200).fit("path/to/category/train/good")
-    >>> maps, scores = model.predict(["a.png", "b.png"])
+    >>> pred = model.predict(["a.png", "b.png"])
+    >>> pred.scores, pred.p_values, pred.anomalous      # (N,) float64, float64, bool
 
     Args: any field of :class:`pedenet.config.PEDENetConfig` as a keyword, plus
         device: "cpu" (default) or "cuda".
+
+    After ``fit``: ``calibration`` (:class:`pedenet.calibration.Calibration`, or None when
+    ``calibration_fraction`` is 0) holds the held-out normal scores behind p-values and
+    thresholds; ``history`` the training diagnostics.
     """
 
     def __init__(self, device: str = "cpu", **config):
@@ -126,6 +135,7 @@ class PEDENet:
         # quantiles ("0.5", "0.99", "0.999", "1.0") of the patch energy of the training images:
         # the scale of normal scores, used to colour heatmaps consistently across images
         self.normal_quantiles: dict[str, float] = {}
+        self.calibration: Calibration | None = None
 
     @property
     def min_image_side(self) -> int:
@@ -155,13 +165,26 @@ class PEDENet:
                 network holds it).
             keep_checkpoint: keep ``checkpoint`` after a successful fit (default: delete it).
 
+        A random ``calibration_fraction`` of the images (seeded) is held out of training and
+        scored after it to calibrate the thresholds (:mod:`pedenet.calibration`); with fewer
+        than 2 images, or ``calibration_fraction`` 0, nothing is held out and the model has no
+        p-values or decisions.
+
         Returns:
             self. Raises ValueError if there are no images, CheckpointError for an unusable
             resume file.
         """
-        items = _expand(images)
-        if not items:
+        all_items = _expand(images)
+        if not all_items:
             raise ValueError("fit needs at least one normal image; the input holds none")
+        train_idx, cal_idx = split_calibration(len(all_items), self.config.calibration_fraction,
+                                               self.config.seed)
+        if self.config.calibration_fraction > 0 and len(cal_idx) == 0:
+            warnings.warn(f"{len(all_items)} training image(s): too few to hold any out for "
+                          "calibration; the model will report scores without p-values or decisions",
+                          stacklevel=2)
+        items = [all_items[i] for i in train_idx]
+        cal_items = [all_items[i] for i in cal_idx]
         state = None
         if resume and checkpoint is not None and Path(checkpoint).exists():
             state = read_resume_state(checkpoint, self.config, items)
@@ -191,9 +214,22 @@ class PEDENet:
                                     history=history, on_step=on_step)
         fit_mixture(self.network, cache, progress)
         self.normal_quantiles = training_energy_quantiles(self.network, cache)
+        del cache
+        self.calibration = None
+        if cal_items:
+            t0 = time.perf_counter()
+            maps = [m for _, m, _ in tqdm(self.iter_predict(cal_items), total=len(cal_items),
+                                          desc="calibrating", unit="img", disable=not progress)]
+            self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed)
+            self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
+            history.timings["calibration_seconds"] = time.perf_counter() - t0
         self.history = history.to_dict()
         self.history["de_init"] = init
         self.history["n_train_images"] = len(items)
+        self.history["n_calibration_images"] = len(cal_items)
+        self.history["calibration_images"] = [
+            os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
+            for i, p in zip(cal_idx.tolist(), cal_items)]
         if state is not None:
             self.history["resumed_from_step"] = start
         if checkpoint is not None and not keep_checkpoint:
@@ -239,14 +275,27 @@ class PEDENet:
         self._require_fitted()
         return iter_predict(self, images, batch_size=batch_size, max_tile=max_tile)
 
+    def thresholds(self, fpr: float | None = None) -> dict | None:
+        """Calibrated thresholds for a target false-alarm rate ``fpr`` (default
+        ``config.target_fpr``): a dict with target_fpr, image_threshold, pixel_threshold
+        (energy units), n_calibration, achievable_fpr and guaranteed_fpr; None when the model
+        has no calibration. Raises ValueError for ``fpr`` outside (0, 1)."""
+        if self.calibration is None:
+            return None
+        return self.calibration.summary(self.config.target_fpr if fpr is None else fpr)
+
     def predict(self, images, progress: bool = False, batch_size: int = 16,
-                max_tile: int | None = 1024) -> tuple[list[np.ndarray], np.ndarray]:
-        """Anomaly maps and image scores (batched and streamed: see :meth:`iter_predict`).
+                max_tile: int | None = 1024, fpr: float | None = None) -> Predictions:
+        """Anomaly maps, image scores, p-values, decisions and defect masks.
+
+        Images are batched and streamed (see :meth:`iter_predict`). ``fpr`` is the target
+        false-alarm rate of the decisions (default ``config.target_fpr``); a CalibrationWarning
+        says when the held-out images are too few to guarantee it.
 
         Returns:
-            maps: list of float32 H_i×W_i arrays (each at its image's resolution; higher =
-                more anomalous; units: mixture energy, −log density).
-            scores: float64 array (N,), the maximum of each map.
+            :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units),
+            ``scores`` (float64 (N,), map maxima), and when calibrated ``p_values`` (float64),
+            ``anomalous`` (bool), ``masks`` (bool H_i×W_i) and ``thresholds``.
         """
         items = _expand(images)
         maps: list = [None] * len(items)
@@ -255,11 +304,20 @@ class PEDENet:
         for i, amap, score in tqdm(results, total=len(items), desc="scoring", unit="img",
                                    disable=not progress):
             maps[i], scores[i] = amap, score
-        return maps, scores
+        if self.calibration is None:
+            return Predictions(maps=maps, scores=scores)
+        if fpr is not None:  # a new target: warn if out of reach (fit warned for the default)
+            self.calibration.image_threshold(fpr, stacklevel=3)
+        th = self.thresholds(fpr)
+        image_t = th["image_threshold"]
+        anomalous = scores > image_t
+        masks = [(m > th["pixel_threshold"]) & bool(a) for m, a in zip(maps, anomalous)]
+        return Predictions(maps=maps, scores=scores, p_values=self.calibration.p_values(scores),
+                           anomalous=anomalous, masks=masks, thresholds=th)
 
     def score_samples(self, images) -> np.ndarray:
         """Image anomaly scores (N,) float64 (higher = more anomalous)."""
-        return self.predict(images)[1]
+        return self.predict(images).scores
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -272,6 +330,8 @@ class PEDENet:
             "mixture": net.mixture.state_dict(),
             "history": self.history,
             "normal_quantiles": self.normal_quantiles,
+            "calibration": None if self.calibration is None else {  # tensors: weights_only load
+                k: torch.as_tensor(v) for k, v in self.calibration.state_dict().items()},
         })
 
     @classmethod
@@ -284,12 +344,16 @@ class PEDENet:
             net = PEDENetNetwork(config, load_weights=False)
             net.load_state_dict(data["state_dict"], strict=True)
             net.mixture = GaussianMixture.from_state_dict(data["mixture"])
+            calibration = (None if data.get("calibration") is None else Calibration.from_state_dict(
+                {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                 for k, v in data["calibration"].items()}))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: checkpoint content does not match this pedenet: {exc}") from None
         net.mixture = net.mixture.to(device)
         model.network = net.to(device).eval()
         model.history = data.get("history", {})
         model.normal_quantiles = data.get("normal_quantiles", {})
+        model.calibration = calibration
         return model
 
 

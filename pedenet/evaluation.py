@@ -19,7 +19,13 @@ Result dictionary (JSON-serializable; undefined metrics are ``None``)::
       "skipped_files": ["/abs/path/bad.png", ...],   # left out (skip_bad_files=True)
       "undefined_metrics": ["per_defect/crack/image_auroc: ...", ...],
       "images": [{"path": ..., "defect": "good", "label": 0, "score": 95.1,
-                  "mask": null}, ...],
+                  "mask": null, "p_value": 0.43, "anomalous": false}, ...],
+      # only for a calibrated model (pedenet.calibration):
+      "thresholds": {"target_fpr": 0.01, "image_threshold": ..., "pixel_threshold": ...,
+                     "n_calibration": 152, "achievable_fpr": ..., "guaranteed_fpr": ...},
+      "realized": {"false_alarm_rate": 0.016, "false_alarm_rate_ci": [lo, hi],
+                   "miss_rate": 0.2, "n_normal": 191, "n_anomalous": 392,
+                   "pixel_false_alarm_rate": 0.008},
     }
 
 Scores and maps are in the model's energy units (−log density; higher = more anomalous).
@@ -40,7 +46,7 @@ from tqdm.auto import tqdm
 from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
 
-__all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "to_jsonable"]
+__all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "realized_rates", "to_jsonable"]
 
 AU_PRO_LIMIT = 0.3
 """False positive rate limit of the AU-PRO metric reported by :func:`evaluate`."""
@@ -100,13 +106,44 @@ def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list, masks: list,
     return out
 
 
+def realized_rates(flagged: np.ndarray, labels: np.ndarray, maps: list, masks: list,
+                   pixel_threshold: float) -> dict:
+    """Realized error rates of calibrated decisions on a labelled test split.
+
+    Args:
+        flagged: bool (N,), images decided anomalous; labels: int (N,), 0 normal, 1 anomalous.
+        maps, masks: float H×W maps and bool H×W ground truth (None: no mask) per image.
+        pixel_threshold: energy above which a pixel is marked defective.
+
+    Returns:
+        ``false_alarm_rate`` (normal images flagged / normal images) with its 95 %
+        Clopper-Pearson interval ``false_alarm_rate_ci``, ``miss_rate`` (anomalous images
+        not flagged / anomalous images), ``n_normal``, ``n_anomalous``, and
+        ``pixel_false_alarm_rate`` (pixels above ``pixel_threshold`` among the pixels of normal
+        images; what the pixel threshold is calibrated for). Rates are None when undefined.
+    """
+    from scipy.stats import binomtest
+
+    normal, anomalous = labels == 0, labels == 1
+    out: dict[str, Any] = {"n_normal": int(normal.sum()), "n_anomalous": int(anomalous.sum())}
+    k = int(flagged[normal].sum())
+    out["false_alarm_rate"] = k / out["n_normal"] if out["n_normal"] else None
+    out["false_alarm_rate_ci"] = (list(binomtest(k, out["n_normal"]).proportion_ci(0.95))
+                                  if out["n_normal"] else None)
+    out["miss_rate"] = float(np.mean(~flagged[anomalous])) if out["n_anomalous"] else None
+    above = sum(int((maps[i] > pixel_threshold).sum()) for i in np.flatnonzero(normal))
+    total = sum(maps[i].size for i in np.flatnonzero(normal))
+    out["pixel_false_alarm_rate"] = above / total if total else None
+    return out
+
+
 def evaluate(model, data, category: str | None = None, progress: bool = True,
-             return_maps: bool = False, skip_bad_files: bool = False):
+             return_maps: bool = False, skip_bad_files: bool = False, fpr: float | None = None):
     """Score every test image of a category and compute the metrics.
 
     Args:
         model: a fitted :class:`pedenet.estimator.PEDENet` (anything with
-            ``anomaly_map(path) -> float32 H×W``).
+            ``iter_predict(paths)`` or ``anomaly_map(path) -> float32 H×W``).
         data: a category folder, or a dataset root together with ``category``
             (as :func:`pedenet.data.resolve_category` takes).
         category: category name under ``data``; ``None`` when ``data`` is the category folder.
@@ -114,6 +151,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         return_maps: also return the anomaly maps.
         skip_bad_files: leave out (with a :class:`pedenet.data.SkippedFileWarning` each) test
             images whose image or mask is unusable, instead of raising.
+        fpr: target false-alarm rate of the decisions of a calibrated model (default: the
+            model's ``config.target_fpr``).
 
     Every test image and mask is checked before scoring starts
     (:func:`pedenet.data.check_images`: fully decoded, mask size equal to image size,
@@ -155,10 +194,16 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
     maps: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
     missing: list[str] = []
+    paths = [s.path for s in samples]
+    if hasattr(model, "iter_predict"):  # batched, streamed
+        results = (amap for _, amap, _ in model.iter_predict(paths))
+    else:
+        results = (model.anomaly_map(p) for p in paths)
     infer_seconds = 0.0
-    for s in tqdm(samples, desc=f"evaluating {cat_dir.name}", unit="img", disable=not progress):
-        t0 = time.perf_counter()
-        amap = np.asarray(model.anomaly_map(s.path), dtype=np.float32)
+    t0 = time.perf_counter()
+    for s, amap in zip(tqdm(samples, desc=f"evaluating {cat_dir.name}", unit="img",
+                            disable=not progress), results):
+        amap = np.asarray(amap, dtype=np.float32)
         infer_seconds += time.perf_counter() - t0
         if s.label == 0:
             mask = np.zeros(amap.shape, dtype=bool)
@@ -169,6 +214,7 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
             mask = load_mask(s.mask_path, expected_shape=amap.shape)
         maps.append(amap)
         masks.append(mask)
+        t0 = time.perf_counter()
     if missing:
         warnings.warn(
             f"{len(missing)} defective test image(s) of {cat_dir} have no mask file (first: "
@@ -210,6 +256,14 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
             for s, sc in zip(samples, scores)
         ],
     }
+    thresholds = model.thresholds(fpr) if getattr(model, "calibration", None) is not None else None
+    if thresholds is not None:
+        p_values = model.calibration.p_values(scores)
+        flagged = scores > thresholds["image_threshold"]
+        for entry, p, f in zip(result["images"], p_values, flagged):
+            entry["p_value"], entry["anomalous"] = float(p), bool(f)
+        result["thresholds"] = thresholds
+        result["realized"] = realized_rates(flagged, labels, maps, masks, thresholds["pixel_threshold"])
     result = to_jsonable(result)
     if return_maps:
         return result, maps
@@ -254,4 +308,15 @@ def format_table(result: dict) -> str:
     """
     rows = [("overall", result["overall"])]
     rows += [(d, m) for d, m in result.get("per_defect", {}).items()]
-    return "\n".join(table_lines(rows)) + "\n"
+    lines = table_lines(rows)
+    th, real = result.get("thresholds"), result.get("realized")
+    if th and real:
+        fa, ci, miss = real.get("false_alarm_rate"), real.get("false_alarm_rate_ci"), real.get("miss_rate")
+        lines.append("")
+        lines.append(f"decisions at target false-alarm rate {th['target_fpr']:g} "
+                     f"(image threshold {th['image_threshold']:.4g}, {th['n_calibration']} held-out "
+                     "normal images):")
+        lines.append(f"  false alarms {_fmt(fa)} of {real['n_normal']} normal images"
+                     + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                     + f"; misses {_fmt(miss)} of {real['n_anomalous']} anomalous images")
+    return "\n".join(lines) + "\n"

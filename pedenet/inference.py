@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -39,6 +40,33 @@ encoder's activations then overflow the caches (measured on 2 idle cores, encode
 image for batches of 1/2/4/8/16: 256×256 58/39/46/43/63; 400×632 103/122/184/227/361)."""
 
 _END = object()
+
+
+@dataclass
+class Predictions:
+    """What :meth:`pedenet.PEDENet.predict` returns, one entry per input image (input order).
+
+    Attributes:
+        maps: list of float32 H_i×W_i anomaly maps at each image's own resolution (energy
+            units, −log density; higher = more anomalous).
+        scores: float64 (N,), image anomaly scores (the map maxima).
+        p_values: float64 (N,) conformal p-values in [1/(n+1), 1] (small = anomalous), or None
+            when the model was fitted without calibration (``calibration_fraction`` 0).
+        anomalous: bool (N,), the decision ``score > thresholds["image_threshold"]``, or None.
+        masks: list of bool H_i×W_i defect masks (``map > thresholds["pixel_threshold"]`` in
+            images decided anomalous; all False in the others), or None.
+        thresholds: the thresholds used (:meth:`pedenet.calibration.Calibration.summary`), or None.
+    """
+
+    maps: list
+    scores: np.ndarray
+    p_values: np.ndarray | None = None
+    anomalous: np.ndarray | None = None
+    masks: list | None = None
+    thresholds: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.maps)
 
 
 def iter_items(images) -> Iterator:

@@ -36,7 +36,8 @@ def test_batched_predict_equals_one_by_one(train_images, encoder, image_size):
     sizes = [(64, 64), (64, 64), (70, 50), (64, 64), (64, 64), (64, 64), (40, 90)]
     imgs = [rng.random((*s, 3)).astype(np.float32) for s in sizes] + list(train_images[:2])
     one = [model.anomaly_map(im) for im in imgs]
-    maps, scores = model.predict(imgs, batch_size=3)
+    pred = model.predict(imgs, batch_size=3)
+    maps, scores = pred.maps, pred.scores
     _assert_same_maps(maps, one)
     np.testing.assert_allclose(scores, [m.max() for m in maps])
     # the generator yields indices in input order and consumes a generator input lazily
@@ -141,7 +142,7 @@ def test_predict_tiles_large_native_images(train_images):
     model = PEDENet(steps=0, de_init="random", encoder="scratch", image_size=0).fit(train_images, progress=False)
     img = np.random.default_rng(1).random((150, 260, 3)).astype(np.float32)
     untiled = model.anomaly_map(img, max_tile=None)
-    (tiled,), _ = model.predict([img], max_tile=100)
+    (tiled,) = model.predict([img], max_tile=100).maps
     spread = float(untiled.max() - untiled.min())
     assert float(np.abs(tiled - untiled).max()) <= 1e-5 * spread
 

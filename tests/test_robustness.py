@@ -181,7 +181,7 @@ def test_non_image_files_are_ignored(run_dir, dataset, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 5
     ok(run("predict", out, cat / "test" / "spot", "--out", tmp_path / "o", "--quiet"))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "000_map.npy", "000_overlay.png", "scores.csv"]
+        "000_map.npy", "000_mask.png", "000_overlay.png", "scores.csv"]
 
 
 # --------------------------------------------------------------------------- 3. image modes
@@ -350,7 +350,8 @@ def test_empty_and_single_image_training_sets(dataset, tmp_path):
     out = tmp_path / "r1"
     ok(run("fit", cat, "--out", out, *FIT))
     model = pedenet.load(out / "model.pt")
-    maps, scores = model.predict(sorted((cat / "test").rglob("*.png")))
+    pred = model.predict(sorted((cat / "test").rglob("*.png")))
+    maps, scores = pred.maps, pred.scores
     assert all(np.isfinite(m).all() for m in maps) and np.isfinite(scores).all()
     # one 256 x 256 image: 1024 patch embeddings for the default K = 10 components
     one = pedenet.PEDENet(steps=2, seed=0).fit([dataset / "train" / "good" / "000.png"], progress=False)

@@ -38,7 +38,8 @@ def test_training_keeps_embeddings_full_rank(fitted):
 
 def test_maps_have_image_size_and_score_is_max(fitted, gravel):
     samples = test_samples(gravel)
-    maps, scores = fitted.predict([s.path for s in samples])
+    pred = fitted.predict([s.path for s in samples])
+    maps, scores = pred.maps, pred.scores
     assert len(maps) == len(samples)
     for m, sc in zip(maps, scores):
         assert m.shape == (128, 128) and m.dtype == np.float32 and np.isfinite(m).all()
@@ -50,7 +51,7 @@ def test_maps_have_image_size_and_score_is_max(fitted, gravel):
 
 def test_defects_score_higher_than_normal_on_average(fitted, gravel):
     samples = test_samples(gravel)
-    _, scores = fitted.predict([s.path for s in samples])
+    scores = fitted.predict([s.path for s in samples]).scores
     labels = np.array([s.label for s in samples])
     assert scores[labels == 1].mean() > scores[labels == 0].mean()
 

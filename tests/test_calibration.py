@@ -1,0 +1,160 @@
+"""Thresholds from normal images only: conformal p-values, thresholds, and the realized
+false-alarm rate on fresh normal images of the built-in dataset."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import pedenet
+from pedenet.builtin import make_builtin_dataset, normal_crops
+from pedenet.calibration import Calibration, CalibrationWarning, calibrate, split_calibration
+
+
+def _cal(scores, fpr=0.1, pixels=None):
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    pixels = np.sort(np.asarray(scores if pixels is None else pixels, dtype=np.float32))
+    return Calibration(scores=scores, pixel_scores=pixels, target_fpr=fpr)
+
+
+def test_p_values_known_answers():
+    cal = _cal([1.0, 2.0, 3.0, 4.0])  # n = 4: p = (1 + #{s_i >= s}) / 5
+    p = cal.p_values([0.5, 1.0, 2.5, 4.0, 9.0])
+    np.testing.assert_allclose(p, [5 / 5, 5 / 5, 3 / 5, 2 / 5, 1 / 5])
+    assert cal.achievable_fpr == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("n", [9, 10, 19, 50, 99, 250])
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.1, 0.25])
+def test_threshold_equals_p_value_rule(n, fpr):
+    rng = np.random.default_rng(n)
+    cal = _cal(rng.normal(size=n), fpr)
+    new = np.concatenate([rng.normal(size=500) * 2, cal.scores])  # includes ties with s_i
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        t = cal.image_threshold()
+    if n + 1 >= 1 / fpr:  # reachable: the two rules agree exactly
+        np.testing.assert_array_equal(new > t, cal.p_values(new) <= fpr)
+    else:  # out of reach: flag above every held-out score
+        assert t == cal.scores.max()
+
+
+def test_unreachable_target_warns_and_reports_the_guaranteed_rate():
+    cal = _cal(np.arange(10.0), 0.01)  # 10 images: at best 1/11
+    with pytest.warns(CalibrationWarning, match="1/\\(n\\+1\\)"):
+        assert cal.image_threshold() == 9.0
+    s = cal.summary()
+    assert s["guaranteed_fpr"] == pytest.approx(1 / 11) and s["n_calibration"] == 10
+    assert _cal(np.arange(200.0), 0.01).summary()["guaranteed_fpr"] == 0.01
+
+
+def test_marginal_false_alarm_rate_matches_theory():
+    """Over random draws of exchangeable normal scores, P(p <= a) = floor(a (n+1)) / (n+1)."""
+    rng = np.random.default_rng(0)
+    n, fpr, trials = 19, 0.1, 20000
+    data = rng.gamma(2.0, size=(trials, n + 1))
+    hits = 0
+    for row in data:
+        hits += _cal(row[:n], fpr).p_values(row[n]) <= fpr
+    expected = math.floor(fpr * (n + 1)) / (n + 1)  # 0.1 exactly here
+    tol = 4 * math.sqrt(expected * (1 - expected) / trials)
+    assert abs(hits / trials - expected) < tol
+
+
+def test_pixel_threshold_is_upper_quantile():
+    pixels = np.arange(1000, dtype=np.float32)
+    cal = _cal([1.0, 2.0], 0.05, pixels=pixels)
+    t = cal.pixel_threshold()
+    assert np.mean(pixels > t) <= 0.05 and np.mean(pixels >= t) >= 0.05
+
+
+def test_calibrate_pools_maps_and_subsamples():
+    maps = [np.full((4, 5), float(i)) for i in range(6)]
+    maps[2][0, 0] = 100.0
+    cal = calibrate(maps, 0.2, max_pixels=50)
+    np.testing.assert_array_equal(cal.scores, [0, 1, 3, 4, 5, 100])
+    assert len(cal.pixel_scores) == 50 and np.all(np.diff(cal.pixel_scores) >= 0)
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate([np.array([[np.nan]])])
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate([])
+    with pytest.raises(ValueError, match="false-alarm"):
+        calibrate(maps, 1.5)
+
+
+def test_state_round_trip():
+    cal = _cal([3.0, 1.0, 2.0], 0.2)
+    back = Calibration.from_state_dict(cal.state_dict())
+    np.testing.assert_array_equal(back.scores, cal.scores)
+    assert back.target_fpr == 0.2
+    with pytest.raises(ValueError):
+        Calibration.from_state_dict({"scores": [], "pixel_scores": [1.0], "target_fpr": 0.1})
+
+
+def test_split_is_a_seeded_partition():
+    tr, ca = split_calibration(50, 0.2, seed=3)
+    assert len(ca) == 10 and sorted(np.concatenate([tr, ca]).tolist()) == list(range(50))
+    tr2, ca2 = split_calibration(50, 0.2, seed=3)
+    np.testing.assert_array_equal(ca, ca2)
+    assert not np.array_equal(ca, split_calibration(50, 0.2, seed=4)[1])
+    assert len(split_calibration(50, 0.0, 0)[1]) == 0
+    assert len(split_calibration(1, 0.5, 0)[0]) == 1  # one image: it trains
+    with pytest.raises(ValueError):
+        split_calibration(10, 1.0, 0)
+
+
+# ----------------------------------------------------------------- the built-in dataset
+
+
+@pytest.fixture(scope="module")
+def grass(tmp_path_factory):
+    root = make_builtin_dataset(tmp_path_factory.mktemp("builtin"), categories=("grass",), n_train=160,
+                                n_test_good=4, n_test_defect=4, size=160, seed=0)
+    return root / "grass"
+
+
+@pytest.fixture(scope="module")
+def calibrated(grass):
+    # untrained (steps 0) for speed: calibration does not depend on training
+    return pedenet.PEDENet(steps=0, image_size=128, calibration_fraction=0.5, target_fpr=0.1,
+                           seed=0).fit(grass / "train" / "good", progress=False)
+
+
+@pytest.mark.slow
+def test_realized_false_alarm_rate_on_fresh_normal_images(calibrated):
+    """The rate at which fresh normal images (drawn like train/good) are flagged is within
+    the binomial tolerance of the target: sd^2 = a(1-a)(1/(n+2) + 1/N), the spread of the
+    rate given one held-out set (a Beta law) plus the sampling of the N test images."""
+    n = calibrated.calibration.n
+    assert n == 80 and calibrated.history["n_train_images"] == 80
+    fresh = normal_crops("grass", 300, size=160, seed=11)
+    pred = calibrated.predict(fresh)
+    fpr = 0.1
+    realized = float(np.mean(pred.anomalous))
+    sd = math.sqrt(fpr * (1 - fpr) * (1 / (n + 2) + 1 / len(fresh)))
+    assert abs(realized - fpr) <= 3 * sd, (realized, sd)
+    # decisions, p-values and masks agree with each other
+    np.testing.assert_array_equal(pred.anomalous, pred.p_values <= fpr)
+    for m, a, amap in zip(pred.masks, pred.anomalous, pred.maps):
+        assert m.shape == amap.shape and m.dtype == bool
+        assert m.any() == bool(a)  # an anomalous image has its maximum above the pixel threshold
+    # a stricter target flags fewer images
+    assert np.sum(calibrated.predict(fresh, fpr=0.02).anomalous) <= np.sum(pred.anomalous)
+
+
+def test_calibrated_model_round_trip_and_uncalibrated(calibrated, grass, tmp_path):
+    path = tmp_path / "m.pt"
+    calibrated.save(path)
+    back = pedenet.load(path)
+    assert back.thresholds() == calibrated.thresholds()
+    images = sorted((grass / "test").rglob("*.png"))[:6]
+    a, b = calibrated.predict(images), back.predict(images)
+    np.testing.assert_array_equal(a.p_values, b.p_values)
+    np.testing.assert_array_equal(a.anomalous, b.anomalous)
+    held = calibrated.history["calibration_images"]
+    assert len(held) == 80 and not set(held) & {str(p) for p in images}
+    plain = pedenet.PEDENet(steps=0, image_size=64, calibration_fraction=0.0).fit(images, progress=False)
+    pred = plain.predict(images[:2])
+    assert plain.thresholds() is None and pred.p_values is None and pred.masks is None
+    assert pred.scores.shape == (2,)

@@ -1,0 +1,97 @@
+"""Calibrated decisions through the command line: fit, evaluate (realized rates, report),
+predict (p-values, decisions, masks), --verbose."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pedenet.builtin import make_builtin_dataset
+from pedenet.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True, terminal_width=200)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_builtin_dataset(tmp_path_factory.mktemp("thr") / "ds", categories=("brick",),
+                                n_train=40, n_test_good=6, n_test_defect=3, size=96) / "brick"
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "brick"
+    r = run("fit", dataset, "--out", out, "--steps", "0", "--image-size", "96",
+            "--calibration-fraction", "0.5", "--target-fpr", "0.1", "--verbose")
+    assert r.exit_code == 0, r.output
+    assert "config:" in r.output and "stage timings" in r.output  # --verbose details
+    assert "thresholds from 20 held-out normal images" in r.output
+    return out
+
+
+def test_fit_records_thresholds(run_dir):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    th = cfg["thresholds"]
+    assert cfg["n_calibration_images"] == 20 and th["n_calibration"] == 20
+    assert th["target_fpr"] == 0.1 and th["pixel_threshold"] < th["image_threshold"]
+    hist = json.loads((run_dir / "history.json").read_text())
+    assert len(hist["calibration_images"]) == 20 and hist["n_train_images"] == 20
+
+
+def test_evaluate_reports_realized_rates_and_writes_report(run_dir):
+    r = run("evaluate", run_dir, "--no-overlays", "--report", "--verbose")
+    assert r.exit_code == 0, r.output
+    m = json.loads((run_dir / "metrics.json").read_text())
+    images = m["images"]
+    th, real = m["thresholds"], m["realized"]
+    flagged = np.array([e["anomalous"] for e in images])
+    labels = np.array([e["label"] for e in images])
+    scores = np.array([e["score"] for e in images])
+    np.testing.assert_array_equal(flagged, scores > th["image_threshold"])
+    assert real["n_normal"] == 6 and real["n_anomalous"] == 9
+    assert real["false_alarm_rate"] == pytest.approx(flagged[labels == 0].mean())
+    assert real["miss_rate"] == pytest.approx(1 - flagged[labels == 1].mean())
+    lo, hi = real["false_alarm_rate_ci"]
+    assert lo <= real["false_alarm_rate"] <= hi
+    assert f"misses {real['miss_rate']:.3f} of 9 anomalous images" in r.output
+    assert sum("p-value" in line for line in r.output.splitlines()) == 15  # one per image
+    html = (run_dir / "report.html").read_text()
+    assert "<html" in html.lower() and "http://" not in html and "https://" not in html
+    # a stricter target can only flag fewer images
+    r2 = run("evaluate", run_dir, "--no-overlays", "--fpr", "0.05", "--overwrite", "--quiet")
+    assert r2.exit_code == 0, r2.output
+    m2 = json.loads((run_dir / "metrics.json").read_text())
+    assert m2["thresholds"]["target_fpr"] == 0.05
+    assert m2["thresholds"]["image_threshold"] >= th["image_threshold"]
+
+
+def test_predict_writes_p_values_decisions_and_masks(run_dir, dataset, tmp_path):
+    out = tmp_path / "pred"
+    inputs = [dataset / "test" / "good", dataset / "test" / "spot"]
+    r = run("predict", run_dir, *inputs, "--out", out, "--report", "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 9
+    th = json.loads((run_dir / "config.json").read_text())["thresholds"]
+    for row in rows:
+        score, p, flag = float(row["score"]), float(row["p_value"]), row["anomalous"] == "1"
+        assert flag == (score > th["image_threshold"])
+        assert 1 / 21 <= p <= 1
+        mask = np.asarray(Image.open(out / f"{row['name']}_mask.png"))
+        amap = np.load(out / f"{row['name']}_map.npy")
+        assert mask.shape == amap.shape and set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask > 0, (amap > th["pixel_threshold"]) & flag)
+    assert (out / "report.html").is_file()
+
+
+def test_verbose_and_quiet_conflict(run_dir, tmp_path):
+    r = run("evaluate", run_dir, "--quiet", "--verbose", "--overwrite")
+    assert r.exit_code == 2 and "contradict" in r.output
