@@ -20,8 +20,9 @@ k-th smallest held-out score with k = ceil((n + 1)(1 - alpha)). With fewer than
 1 / alpha - 1 held-out images no k <= n exists; the threshold is then the largest held-out score
 and the guaranteed rate is 1 / (n + 1) (``achievable_fpr``), with a warning.
 
-The pixel threshold is the (1 - alpha) quantile of the pooled pixel scores of the held-out maps:
-about a fraction alpha of normal pixels exceed it. Pixels within an image are correlated, so
+The pixel threshold is the (1 - beta) quantile of the pooled pixel scores of the held-out maps,
+beta = ``pixel_fpr`` (default 0.01, separate from alpha): about a fraction beta of normal pixels
+exceed it. Pixels within an image are correlated, so
 this is an estimate, not a distribution-free guarantee. Defect masks mark the pixels above it in
 images flagged at the image threshold, so an image that passes has an empty mask.
 """
@@ -80,11 +81,13 @@ class Calibration:
         pixel_scores: float32 (m,), a random subsample (m <= ``MAX_PIXEL_SAMPLES``) of the
             pooled pixel scores of their anomaly maps, sorted ascending.
         target_fpr: default target false-alarm rate alpha (fraction of normal images flagged).
+        pixel_fpr: default fraction beta of normal pixels above the pixel threshold.
     """
 
     scores: np.ndarray
     pixel_scores: np.ndarray
     target_fpr: float = 0.01
+    pixel_fpr: float = 0.01
 
     @property
     def n(self) -> int:
@@ -123,28 +126,32 @@ class Calibration:
             k = self.n
         return float(self.scores[k - 1])
 
-    def pixel_threshold(self, fpr: float | None = None) -> float:
-        """Pixel score above which a pixel is marked defective: the (1 - fpr) quantile
-        (``numpy.quantile``, method "higher") of the held-out pixel scores."""
-        fpr = _check_fpr(self.target_fpr if fpr is None else fpr)
+    def pixel_threshold(self, pixel_fpr: float | None = None) -> float:
+        """Pixel score above which a pixel is marked defective: the (1 - pixel_fpr) quantile
+        (``numpy.quantile``, method "higher") of the held-out pixel scores (default
+        ``self.pixel_fpr``)."""
+        fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr)
         return float(np.quantile(self.pixel_scores, 1.0 - fpr, method="higher"))
 
-    def summary(self, fpr: float | None = None) -> dict:
-        """JSON-ready thresholds for ``fpr`` (default ``target_fpr``): target_fpr,
-        image_threshold, pixel_threshold, n_calibration, achievable_fpr."""
+    def summary(self, fpr: float | None = None, pixel_fpr: float | None = None) -> dict:
+        """JSON-ready thresholds for ``fpr`` and ``pixel_fpr`` (defaults ``target_fpr``,
+        ``pixel_fpr``): target_fpr, image_threshold, pixel_fpr, pixel_threshold,
+        n_calibration, achievable_fpr, guaranteed_fpr."""
         fpr = _check_fpr(self.target_fpr if fpr is None else fpr)
+        pixel_fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             image_t = self.image_threshold(fpr)
         return {"target_fpr": fpr, "image_threshold": image_t,
-                "pixel_threshold": self.pixel_threshold(fpr), "n_calibration": self.n,
+                "pixel_fpr": pixel_fpr, "pixel_threshold": self.pixel_threshold(pixel_fpr),
+                "n_calibration": self.n,
                 "achievable_fpr": self.achievable_fpr,
                 "guaranteed_fpr": max(fpr, self.achievable_fpr)}
 
     def state_dict(self) -> dict:
         """Plain content for a checkpoint (numpy arrays and a float)."""
         return {"scores": self.scores.astype(np.float64), "pixel_scores": self.pixel_scores.astype(np.float32),
-                "target_fpr": float(self.target_fpr)}
+                "target_fpr": float(self.target_fpr), "pixel_fpr": float(self.pixel_fpr)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Calibration":
@@ -155,24 +162,26 @@ class Calibration:
             raise ValueError("calibration scores must be non-empty 1-D arrays")
         if not (np.isfinite(scores).all() and np.isfinite(pixels).all()):
             raise ValueError("calibration scores contain NaN or Inf")
-        return cls(scores=scores, pixel_scores=pixels, target_fpr=_check_fpr(float(state["target_fpr"])))
+        return cls(scores=scores, pixel_scores=pixels, target_fpr=_check_fpr(float(state["target_fpr"])),
+                   pixel_fpr=_check_fpr(float(state.get("pixel_fpr", 0.01))))
 
 
 def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
-              max_pixels: int = MAX_PIXEL_SAMPLES) -> Calibration:
+              max_pixels: int = MAX_PIXEL_SAMPLES, pixel_fpr: float = 0.01) -> Calibration:
     """Build a :class:`Calibration` from the anomaly maps of held-out normal images.
 
     Args:
         maps: iterable of float H_i×W_i anomaly maps (energy units) of normal images that were
             not used for training. Image score = map maximum (as ``PEDENet.predict``).
-        target_fpr: default target false-alarm rate, in (0, 1).
+        target_fpr: default target false-alarm rate of images, in (0, 1).
+        pixel_fpr: default fraction of normal pixels above the pixel threshold, in (0, 1).
         seed: seed of the pixel subsample.
         max_pixels: pixel scores kept (uniform subsample over all pixels).
 
     Raises:
         ValueError: no maps, a map with NaN/Inf, or ``target_fpr`` outside (0, 1).
     """
-    target_fpr = _check_fpr(target_fpr)
+    target_fpr, pixel_fpr = _check_fpr(target_fpr), _check_fpr(pixel_fpr)
     maps = [np.asarray(m, dtype=np.float32) for m in maps]
     if not maps:
         raise ValueError("calibration needs at least one held-out normal image")
@@ -183,4 +192,5 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
     if len(pixels) > max_pixels:
         rng = np.random.default_rng([int(seed), 104729])
         pixels = pixels[rng.choice(len(pixels), size=max_pixels, replace=False)]
-    return Calibration(scores=scores, pixel_scores=np.sort(pixels), target_fpr=target_fpr)
+    return Calibration(scores=scores, pixel_scores=np.sort(pixels), target_fpr=target_fpr,
+                       pixel_fpr=pixel_fpr)

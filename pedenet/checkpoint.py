@@ -24,15 +24,24 @@ class CheckpointError(ValueError):
     """A file that is not a valid, compatible pedenet checkpoint."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename.
 
     A reader never sees a half-written ``path``: it either holds the old or the new content.
+    The file gets the usual permissions of a new file (0o666 minus the umask), not the
+    owner-only ones of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

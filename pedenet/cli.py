@@ -21,6 +21,7 @@ import contextlib
 import csv
 import datetime as _dt
 import functools
+import heapq
 import io
 import json
 import os
@@ -51,6 +52,8 @@ DEMO_STEPS = 300
 """Default ``--steps`` of ``pedenet demo``: sized so that the three built-in categories (fit,
 evaluation and overlays) finish in well under 10 minutes on 2 CPU cores."""
 DEMO_CATEGORIES = "brick,grass,gravel"
+REPORT_GALLERY = 60
+"""Images shown in the gallery of an HTML report."""
 DEMO_TARGET_FPR = 0.1
 """Target false-alarm rate of ``pedenet demo``: its 60 normal images per category leave 12 for
 calibration, which can guarantee at best 1/13 ≈ 0.077 (the library default 0.01 needs 99)."""
@@ -150,8 +153,8 @@ def _thresholds_line(th: dict | None) -> str:
     if not th:
         return "no thresholds (fitted with --calibration-fraction 0): scores only"
     line = (f"thresholds from {th['n_calibration']} held-out normal images: target false-alarm rate "
-            f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}, "
-            f"pixel threshold {th['pixel_threshold']:.4g}")
+            f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}; "
+            f"pixel threshold {th['pixel_threshold']:.4g} (about {th['pixel_fpr']:g} of normal pixels above)")
     if th["guaranteed_fpr"] > th["target_fpr"]:
         line += f" (guaranteed only {th['guaranteed_fpr']:.3g}: too few held-out images)"
     return line
@@ -406,7 +409,7 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
 def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, overlays: bool,
                   device: str, quiet: bool, overwrite: bool = True,
                   skip_bad_files: bool = False, fpr: float | None = None,
-                  report: bool = False) -> dict:
+                  pixel_fpr: float | None = None, report: bool = False) -> dict:
     """Evaluate the run's model, write metrics.json (and overlays, report.html); return the result.
 
     Without ``overwrite``, existing results (metrics.json, overlays/, report.html) are not replaced.
@@ -427,7 +430,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
     model = _load_model(model_path, device)
     _debug(f"model {model_path}; test data {cat_dir}")
     result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
-                            skip_bad_files=skip_bad_files, fpr=fpr)
+                            skip_bad_files=skip_bad_files, fpr=fpr, pixel_fpr=pixel_fpr)
     for entry in result["images"]:
         _debug(f"{entry['path']}: score {entry['score']:.4g}"
                + (f", p-value {entry['p_value']:.3g}, {'ANOMALOUS' if entry['anomalous'] else 'normal'}"
@@ -523,6 +526,9 @@ def main(ctx: click.Context) -> None:
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=DEFAULTS.target_fpr, show_default=True,
               help="Default target false-alarm rate: the fraction of normal images that may be flagged.")
+@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEFAULTS.pixel_fpr, show_default=True,
+              help="Default fraction of normal pixels above the pixel threshold (defect masks).")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
@@ -531,7 +537,7 @@ def main(ctx: click.Context) -> None:
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
         n_components, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
-        calibration_fraction, target_fpr, skip_bad_files, quiet, verbose):
+        calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/) or a dataset root with --category.
@@ -542,7 +548,8 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
                   embedding_dim=embedding_dim, n_components=n_components, patch_size=patch_size,
                   batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
-                  calibration_fraction=calibration_fraction, target_fpr=target_fpr)
+                  calibration_fraction=calibration_fraction, target_fpr=target_fpr,
+                  pixel_fpr=pixel_fpr)
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
              resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
 
@@ -564,6 +571,8 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
               "instead of stopping.")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
+@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of normal pixels above the pixel threshold [default: the model's].")
 @click.option("--report", is_flag=True, default=False, show_default=True,
               help="Write RUN_DIR/report.html: metrics, ROC and PRO curves, score histograms, "
               "a gallery of the worst errors (self-contained, opens offline).")
@@ -571,8 +580,8 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
               help="No progress bars or messages (the table is still printed).")
 @_verbose_option
 @_user_errors
-def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_files, fpr, report,
-             quiet, verbose):
+def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_files, fpr, pixel_fpr,
+             report, quiet, verbose):
     """Evaluate RUN_DIR's model on the test split; write RUN_DIR/metrics.json.
 
     Every test image and mask is checked first. Undefined metrics (e.g. no defective test
@@ -584,7 +593,7 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
     _set_verbose(verbose, quiet)
     result = _evaluate_run(run_dir, data, category, overlays=overlays, device=device, quiet=quiet,
                            overwrite=overwrite, skip_bad_files=skip_bad_files, fpr=fpr,
-                           report=report)
+                           pixel_fpr=pixel_fpr, report=report)
     click.echo(f"{result['category']}  ({result['n_images']} test images, "
                f"{result['seconds_per_image']:.3f} s/image)")
     click.echo(format_table(result), nl=False)
@@ -599,6 +608,8 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               show_default=True, help="File format of the raw float32 anomaly maps.")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
+@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of normal pixels above the pixel threshold [default: the model's].")
 @click.option("--report", is_flag=True, default=False, show_default=True,
               help="Write OUT/report.html: scores, histogram with the threshold, gallery "
               "(self-contained, opens offline).")
@@ -612,8 +623,8 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               help="No progress bars or messages.")
 @_verbose_option
 @_user_errors
-def predict(run_dir, inputs, out_dir, fmt, fpr, report, device, overwrite, skip_bad_files, quiet,
-            verbose):
+def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, device, overwrite, skip_bad_files,
+            quiet, verbose):
     """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
@@ -646,11 +657,11 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, report, device, overwrite, skip_
     if cal is not None:
         if fpr is not None:
             cal.image_threshold(fpr)  # warns when the target is out of reach
-        th = model.thresholds(fpr)
+        th = model.thresholds(fpr, pixel_fpr)
     _info(quiet, _thresholds_line(th))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
-    rows, kept_maps = [], []
+    rows, kept_maps, top = [], [], []
     results = model.iter_predict(images)
     for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
         path, name = images[i], names[i]
@@ -675,8 +686,12 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, report, device, overwrite, skip_
                                              f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
                                              if th is not None else ""))
         rows.append(row)
-        if report:
-            kept_maps.append(amap)
+        if report:  # keep only the maps the gallery can show: memory stays bounded
+            kept_maps.append(None)
+            heapq.heappush(top, (float(score), -i, i))
+            kept_maps[i] = amap
+            if len(top) > REPORT_GALLERY:
+                kept_maps[heapq.heappop(top)[2]] = None
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score", "p_value", "anomalous", "name"])
@@ -689,7 +704,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, report, device, overwrite, skip_
         from .report import write_prediction_report
 
         path = write_prediction_report(out_dir / "report.html", rows, kept_maps,
-                                       color_range=(vmin, vmax), thresholds=th)
+                                       color_range=(vmin, vmax), thresholds=th,
+                                       max_gallery=REPORT_GALLERY)
         _info(quiet, f"report -> {path}")
     flagged = sum(bool(r["anomalous"]) for r in rows)
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"

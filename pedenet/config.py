@@ -59,6 +59,8 @@ class PEDENetConfig:
             p-values or decisions, all images train).
         target_fpr: default target false-alarm rate: the fraction of normal images that may
             be flagged (``predict`` can use another).
+        pixel_fpr: default fraction of normal pixels above the pixel threshold that draws the
+            defect masks (an estimate, not a guarantee).
     """
 
     encoder: str = "pretrained"
@@ -82,12 +84,14 @@ class PEDENetConfig:
     seed: int = 0
     calibration_fraction: float = 0.2
     target_fpr: float = 0.01
+    pixel_fpr: float = 0.01
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.calibration_fraction) < 1.0:
             raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
-        if not 0.0 < float(self.target_fpr) < 1.0:
-            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        for name in ("target_fpr", "pixel_fpr"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder == "scratch" and self.patch_size not in (32, 64):

@@ -220,7 +220,8 @@ class PEDENet:
             t0 = time.perf_counter()
             maps = [m for _, m, _ in tqdm(self.iter_predict(cal_items), total=len(cal_items),
                                           desc="calibrating", unit="img", disable=not progress)]
-            self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed)
+            self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
+                                         pixel_fpr=self.config.pixel_fpr)
             self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
             history.timings["calibration_seconds"] = time.perf_counter() - t0
         self.history = history.to_dict()
@@ -275,22 +276,26 @@ class PEDENet:
         self._require_fitted()
         return iter_predict(self, images, batch_size=batch_size, max_tile=max_tile)
 
-    def thresholds(self, fpr: float | None = None) -> dict | None:
-        """Calibrated thresholds for a target false-alarm rate ``fpr`` (default
-        ``config.target_fpr``): a dict with target_fpr, image_threshold, pixel_threshold
-        (energy units), n_calibration, achievable_fpr and guaranteed_fpr; None when the model
-        has no calibration. Raises ValueError for ``fpr`` outside (0, 1)."""
+    def thresholds(self, fpr: float | None = None, pixel_fpr: float | None = None) -> dict | None:
+        """Calibrated thresholds for a target false-alarm rate of images ``fpr`` and of pixels
+        ``pixel_fpr`` (defaults ``config.target_fpr``, ``config.pixel_fpr``): a dict with
+        target_fpr, image_threshold, pixel_fpr, pixel_threshold (thresholds in energy units),
+        n_calibration, achievable_fpr and guaranteed_fpr; None when the model has no
+        calibration. Raises ValueError for rates outside (0, 1)."""
         if self.calibration is None:
             return None
-        return self.calibration.summary(self.config.target_fpr if fpr is None else fpr)
+        return self.calibration.summary(self.config.target_fpr if fpr is None else fpr,
+                                        self.config.pixel_fpr if pixel_fpr is None else pixel_fpr)
 
     def predict(self, images, progress: bool = False, batch_size: int = 16,
-                max_tile: int | None = 1024, fpr: float | None = None) -> Predictions:
+                max_tile: int | None = 1024, fpr: float | None = None,
+                pixel_fpr: float | None = None) -> Predictions:
         """Anomaly maps, image scores, p-values, decisions and defect masks.
 
         Images are batched and streamed (see :meth:`iter_predict`). ``fpr`` is the target
         false-alarm rate of the decisions (default ``config.target_fpr``); a CalibrationWarning
-        says when the held-out images are too few to guarantee it.
+        says when the held-out images are too few to guarantee it. ``pixel_fpr`` (default
+        ``config.pixel_fpr``) sets the pixel threshold of the masks.
 
         Returns:
             :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units),
@@ -308,7 +313,7 @@ class PEDENet:
             return Predictions(maps=maps, scores=scores)
         if fpr is not None:  # a new target: warn if out of reach (fit warned for the default)
             self.calibration.image_threshold(fpr, stacklevel=3)
-        th = self.thresholds(fpr)
+        th = self.thresholds(fpr, pixel_fpr)
         image_t = th["image_threshold"]
         anomalous = scores > image_t
         masks = [(m > th["pixel_threshold"]) & bool(a) for m, a in zip(maps, anomalous)]

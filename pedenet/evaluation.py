@@ -138,7 +138,8 @@ def realized_rates(flagged: np.ndarray, labels: np.ndarray, maps: list, masks: l
 
 
 def evaluate(model, data, category: str | None = None, progress: bool = True,
-             return_maps: bool = False, skip_bad_files: bool = False, fpr: float | None = None):
+             return_maps: bool = False, skip_bad_files: bool = False, fpr: float | None = None,
+             pixel_fpr: float | None = None):
     """Score every test image of a category and compute the metrics.
 
     Args:
@@ -151,8 +152,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         return_maps: also return the anomaly maps.
         skip_bad_files: leave out (with a :class:`pedenet.data.SkippedFileWarning` each) test
             images whose image or mask is unusable, instead of raising.
-        fpr: target false-alarm rate of the decisions of a calibrated model (default: the
-            model's ``config.target_fpr``).
+        fpr, pixel_fpr: target false-alarm rates of images and pixels for the decisions of a
+            calibrated model (default: the model's ``config.target_fpr`` and ``pixel_fpr``).
 
     Every test image and mask is checked before scoring starts
     (:func:`pedenet.data.check_images`: fully decoded, mask size equal to image size,
@@ -256,7 +257,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
             for s, sc in zip(samples, scores)
         ],
     }
-    thresholds = model.thresholds(fpr) if getattr(model, "calibration", None) is not None else None
+    thresholds = (model.thresholds(fpr, pixel_fpr) if getattr(model, "calibration", None) is not None
+                  else None)
     if thresholds is not None:
         p_values = model.calibration.p_values(scores)
         flagged = scores > thresholds["image_threshold"]

@@ -112,10 +112,13 @@ def _thumbnail(path, amap: np.ndarray, mask: np.ndarray | None, color_range,
 
 
 def _gallery(cards: list[tuple], color_range, pixel_threshold, legend: str) -> str:
-    """Cards from ``(path, map, mask, lines, wrong)`` tuples; ``lines``: (label, text) pairs."""
+    """Cards from ``(path, map, mask, lines, wrong, flagged)`` tuples; ``lines``: (label, text)
+    pairs. The predicted contour is drawn on flagged images only, like the masks ``predict``
+    writes (an image that passes has an empty mask)."""
     out = []
-    for path, amap, mask, lines, wrong in cards:
-        uri = _png_uri(_thumbnail(path, amap, mask, color_range, pixel_threshold))
+    for path, amap, mask, lines, wrong, flagged in cards:
+        uri = _png_uri(_thumbnail(path, amap, mask, color_range,
+                                  pixel_threshold if flagged else None))
         name = html.escape(Path(path).name)
         info = "".join(f"<br>{html.escape(k)}: {html.escape(v)}" for k, v in lines)
         out.append(f'<div class="card{" wrong" if wrong else ""}"><img alt="{name}" src="{uri}">'
@@ -124,7 +127,7 @@ def _gallery(cards: list[tuple], color_range, pixel_threshold, legend: str) -> s
     scale = "min to max of each image" if lo is None or hi is None else f"{lo:.4g} to {hi:.4g}"
     legend = f"heatmap: blue to red = energy {scale}{legend}"
     if pixel_threshold is not None:
-        legend += "; cyan contour: predicted (map > pixel threshold)"
+        legend += "; cyan contour: predicted defect (map > pixel threshold, flagged images)"
     return f'{_note(legend)}<div class="gallery">{"".join(out)}</div>'
 
 
@@ -246,6 +249,7 @@ _THRESHOLD_ROWS = (("target false-alarm rate", "target_fpr", ".4f"),
                    ("achievable false-alarm rate", "achievable_fpr", ".4f"),
                    ("guaranteed false-alarm rate", "guaranteed_fpr", ".4f"),
                    ("image threshold", "image_threshold", ".6g"),
+                   ("target pixel false-alarm rate (masks)", "pixel_fpr", ".4f"),
                    ("pixel threshold", "pixel_threshold", ".6g"),
                    ("calibration images", "n_calibration", "d"))
 
@@ -326,7 +330,8 @@ def write_evaluation_report(path, result: dict, maps: list[np.ndarray], *,
     decided = [d.get("anomalous") for d in images]
     cards = [(images[i]["path"], maps[i], masks[i],
               [("defect", str(images[i].get("defect")))] + _decision(images[i]),
-              decided[i] is not None and bool(decided[i]) != bool(labels[i])) for i in order]
+              decided[i] is not None and bool(decided[i]) != bool(labels[i]),
+              bool(decided[i])) for i in order]
     s.append(f"<h2>Gallery: {len(order)} of {len(images)} images, worst first</h2>")
     legend = "; white contour: ground truth" + ("; red frame: wrong decision" if th else "")
     s.append(_gallery(cards, color_range, th["pixel_threshold"] if th else None, legend))
@@ -342,7 +347,9 @@ def write_prediction_report(path, rows: list[dict], maps: list[np.ndarray], *,
     Args:
         rows: one dict per image: ``path``, ``score`` (energy), ``p_value`` (float or None),
             ``anomalous`` (bool or None).
-        maps: ``maps[i]`` = float32 H×W anomaly map of ``rows[i]``.
+        maps: ``maps[i]`` = float32 H×W anomaly map of ``rows[i]``; None is allowed for
+            images that do not reach the gallery (the ``max_gallery`` highest scores), so a
+            caller need not keep every map in memory.
         thresholds: calibrated thresholds (see :func:`write_evaluation_report`) or ``None``
             (no threshold line, no predicted contour).
         color_range, title, max_gallery: as for :func:`write_evaluation_report`.
@@ -365,7 +372,7 @@ def write_prediction_report(path, rows: list[dict], maps: list[np.ndarray], *,
                  [[str(k + 1), Path(rows[i]["path"]).name, _fmt(scores[i], ".6g"),
                    _fmt(rows[i].get("p_value"), ".3g"), _word(rows[i].get("anomalous"))]
                   for k, i in enumerate(order)])]
-    cards = [(rows[i]["path"], maps[i], None, _decision(rows[i]), False)
+    cards = [(rows[i]["path"], maps[i], None, _decision(rows[i]), False, bool(rows[i].get("anomalous")))
              for i in order[:max(0, max_gallery)]]
     s.append(f"<h2>Gallery: {len(cards)} of {len(rows)} images, most anomalous first</h2>")
     s.append(_gallery(cards, color_range, th["pixel_threshold"] if th else None, ""))

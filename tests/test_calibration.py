@@ -64,9 +64,11 @@ def test_marginal_false_alarm_rate_matches_theory():
 
 def test_pixel_threshold_is_upper_quantile():
     pixels = np.arange(1000, dtype=np.float32)
-    cal = _cal([1.0, 2.0], 0.05, pixels=pixels)
-    t = cal.pixel_threshold()
-    assert np.mean(pixels > t) <= 0.05 and np.mean(pixels >= t) >= 0.05
+    cal = _cal([1.0, 2.0], 0.3, pixels=pixels)  # the image target does not set the pixel one
+    for beta in (0.05, 0.01):
+        t = cal.pixel_threshold(beta)
+        assert np.mean(pixels > t) <= beta and np.mean(pixels >= t) >= beta
+    assert cal.pixel_threshold() == cal.pixel_threshold(0.01) == cal.summary()["pixel_threshold"]
 
 
 def test_calibrate_pools_maps_and_subsamples():

@@ -244,9 +244,15 @@ def test_prediction_report_sorted_by_score(tmp_path):
     assert "Gallery: 5 of 6 images" in text
     imgs = dict(cards)
     assert imgs["wide.png"].size == (THUMB_SIDE, THUMB_SIDE // 2)  # downscaled, aspect kept
-    assert _has_color(imgs["wide.png"], PRED_COLOR) and _has_color(imgs["a.png"], PRED_COLOR)
-    assert not _has_color(imgs["edge.png"], PRED_COLOR)
+    assert _has_color(imgs["wide.png"], PRED_COLOR) and _has_color(imgs["d.png"], PRED_COLOR)
+    # a.png lies above the pixel threshold but passes (3.0 < 4): no contour, like its empty mask
+    assert not _has_color(imgs["a.png"], PRED_COLOR)
     assert not _has_color(imgs["b.png"], (255, 255, 255))  # no ground truth here
+    # maps outside the gallery may be None (the CLI keeps only the gallery's maps)
+    maps[2] = None  # c.png, the lowest score
+    text2 = write_prediction_report(tmp_path / "p2.html", rows, maps, thresholds=THRESHOLDS,
+                                    max_gallery=5).read_text()
+    assert [n for n, _ in _cards(text2)] == ["b.png", "wide.png", "d.png", "a.png", "edge.png"]
 
 
 def test_prediction_report_uncalibrated(tmp_path):

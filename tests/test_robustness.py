@@ -643,3 +643,17 @@ def test_seeds_finite_and_reproducible(dataset):
             assert result["overall"] == results[seed]["overall"]
             assert [e["score"] for e in result["images"]] == [e["score"] for e in results[seed]["images"]]
         results[seed] = result
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    """Outputs (reports, maps, models) are readable like any new file, not owner-only."""
+    import os
+
+    from pedenet.checkpoint import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "r.html", lambda fh: fh.write(b"x"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o644
