@@ -613,6 +613,9 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
 @click.option("--report", is_flag=True, default=False, show_default=True,
               help="Write OUT/report.html: scores, histogram with the threshold, gallery "
               "(self-contained, opens offline).")
+@click.option("--clusters", is_flag=True, default=False, show_default=True,
+              help="Also write <stem>_clusters.png: the most likely mixture component of each "
+              "region (which normal pattern it resembles), legend strip at the bottom.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Write into an --out folder that is not empty (files of the same name are "
@@ -623,8 +626,8 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               help="No progress bars or messages.")
 @_verbose_option
 @_user_errors
-def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, device, overwrite, skip_bad_files,
-            quiet, verbose):
+def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, device, overwrite,
+            skip_bad_files, quiet, verbose):
     """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
@@ -634,7 +637,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, device, overw
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only.
     """
-    from .visualization import color_range, heatmap_overlay, save_png
+    from .visualization import cluster_overlay, color_range, heatmap_overlay, save_png
 
     _set_verbose(verbose, quiet)
     out_dir = Path(out_dir)
@@ -674,6 +677,10 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, device, overw
             mask = (amap > th["pixel_threshold"]) & row["anomalous"]
             save_png(out_dir / f"{name}_mask.png", mask.astype(np.uint8) * 255)
         save_png(out_dir / f"{name}_overlay.png", heatmap_overlay(image, amap, lo, hi))
+        if clusters:
+            labels, _ = model.cluster_map(image)
+            save_png(out_dir / f"{name}_clusters.png",
+                     cluster_overlay(image, labels, model.config.n_components))
         if fmt == "npy":
             atomic_write_bytes(out_dir / f"{name}_map.npy", lambda fh: np.save(fh, amap))
         else:

@@ -257,6 +257,37 @@ class PEDENet:
         return grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=tuple(x.shape[-2:]),
                            original_size=arr.shape[:2], sigma=self.config.smoothing_sigma)
 
+    @torch.inference_mode()
+    def cluster_map(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """Which normal pattern each region resembles: the most likely mixture component per patch.
+
+        For every patch embedding z the component k maximizing the responsibility
+        γ_k(z) = φ_k N(z|μ_k,Σ_k) / Σ_j φ_j N(z|μ_j,Σ_j) (DAGMM / PEDENet membership, the
+        posterior of the fitted mixture), spread to the pixels nearest to each patch centre.
+
+        Args:
+            image: path, PIL image or array (see :func:`as_rgb_array`).
+
+        Returns:
+            ``(labels, confidence)``: int64 H×W component indices in [0, K) and float32 H×W
+            responsibility of that component (0..1), at the image's own resolution (pixels).
+            Raises RuntimeError if the model is not fitted.
+        """
+        from .scoring import nearest_cells
+
+        net = self._require_fitted()
+        arr = check_side(as_rgb_array(image), self.min_image_side, image)
+        x = to_tensor(arr, self.config.image_size).to(self.device)
+        emb = net.embed(x)[0]  # D×h×w
+        d, gh, gw = emb.shape
+        gamma = net.mixture.responsibilities(emb.permute(1, 2, 0).reshape(-1, d))
+        conf, lab = gamma.max(dim=1)
+        lab, conf = lab.reshape(gh, gw).cpu().numpy(), conf.reshape(gh, gw).float().cpu().numpy()
+        (hp, wp), (h, w) = tuple(x.shape[-2:]), arr.shape[:2]
+        rows = nearest_cells(h, hp, gh, net.stride, net.offset)
+        cols = nearest_cells(w, wp, gw, net.stride, net.offset)
+        return lab[np.ix_(rows, cols)].astype(np.int64), conf[np.ix_(rows, cols)]
+
     def iter_predict(self, images, batch_size: int = 16, max_tile: int | None = 1024):
         """Stream ``(index, map, score)`` for each image, in input order (a generator).
 

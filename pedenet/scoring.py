@@ -30,6 +30,13 @@ def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
     return x.contiguous()
 
 
+def nearest_cells(n_out: int, n_processed: int, n_grid: int, stride: float, offset: float) -> np.ndarray:
+    """Index (int64, length ``n_out``) of the grid cell whose centre is nearest to each output
+    pixel along one axis, with the geometry of :func:`grid_to_map` (clamped at the borders)."""
+    centres = (np.arange(n_out) + 0.5) * (n_processed / n_out)  # in processed pixels
+    return np.clip(np.rint((centres - offset) / stride), 0, n_grid - 1).astype(np.int64)
+
+
 def _interp_matrix(n_out: int, n_processed: int, n_grid: int, stride: float, offset: float) -> np.ndarray:
     """n_out×n_grid weights of linear interpolation from grid cells to output pixel centres."""
     centres = (np.arange(n_out) + 0.5) * (n_processed / n_out)  # in processed pixels

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CONTOUR_COLOR", "HEADROOM", "color_range", "heatmap_overlay", "save_png"]
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "cluster_overlay", "color_range", "heatmap_overlay", "save_png"]
 
 CONTOUR_COLOR = (255, 255, 255)
 """RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
@@ -152,3 +152,38 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
+                    alpha: float = 0.45) -> np.ndarray:
+    """Mixture component of each region (:meth:`pedenet.PEDENet.cluster_map`) as colours over
+    the image, with a legend strip along the bottom (one swatch per component, left to right
+    = component 0, 1, ...).
+
+    Args:
+        image: H×W×3 float32 in [0, 1] (or uint8 / H×W grayscale).
+        labels: int H×W component indices in [0, n_components).
+        n_components: K; colours from matplotlib's "tab10" (K <= 10) or "tab20".
+        alpha: weight of the colours, 0..1.
+
+    Returns:
+        uint8 (H + legend)×W×3 RGB array; the legend strip is max(8, H // 20) pixels high.
+        Raises ValueError for a shape mismatch or labels outside [0, n_components).
+    """
+    from matplotlib import colormaps
+
+    img = _as_rgb_float(image)
+    labels = np.asarray(labels)
+    if labels.shape != img.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} differs from the image shape {img.shape[:2]}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_components):
+        raise ValueError(f"labels must lie in [0, {n_components}); got [{labels.min()}, {labels.max()}]")
+    cmap = colormaps["tab10" if n_components <= 10 else "tab20"]
+    palette = np.array([cmap(k % cmap.N)[:3] for k in range(n_components)], dtype=np.float32)
+    out = (1 - alpha) * img + alpha * palette[labels]
+    h, w = labels.shape
+    strip = np.zeros((max(8, h // 20), w, 3), dtype=np.float32)
+    edges = np.linspace(0, w, n_components + 1).astype(int)
+    for k in range(n_components):
+        strip[:, edges[k]:edges[k + 1]] = palette[k]
+    return np.clip(np.rint(np.concatenate([out, strip]) * 255), 0, 255).astype(np.uint8)

@@ -1,0 +1,81 @@
+"""Explanation map: the most likely mixture component per region (PEDENet.cluster_map)."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data as skdata
+
+import pedenet
+from pedenet.cli import main
+from pedenet.visualization import cluster_overlay
+
+
+def _two_textures(rng, n, size=96):
+    """Left half brick, right half a flat mid-grey with faint noise: two obviously different patterns."""
+    brick = skdata.brick()
+    out = []
+    for _ in range(n):
+        r, c = rng.integers(0, 512 - size, size=2)
+        img = np.full((size, size), 128, dtype=np.uint8)
+        img[:, : size // 2] = brick[r:r + size, c:c + size // 2]
+        img[:, size // 2:] = np.clip(128 + rng.normal(0, 2, (size, size - size // 2)), 0, 255).astype(np.uint8)
+        out.append(img)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(0)
+    return pedenet.PEDENet(steps=0, n_components=2, image_size=96, calibration_fraction=0.0,
+                           seed=0).fit(_two_textures(rng, 12), progress=False)
+
+
+def test_cluster_map_separates_two_patterns(model):
+    img = _two_textures(np.random.default_rng(5), 1, size=128)[0]
+    labels, conf = model.cluster_map(img)
+    assert labels.shape == conf.shape == (128, 128) and labels.dtype == np.int64
+    assert set(np.unique(labels)) <= {0, 1}
+    assert np.all((conf >= 0.5 - 1e-6) & (conf <= 1 + 1e-6))  # the argmax of K = 2 posteriors
+    # away from the seam, each half is dominated by one component, and they differ
+    left = np.bincount(labels[:, 8:48].ravel(), minlength=2) / labels[:, 8:48].size
+    right = np.bincount(labels[:, 80:120].ravel(), minlength=2) / labels[:, 80:120].size
+    assert left.argmax() != right.argmax()
+    assert left.max() > 0.8 and right.max() > 0.8
+
+
+def test_cluster_map_agrees_with_mixture_on_the_grid(model):
+    import torch
+
+    from pedenet.scoring import to_tensor
+
+    img = _two_textures(np.random.default_rng(6), 1)[0]
+    labels, _ = model.cluster_map(img)
+    with torch.inference_mode():
+        emb = model.network.embed(to_tensor(np.repeat(img[..., None] / 255.0, 3, 2).astype(np.float32), 96))[0]
+        d, gh, gw = emb.shape
+        grid = model.network.mixture.responsibilities(emb.permute(1, 2, 0).reshape(-1, d)).argmax(1)
+    grid = grid.reshape(gh, gw).numpy()
+    assert set(np.unique(labels)) == set(np.unique(grid))
+    # every pixel takes the label of some cell; the cell at a patch centre is exact
+    s, o = model.network.stride, model.network.offset
+    for i in range(gh):
+        for j in range(gw):
+            assert labels[int(o + s * i), int(o + s * j)] == grid[i, j]
+
+
+def test_cluster_overlay_and_cli(model, tmp_path):
+    img = np.zeros((40, 60, 3), np.float32)
+    labels = np.zeros((40, 60), np.int64)
+    labels[:, 30:] = 1
+    out = cluster_overlay(img, labels, 2)
+    assert out.shape == (48, 60, 3) and out.dtype == np.uint8
+    assert not np.array_equal(out[10, 5], out[10, 50])
+    with pytest.raises(ValueError, match="labels must lie"):
+        cluster_overlay(img, labels + 1, 2)
+    model.save(tmp_path / "m.pt")
+    Image.fromarray(_two_textures(np.random.default_rng(1), 1)[0]).save(tmp_path / "x.png")
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "m.pt"), str(tmp_path / "x.png"),
+                                  "--out", str(tmp_path / "o"), "--clusters", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "o" / "x_clusters.png").size == (96, 96 + 8)
