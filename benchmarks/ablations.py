@@ -33,7 +33,13 @@ ROWS: dict[str, dict] = {
     "D 32": {"embedding_dim": 32},
     "scratch encoder": {"encoder": "scratch"},
     "scratch encoder, patch 64": {"encoder": "scratch", "patch_size": 64},
+    # the trained embeddings scored another way (keys starting with "_" are not config fields)
+    "DE replaced by EM refit (sklearn, same K)": {"_scorer": "em"},
+    "DE replaced by nearest-neighbour distance": {"_scorer": "nn"},
 }
+
+NN_BANK = 200_000
+"""Training embeddings kept (uniform random subset) as the nearest-neighbour memory bank."""
 
 METRICS = ("image_auroc", "pixel_auroc", "au_pro_0.3")
 
@@ -60,21 +66,91 @@ def _done(path: Path) -> list[dict]:
     return out
 
 
-def run_one(data: Path, row: str, seed: int) -> dict:
+def _train_embeddings(model, paths: list, n_max: int, seed: int):
+    """About ``n_max`` patch embeddings (N×D float32 tensor) drawn uniformly from ``paths``."""
+    import math
+
+    import torch
+
+    from pedenet.data import load_image
+    from pedenet.scoring import to_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    per = max(1, math.ceil(n_max / len(paths)))
+    rows = []
+    with torch.inference_mode():
+        for p in paths:
+            emb = model.network.embed(to_tensor(load_image(p), model.config.image_size))[0]
+            z = emb.reshape(emb.shape[0], -1).T
+            rows.append(z[torch.randperm(len(z), generator=gen)[:per]].clone())
+    return torch.cat(rows)
+
+
+def _swap_scorer(model, scorer: str, train_paths: list, seed: int) -> None:
+    """Replace the density of a fitted model: ``em`` = a Gaussian mixture refitted by EM
+    (scikit-learn, K components, full covariances) on the trained embeddings; ``nn`` = distance
+    to the nearest of ``NN_BANK`` training embeddings (a PatchCore/SPADE-style memory bank)."""
+    import torch
+    from sklearn.mixture import GaussianMixture as SkGMM
+
+    from pedenet.gmm import GaussianMixture
+
+    net, cfg = model.network, model.config
+    z = _train_embeddings(model, train_paths, NN_BANK if scorer == "nn" else 100_000, seed)
+    if scorer == "em":
+        gm = SkGMM(cfg.n_components, covariance_type="full", reg_covar=1e-6, max_iter=200,
+                   random_state=seed).fit(z.double().numpy())
+        net.mixture = GaussianMixture(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_),
+                                      torch.from_numpy(gm.covariances_), ridge=cfg.ridge)
+        return
+    bank = z.float()
+
+    def nn_distance(emb):
+        b, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d).float()
+        best = torch.full((len(q),), float("inf"))
+        for k in range(0, len(bank), 50_000):
+            best = torch.minimum(best, torch.cdist(q, bank[k:k + 50_000]).min(dim=1).values)
+        return best.double().reshape(b, h, w)
+
+    net.energy_of_embeddings = nn_distance  # patch_energy calls it per (tile of the) image
+
+
+def run_one(data: Path, row: str, seed: int, steps: int | None = None) -> dict:
     """Fit and evaluate one variant; return the JSON record."""
+    import warnings
+
     import pedenet
+    from pedenet.data import find_images
     from pedenet.evaluation import evaluate
 
-    config = dict(ROWS[row], seed=seed)
+    config = {k: v for k, v in ROWS[row].items() if not k.startswith("_")}
+    config["seed"] = seed
+    if steps is not None:
+        config.setdefault("steps", steps)
+    scorer = ROWS[row].get("_scorer")
     t0 = time.perf_counter()
-    model = pedenet.PEDENet(**config).fit(Path(data) / "train" / "good", progress=False)
+    images = find_images([Path(data) / "train" / "good"])
+    with warnings.catch_warnings():  # decisions are not used here
+        warnings.filterwarnings("ignore", message=".*cannot guarantee a false-alarm rate")
+        model = pedenet.PEDENet(**config).fit(images, progress=False)
+    held = set(model.history.get("calibration_images", []))
+    train_paths = [p for p in images if str(p) not in held]
+    if scorer:
+        _swap_scorer(model, scorer, train_paths, seed)
     fit_s = time.perf_counter() - t0
+    validation = None
+    if held:  # selection score: held-out normal images and synthetic-defect copies of them
+        from pedenet.validation import validate
+
+        validation = validate(model, sorted(held), seed=0)
     t0 = time.perf_counter()
     result = evaluate(model, data, progress=False)
     eval_s = time.perf_counter() - t0
     return {"row": row, "seed": seed, "config": model.config.to_dict(), "commit": _commit(),
             "data": str(Path(data).resolve()), "overall": result["overall"],
-            "per_defect": result["per_defect"], "fit_seconds": fit_s, "eval_seconds": eval_s,
+            "per_defect": result["per_defect"], "validation": validation,
+            "fit_seconds": fit_s, "eval_seconds": eval_s,
             "seconds_per_image": result["seconds_per_image"],
             "history_last": {k: v[-1] for k, v in model.history.items()
                              if isinstance(v, list) and v and not isinstance(v[-1], list)}}
@@ -84,8 +160,8 @@ def table(records: list[dict]) -> str:
     """Markdown table: one line per row, mean ± std over seeds of each metric."""
     import numpy as np
 
-    lines = ["| variant | seeds | image AUROC | pixel AUROC | AU-PRO@0.3 | fit (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | image AUROC | pixel AUROC | AU-PRO@0.3 | validation image / pixel AUROC | fit (s) |",
+             "|---|---|---|---|---|---|---|"]
     for row in ROWS:
         recs = [r for r in records if r["row"] == row]
         if not recs:
@@ -94,6 +170,9 @@ def table(records: list[dict]) -> str:
         for m in METRICS:
             v = np.array([r["overall"][m] for r in recs if r["overall"].get(m) is not None], float)
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}" if len(v) else "n/a")
+        vals = [r["validation"] for r in recs if r.get("validation")]
+        cells.append(f"{np.mean([v['image_auroc'] for v in vals]):.3f} / "
+                     f"{np.mean([v['pixel_auroc'] for v in vals]):.3f}" if vals else "n/a")
         fit = np.mean([r["fit_seconds"] for r in recs])
         lines.append(f"| {row} | {len(recs)} | " + " | ".join(cells) + f" | {fit:.0f} |")
     return "\n".join(lines) + "\n"
@@ -103,12 +182,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
     ap.add_argument("--results", type=Path, required=True, help="JSON-lines file (appended)")
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default all)")
+    ap.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names (default all)")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the training steps of every row (quick checks; rows that set "
+                         "steps keep theirs)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     if not args.table_only:
-        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        rows = [r.strip() for r in args.rows.split(";") if r.strip()]
         unknown = [r for r in rows if r not in ROWS]
         if unknown:
             ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
@@ -121,7 +203,7 @@ def main(argv=None) -> int:
                 if any(r["row"] == row and r["seed"] == seed for r in _done(args.results)):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {row}, seed {seed}", file=sys.stderr, flush=True)
-                rec = run_one(args.data, row, seed)
+                rec = run_one(args.data, row, seed, steps=args.steps)
                 with open(args.results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
