@@ -64,10 +64,10 @@ def split_calibration(n_images: int, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[n_cal:]).astype(np.int64), np.sort(order[:n_cal]).astype(np.int64)
 
 
-def _check_fpr(fpr: float) -> float:
+def _check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
     fpr = float(fpr)
     if not 0.0 < fpr < 1.0:
-        raise ValueError(f"target false-alarm rate must be in (0, 1); got {fpr}")
+        raise ValueError(f"{name} must be in (0, 1); got {fpr}")
     return fpr
 
 
@@ -130,7 +130,7 @@ class Calibration:
         """Pixel score above which a pixel is marked defective: the (1 - pixel_fpr) quantile
         (``numpy.quantile``, method "higher") of the held-out pixel scores (default
         ``self.pixel_fpr``)."""
-        fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr)
+        fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
         return float(np.quantile(self.pixel_scores, 1.0 - fpr, method="higher"))
 
     def summary(self, fpr: float | None = None, pixel_fpr: float | None = None) -> dict:
@@ -138,7 +138,7 @@ class Calibration:
         ``pixel_fpr``): target_fpr, image_threshold, pixel_fpr, pixel_threshold,
         n_calibration, achievable_fpr, guaranteed_fpr."""
         fpr = _check_fpr(self.target_fpr if fpr is None else fpr)
-        pixel_fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr)
+        pixel_fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             image_t = self.image_threshold(fpr)

@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 from . import __version__  # noqa: E402
 from .checkpoint import CheckpointError, atomic_write_bytes
 from .config import ENCODERS, PEDENetConfig
-from .data import (BadFilesError, DataError, check_images, find_images, load_image, load_mask,
-                   resolve_category, train_samples)
+from .data import (BadFilesError, DataError, Sample, check_images, find_images, list_images,
+                   load_image, load_mask, resolve_category, train_samples)
 
 DEFAULTS = PEDENetConfig()
 DEMO_STEPS = 300
@@ -301,6 +301,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     """
     import torch
 
+    from .calibration import split_calibration
     from .estimator import PEDENet
     from .resume import TrainingInterrupted
 
@@ -309,8 +310,15 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     resume_path = run_dir / "resume.pt"
     _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     _check_device(device)
-    cat_dir = resolve_category(data, category)
-    samples = train_samples(cat_dir)
+    try:
+        cat_dir = resolve_category(data, category)
+        samples = train_samples(cat_dir)
+    except DataError:
+        # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
+        if category is not None or not Path(data).is_dir() or not list_images(data):
+            raise
+        cat_dir = Path(data)
+        samples = [Sample(p, 0, "good", None) for p in list_images(data)]
     model = PEDENet(device=device, **config)
     all_paths = [s.path for s in samples]
     paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
@@ -329,8 +337,9 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         _info(quiet, f"--resume: no {resume_path}; starting from step 0")
     _debug(f"config: {json.dumps(model.config.to_dict())}")
     _debug(f"torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    n_held = len(split_calibration(len(paths), model.config.calibration_fraction, model.config.seed)[1])
     _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
-                 f"({model.config.calibration_fraction:g} held out for thresholds), {model.config.steps} steps, "
+                 f"({n_held} held out for thresholds), {model.config.steps} steps, "
                  f"encoder {model.config.encoder}, device {device}"
                  + (" (resuming)" if resuming else ""))
     t0 = time.perf_counter()
@@ -428,9 +437,12 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
                         "replace them", exit_code=2)
     cat_dir = _resolve_eval_data(run_dir, data, category)
     model = _load_model(model_path, device)
-    _debug(f"model {model_path}; test data {cat_dir}")
+    _debug(f"model {model_path}; test data {cat_dir}; device {device}")
+    _debug(_thresholds_line(model.thresholds(fpr, pixel_fpr)))
     result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
                             skip_bad_files=skip_bad_files, fpr=fpr, pixel_fpr=pixel_fpr)
+    _debug(f"scored {result['n_images']} images in {result['seconds_total']:.1f} s "
+           f"({result['seconds_per_image']:.3f} s/image inference)")
     for entry in result["images"]:
         _debug(f"{entry['path']}: score {entry['score']:.4g}"
                + (f", p-value {entry['p_value']:.3g}, {'ANOMALOUS' if entry['anomalous'] else 'normal'}"
@@ -565,7 +577,7 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
               help="Write heatmap overlays to RUN_DIR/overlays/<defect>/<stem>.png.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
-              help="Replace the results of an earlier evaluation (metrics.json, overlays/).")
+              help="Replace the results of an earlier evaluation (metrics.json, overlays/, report.html).")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave test images with an unreadable image or mask out (with a warning) "
               "instead of stopping.")
@@ -664,6 +676,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     _info(quiet, _thresholds_line(th))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
+    _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "
+           f"overlay colour range {vmin} to {vmax} (energy)")
+    t_start = time.perf_counter()
     rows, kept_maps, top = [], [], []
     results = model.iter_predict(images)
     for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
@@ -714,6 +729,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                                        color_range=(vmin, vmax), thresholds=th,
                                        max_gallery=REPORT_GALLERY)
         _info(quiet, f"report -> {path}")
+    _debug(f"{len(rows)} images in {time.perf_counter() - t_start:.1f} s (reading, scoring and writing)")
     flagged = sum(bool(r["anomalous"]) for r in rows)
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
                  + (", *_mask.png" if th is not None else "") + ")"

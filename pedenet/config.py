@@ -8,6 +8,7 @@ components and the loss weights of DAGMM / PEDENet (λ_DE = 1, λ_cov = 0.005, �
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 ENCODERS = ("pretrained", "scratch")
@@ -87,6 +88,13 @@ class PEDENetConfig:
     pixel_fpr: float = 0.01
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            if kind in ("float", "float | None") and not (value is None and kind != "float") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
         if not 0.0 <= float(self.calibration_fraction) < 1.0:
             raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
         for name in ("target_fpr", "pixel_fpr"):

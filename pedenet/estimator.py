@@ -63,9 +63,11 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     elif np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise ValueError("image array contains NaN or Inf")
-        if arr.min() < 0 or arr.max() > 1:
-            raise ValueError(f"float image values must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]")
-        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-4 or hi > 1 + 1e-4:  # tolerate rounding overshoot, clipped below
+            raise ValueError(f"float image values must lie in [0, 1]; got [{lo!r}, {hi!r}] - divide "
+                             "8-bit values by 255 (or pass the uint8 array as it is)")
+        arr = np.clip(arr, 0.0, 1.0).astype(np.float32)
     else:
         raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
     return np.ascontiguousarray(arr)
@@ -128,6 +130,8 @@ class PEDENet:
     """
 
     def __init__(self, device: str = "cpu", **config):
+        if not (str(device) == "cpu" or str(device).startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
         self.config = PEDENetConfig(**config)
         self.device = device
         self.network: PEDENetNetwork | None = None
@@ -171,8 +175,13 @@ class PEDENet:
         p-values or decisions.
 
         Returns:
-            self. Raises ValueError if there are no images, CheckpointError for an unusable
-            resume file.
+            self.
+
+        Raises:
+            pedenet.data.DataError: a missing or empty folder, an unreadable image, or (with
+                ``image_size`` 0) an image smaller than the patch size.
+            ValueError: an empty list, or an array that is not an image (see :func:`as_rgb_array`).
+            CheckpointError: an unusable resume file.
         """
         all_items = _expand(images)
         if not all_items:
@@ -331,7 +340,15 @@ class PEDENet:
         Returns:
             :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units),
             ``scores`` (float64 (N,), map maxima), and when calibrated ``p_values`` (float64),
-            ``anomalous`` (bool), ``masks`` (bool H_i×W_i) and ``thresholds``.
+            ``anomalous`` (bool), ``masks`` (bool H_i×W_i) and ``thresholds``. A model
+            without calibration warns if ``fpr`` / ``pixel_fpr`` are given. ``images`` as for
+            :meth:`fit` (a category folder means its train/good images; pass test folders or
+            files to score others).
+
+        Raises:
+            pedenet.data.DataError: a missing or unreadable image file.
+            ValueError: an array that is not an image, or a rate outside (0, 1).
+            RuntimeError: the model is not fitted.
         """
         items = _expand(images)
         maps: list = [None] * len(items)
@@ -341,6 +358,10 @@ class PEDENet:
                                    disable=not progress):
             maps[i], scores[i] = amap, score
         if self.calibration is None:
+            if fpr is not None or pixel_fpr is not None:
+                warnings.warn("this model has no calibration (fitted with calibration_fraction 0): "
+                              "fpr / pixel_fpr are ignored and there are no p-values, decisions or "
+                              "masks; refit with calibration_fraction > 0", stacklevel=2)
             return Predictions(maps=maps, scores=scores)
         if fpr is not None:  # a new target: warn if out of reach (fit warned for the default)
             self.calibration.image_threshold(fpr, stacklevel=3)
@@ -394,5 +415,10 @@ class PEDENet:
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> PEDENet:
-    """Load a saved :class:`PEDENet` (``pedenet.load(path)``)."""
+    """Load a saved :class:`PEDENet` (``pedenet.load(path)``).
+
+    Raises:
+        CheckpointError: not a pedenet model file, a damaged one, or one from an incompatible
+            version; FileNotFoundError: no such file.
+    """
     return PEDENet.load(path, device)

@@ -21,7 +21,8 @@ Result dictionary (JSON-serializable; undefined metrics are ``None``)::
       "images": [{"path": ..., "defect": "good", "label": 0, "score": 95.1,
                   "mask": null, "p_value": 0.43, "anomalous": false}, ...],
       # only for a calibrated model (pedenet.calibration):
-      "thresholds": {"target_fpr": 0.01, "image_threshold": ..., "pixel_threshold": ...,
+      "thresholds": {"target_fpr": 0.01, "image_threshold": ..., "pixel_fpr": 0.01,
+                     "pixel_threshold": ...,
                      "n_calibration": 152, "achievable_fpr": ..., "guaranteed_fpr": ...},
       "realized": {"false_alarm_rate": 0.016, "false_alarm_rate_ci": [lo, hi],
                    "miss_rate": 0.2, "n_normal": 191, "n_anomalous": 392,
@@ -177,8 +178,13 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         pedenet.data.DataError: missing/unreadable category, image or mask, or a mask whose
             size differs from its image (:class:`pedenet.data.BadFilesError` naming the first
             bad file and counting the others).
+        TypeError: ``data`` is not a folder path.
+        ValueError: ``fpr`` or ``pixel_fpr`` outside (0, 1).
     """
     t_start = time.perf_counter()
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"evaluate needs a category folder in the MVTec AD layout (a path), got "
+                        f"{type(data).__name__}; to score a list of images use model.predict")
     cat_dir = resolve_category(data, category)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingMaskWarning)
@@ -257,8 +263,13 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
             for s, sc in zip(samples, scores)
         ],
     }
-    thresholds = (model.thresholds(fpr, pixel_fpr) if getattr(model, "calibration", None) is not None
-                  else None)
+    calibrated = getattr(model, "calibration", None) is not None
+    if calibrated and fpr is not None:
+        model.calibration.image_threshold(fpr, stacklevel=2)  # warns if out of reach
+    if not calibrated and (fpr is not None or pixel_fpr is not None):
+        warnings.warn("this model has no calibration (fitted with calibration_fraction 0): fpr / "
+                      "pixel_fpr are ignored and no decisions are made", stacklevel=2)
+    thresholds = model.thresholds(fpr, pixel_fpr) if calibrated else None
     if thresholds is not None:
         p_values = model.calibration.p_values(scores)
         flagged = scores > thresholds["image_threshold"]
@@ -315,9 +326,13 @@ def format_table(result: dict) -> str:
     if th and real:
         fa, ci, miss = real.get("false_alarm_rate"), real.get("false_alarm_rate_ci"), real.get("miss_rate")
         lines.append("")
+        note = ""
+        if th.get("guaranteed_fpr", 0) > th["target_fpr"]:
+            note = (f"; too few to guarantee it: guaranteed only {th['guaranteed_fpr']:.3g}, "
+                    "flagging above every held-out score")
         lines.append(f"decisions at target false-alarm rate {th['target_fpr']:g} "
                      f"(image threshold {th['image_threshold']:.4g}, {th['n_calibration']} held-out "
-                     "normal images):")
+                     f"normal images{note}):")
         lines.append(f"  false alarms {_fmt(fa)} of {real['n_normal']} normal images"
                      + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
                      + f"; misses {_fmt(miss)} of {real['n_anomalous']} anomalous images")

@@ -27,8 +27,8 @@ from PIL import Image
 
 __all__ = ["PRED_COLOR", "THUMB_SIDE", "write_evaluation_report", "write_prediction_report"]
 
-PRED_COLOR = (0, 255, 255)
-"""RGB colour (cyan) of the predicted contour in the gallery."""
+PRED_COLOR = (255, 0, 255)
+"""RGB colour (magenta) of the predicted contour in the gallery: not in the jet colormap."""
 
 THUMB_SIDE = 256
 """Longest side, in pixels, of the gallery thumbnails."""
@@ -71,7 +71,7 @@ def _plot(draw, xlabel: str, ylabel: str, title: str) -> str:
     draw(ax)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=8, framealpha=0.6)
     return f'<img alt="{html.escape(title)}" src="{_png_uri(fig)}">'
 
 
@@ -86,7 +86,7 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 def _thumbnail(path, amap: np.ndarray, mask: np.ndarray | None, color_range,
                pixel_threshold: float | None) -> np.ndarray:
     """uint8 h×w×3 overlay, long side <= THUMB_SIDE: heatmap, ground truth (white) and predicted
-    (cyan) contours. Contours are drawn at thumbnail size so that they stay one pixel wide;
+    (magenta) contours. Contours are drawn at thumbnail size so that they stay one pixel wide;
     masks are shrunk with "any pixel covered" so thin defects do not vanish."""
     from scipy import ndimage
 
@@ -127,7 +127,7 @@ def _gallery(cards: list[tuple], color_range, pixel_threshold, legend: str) -> s
     scale = "min to max of each image" if lo is None or hi is None else f"{lo:.4g} to {hi:.4g}"
     legend = f"heatmap: blue to red = energy {scale}{legend}"
     if pixel_threshold is not None:
-        legend += "; cyan contour: predicted defect (map > pixel threshold, flagged images)"
+        legend += "; magenta contour: predicted defect (map > pixel threshold, flagged images)"
     return f'{_note(legend)}<div class="gallery">{"".join(out)}</div>'
 
 
@@ -146,21 +146,23 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
     return _plot(draw, "image score (energy)", "images", "Image scores")
 
 
-def _roc_plot(y: np.ndarray, s: np.ndarray, what: str, point=None) -> str:
-    """ROC curve of labels ``y`` (bool) and scores ``s``; ``point``: (fpr, tpr) operating point."""
+def _roc_plot(y: np.ndarray, s: np.ndarray, what: str, point=None, value: float | None = None) -> str:
+    """ROC curve of labels ``y`` (bool) and scores ``s``; ``point``: (fpr, tpr) operating point;
+    ``value``: the exact AUROC for the legend when the curve is drawn from a sample."""
     from sklearn.metrics import auc, roc_curve
 
     fpr, tpr, _ = roc_curve(y, s)
+    value = auc(fpr, tpr) if value is None else value
 
     def draw(ax):
-        ax.plot(fpr, tpr, label=f"{what} AUROC = {auc(fpr, tpr):.4f}")
+        ax.plot(fpr, tpr, label=f"{what} AUROC = {value:.4f}")
         ax.plot([0, 1], [0, 1], color="0.7", ls=":")
         if point is not None:
             ax.plot(*point, "ko", label="calibrated threshold")
     return _plot(draw, "false positive rate", "true positive rate", f"{what.capitalize()} ROC")
 
 
-def _pixel_plots(maps: list[np.ndarray], masks: list) -> str:
+def _pixel_plots(maps: list[np.ndarray], masks: list, exact_auroc: float | None = None) -> str:
     """Pixel ROC (subsampled) and PRO curve over the images with ground truth."""
     from .metrics import pro_curve
 
@@ -178,7 +180,8 @@ def _pixel_plots(maps: list[np.ndarray], masks: list) -> str:
         sel = rng.integers(0, m.size, math.ceil(m.size * frac)) if frac < 1 else slice(None)
         ss.append(m[sel])
         ys.append(k[sel])
-    roc = _roc_plot(np.concatenate(ys), np.concatenate(ss), "pixel")
+    roc = _roc_plot(np.concatenate(ys), np.concatenate(ss), "pixel",
+                    value=exact_auroc if frac < 1 else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fpr, pro = pro_curve([maps[i] for i in idx], [masks[i] for i in idx], 0.3)
@@ -324,7 +327,7 @@ def write_evaluation_report(path, result: dict, maps: list[np.ndarray], *,
         s.append(_roc_plot(labels != 0, scores, "image", point))
     else:
         s.append(_note("Image ROC: undefined (the test set needs normal and anomalous images)."))
-    s.append(_pixel_plots(maps, masks))
+    s.append(_pixel_plots(maps, masks, (result.get("overall") or {}).get("pixel_auroc")))
     s.append(_histogram(scores, labels, th["image_threshold"] if th else None) + "</div>")
     order = _worst_first(scores, labels)[:max(0, max_gallery)]
     decided = [d.get("anomalous") for d in images]

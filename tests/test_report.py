@@ -40,7 +40,7 @@ def _write_png(path: Path, array: np.ndarray) -> str:
 
 
 def _gray_image(rng, h=64, w=64) -> np.ndarray:
-    """Gray RGB noise: never pure cyan or white, so contour colours are unambiguous."""
+    """Gray RGB noise: never pure magenta or white, so contour colours are unambiguous."""
     return np.repeat(rng.integers(60, 180, (h, w, 1), dtype=np.uint8), 3, axis=2)
 
 
@@ -147,7 +147,7 @@ def test_evaluation_report_uncalibrated(category, tmp_path):
             "<td>n/a</td><td>4</td>") in text
     # no thresholds: no section, no predicted contour, no decision
     assert 'id="thresholds"' not in text and "Calibrated thresholds" not in text
-    assert "cyan" not in text and "decision" not in text
+    assert "magenta" not in text and "decision" not in text
     cards = _cards(text)
     assert [name for name, _ in cards] == WORST_FIRST
     for _, img in cards:
@@ -180,7 +180,7 @@ def test_evaluation_report_calibrated(category, tmp_path):
     assert wrong == ["good_2.png", "crack_1.png"]
     assert "decision: anomalous" in text and "decision: normal" in text
     assert "p-value: 0.1" in text  # good_2: 0.5 / 5
-    # predicted contour (map > 2.75) drawn in cyan where a peak passes the threshold
+    # predicted contour (map > 2.75) drawn in magenta where a peak passes the threshold
     imgs = dict(cards)
     assert _has_color(imgs["good_2.png"], PRED_COLOR)
     assert _has_color(imgs["scratch_0.png"], PRED_COLOR)
@@ -259,7 +259,7 @@ def test_prediction_report_uncalibrated(tmp_path):
     rows, maps = _prediction_rows(tmp_path, with_decisions=False)
     text = write_prediction_report(tmp_path / "p.html", rows, maps).read_text()
     _assert_self_contained(text)
-    assert 'id="thresholds"' not in text and "cyan" not in text and "decision:" not in text
+    assert 'id="thresholds"' not in text and "magenta" not in text and "decision:" not in text
     assert [n for n, _ in _cards(text)] == ["b.png", "wide.png", "d.png", "a.png", "edge.png",
                                             "c.png"]
     assert all(not _has_color(img, PRED_COLOR) for _, img in _cards(text))

@@ -95,3 +95,35 @@ def test_predict_writes_p_values_decisions_and_masks(run_dir, dataset, tmp_path)
 def test_verbose_and_quiet_conflict(run_dir, tmp_path):
     r = run("evaluate", run_dir, "--quiet", "--verbose", "--overwrite")
     assert r.exit_code == 2 and "contradict" in r.output
+
+
+def test_unreachable_target_is_flagged_in_the_table(run_dir):
+    r = run("evaluate", run_dir, "--no-overlays", "--fpr", "0.001", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert "guaranteed only 0.0476" in r.output  # 20 held-out images: 1/21
+    assert "Warning:" in r.output and "cannot guarantee" in r.output
+
+
+def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
+    r = run("fit", dataset / "train" / "good", "--out", tmp_path / "r", "--steps", "0",
+            "--image-size", "64", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["n_train_images"] == 40
+
+
+def test_api_warnings_and_input_rules(dataset):
+    import pedenet
+
+    images = sorted((dataset / "train" / "good").glob("*.png"))[:3]
+    plain = pedenet.PEDENet(steps=0, image_size=64, calibration_fraction=0.0).fit(images, progress=False)
+    with pytest.warns(UserWarning, match="no calibration"):
+        plain.predict(images[:1], fpr=0.1)
+    with pytest.raises(TypeError, match="model.predict"):
+        pedenet.evaluate(plain, images)
+    img = np.full((64, 64), 0.5, np.float32)
+    img[0, 0] = 1.0000001  # rounding overshoot is clipped, not refused
+    assert plain.predict([img]).scores.shape == (1,)
+    with pytest.raises(ValueError, match="divide 8-bit values by 255"):
+        plain.predict([img * 255])
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        pedenet.PEDENet(steps=2.5)
