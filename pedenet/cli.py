@@ -552,7 +552,9 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
         calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
 
-    DATA is a category folder (holding train/ and test/) or a dataset root with --category.
+    DATA is a category folder (holding train/ and test/), a dataset root with --category, or
+    a plain folder of normal images. --calibration-fraction of them are held out of training
+    to calibrate the decision thresholds.
     Every training image is checked before training starts. Ctrl-C or SIGTERM saves the
     training state to RUN_DIR/resume.pt; rerun with --resume to continue.
     """
@@ -840,10 +842,10 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
     click.echo(f"total {total:.0f} s; summary: {out_dir / 'summary.md'}, {out_dir / 'summary.json'}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
 # `pedenet export` and `pedenet benchmark` (pedenet/cli_perf.py)
 from .cli_perf import register as _register_perf_commands  # noqa: E402
 
 _register_perf_commands(main)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -21,7 +21,7 @@ patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − 
 ``pedenet export RUN_DIR --format onnx|torchscript --out FILE`` writes it (:func:`export_model`).
 ONNX: opset 17, the TorchScript-based exporter (``dynamo=False``: needs no onnxscript); the
 batch axis is dynamic, and so are H and W when ``image_size`` = 0. Model facts (image size,
-σ, stride, normal-score quantiles, pedenet version) are stored as metadata (ONNX
+σ, stride, normal-score quantiles, calibrated thresholds, pedenet version) are stored as metadata (ONNX
 ``metadata_props`` / TorchScript extra file ``pedenet.json``). TorchScript is a traced module
 (``torch.jit.trace``; sizes stay dynamic, tested); torch 2.13 marks ``torch.jit`` as deprecated,
 so prefer ONNX for new deployments (it is also ~5× faster on CPU, docs/benchmarks.md).
@@ -133,6 +133,9 @@ def _metadata(model) -> dict:
                  "when image_size is 0); no normalization (done inside)",
         "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (map maximum)",
         "normal_quantiles": dict(model.normal_quantiles),
+        # decisions outside Python: flag an image when score > image_threshold, mark pixels
+        # with anomaly_map > pixel_threshold in flagged images (None: no calibration)
+        "thresholds": model.thresholds(),
     }
 
 

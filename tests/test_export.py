@@ -100,6 +100,7 @@ def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt)
         _check(scratch64, arrs[i], amap[i], score[i])
     meta = read_metadata(path)
     assert meta["image_size"] == 64 and meta["smoothing_sigma"] == 4.0
+    assert meta["thresholds"] == scratch64.thresholds() and meta["thresholds"]["n_calibration"] == 1
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
