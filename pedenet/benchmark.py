@@ -17,8 +17,13 @@ Sections (each also written to the JSON file):
   D = 64; synthetic Gaussian embeddings) for 100 / 1000 / 10 000 training images;
 * ``training``: optimizer steps per second of ``PEDENet.fit``;
 * ``flops``: multiply-accumulates of the encoder's convolutions and linear layers counted with
-  forward hooks on a 256×256 image, the energy's analytic count, and the achieved GFLOP/s
-  against the GFLOP/s of a large 3×3 convolution measured in the same run (the ceiling).
+  forward hooks on a 256×256 image (through the encoder's reference modules: the folded
+  inference path calls no ``nn.Conv2d``), the energy's analytic count, and the achieved
+  GFLOP/s against the GFLOP/s of a large 3×3 convolution measured in the same run (the
+  ceiling), for: the PyTorch encoder (folded backbone, the default, and the reference
+  modules it replaces), the exported model in onnxruntime (``pedenet export`` ONNX file,
+  image → map, the same FLOPs per image as PyTorch end to end; batch 1 and the batch
+  ``predict`` uses), and PyTorch end to end (``predict`` throughput).
 
 Peak RSS per section: the process's resident-set high-water mark (``VmHWM``), reset before
 each section through ``/proc/self/clear_refs`` where Linux allows it, else
@@ -31,6 +36,7 @@ on 8 built-in texture images; speed does not depend on training.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -316,11 +322,55 @@ def bench_training(quick: bool) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def reference_encoder(encoder: nn.Module):
+    """Run ``encoder`` through its reference modules inside the block (the pretrained
+    encoder's folded backbone calls no ``nn.Conv2d``, so forward hooks would miss it); a no-op
+    for encoders without a folded path."""
+    if not hasattr(encoder, "use_folded_backbone"):
+        yield encoder
+        return
+    own = "use_folded_backbone" in vars(encoder)
+    old = encoder.use_folded_backbone
+    encoder.use_folded_backbone = False
+    try:
+        yield encoder
+    finally:
+        if own:
+            encoder.use_folded_backbone = old
+        else:
+            del encoder.use_folded_backbone
+
+
+def _onnxruntime_seconds(model, size: int, batches: tuple[int, ...], quick: bool) -> dict | None:
+    """Best seconds per image of the exported ONNX model (image → map) in onnxruntime, CPU
+    provider with torch's thread count, for each batch size; None without onnxruntime/onnx."""
+    try:
+        import onnx  # noqa: F401 - needed by the export
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from .export import export_model
+
+    with tempfile.TemporaryDirectory(prefix="pedenet-bench-") as tmp:
+        path = export_model(model, Path(tmp) / "m.onnx", "onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = {}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        feed = {"image": rng.random((b, 3, size, size), dtype=np.float32)}
+        out[b] = _best(lambda: sess.run(None, feed), 1 if quick else 5, warmup=1 if quick else 2) / b
+    return out
+
+
 def bench_flops(model, inference_256: dict | None, quick: bool) -> dict:
     net = model.network
     size = int(model.config.image_size) or 256
     x = torch.rand(1, 3, size, size)
-    enc_macs = count_macs(net.encoder, x)
+    with reference_encoder(net.encoder):
+        enc_macs = count_macs(net.encoder, x)
     with torch.inference_mode():
         emb = net.embed(x)
     n_cells = emb.shape[-2] * emb.shape[-1]
@@ -335,18 +385,35 @@ def bench_flops(model, inference_256: dict | None, quick: bool) -> dict:
 
     nb = max(1, min(16, BATCH_PIXELS["cpu"] // (size * size)))  # the batch predict uses
     batch = x.repeat(nb, 1, 1, 1)
+    reps, warm = (1, 1) if quick else (5, 2)
     with torch.inference_mode():
-        t_enc = _best(lambda: net.encoder(batch), 1 if quick else 5, warmup=0 if quick else 1) / nb
+        t_enc = _best(lambda: net.encoder(batch), reps, warmup=warm) / nb
+        with reference_encoder(net.encoder):
+            t_ref = _best(lambda: net.encoder(batch), reps, warmup=warm) / nb
     ceiling = conv_ceiling_gflops(quick)
     total = out["encoder_gflop"] + out["energy_gflop"]
     out.update({
         "gflop_per_image": total,
         "encoder_batch": nb,
+        "encoder_path": "folded backbone" if hasattr(net.encoder, "use_folded_backbone") else "modules",
         "encoder_ms_per_image": t_enc * 1e3,
         "encoder_gflops_achieved": out["encoder_gflop"] / t_enc,
         "ceiling": ceiling,
         "encoder_fraction_of_ceiling": out["encoder_gflop"] / t_enc / ceiling["gflops"],
+        "encoder_reference_ms_per_image": t_ref * 1e3,
+        "encoder_reference_gflops_achieved": out["encoder_gflop"] / t_ref,
+        "encoder_reference_fraction_of_ceiling": out["encoder_gflop"] / t_ref / ceiling["gflops"],
     })
+    ort_s = _onnxruntime_seconds(model, size, tuple(sorted({1, nb})), quick)
+    if ort_s is not None:
+        out["onnxruntime"] = {
+            "what": "exported ONNX model (image -> map), CPU provider, torch's thread count; "
+                    "GFLOP per image as end to end (encoder + energy)",
+            "threads": torch.get_num_threads(),
+            "batches": {str(b): {"ms_per_image": t * 1e3, "gflops_achieved": total / t,
+                                 "fraction_of_ceiling": total / t / ceiling["gflops"]}
+                        for b, t in ort_s.items()},
+        }
     if inference_256:
         achieved = total * inference_256["images_per_s"]
         out["end_to_end_gflops_achieved"] = achieved
@@ -477,11 +544,19 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
 
     r = bench_flops(model, inference[0], quick)
     result["flops"] = r
+    c = r["ceiling"]["gflops"]
     log(f"FLOPs per {r['image'][0]}x{r['image'][1]} image: {r['gflop_per_image']:.3f} GFLOP "
-        f"(encoder {r['encoder_gflop']:.3f}, energy {r['energy_gflop']:.4f}); encoder "
-        f"{r['encoder_gflops_achieved']:.1f} GFLOP/s, end to end "
-        f"{r.get('end_to_end_gflops_achieved', float('nan')):.1f} GFLOP/s; ceiling (large conv) "
-        f"{r['ceiling']['gflops']:.1f} GFLOP/s")
+        f"(encoder {r['encoder_gflop']:.3f}, energy {r['energy_gflop']:.4f}); ceiling (large conv) "
+        f"{c:.1f} GFLOP/s")
+    log(f"  PyTorch encoder ({r['encoder_path']}, batch {r['encoder_batch']}): "
+        f"{r['encoder_gflops_achieved']:.1f} GFLOP/s ({r['encoder_fraction_of_ceiling']:.1%} of the "
+        f"ceiling; reference modules {r['encoder_reference_gflops_achieved']:.1f} GFLOP/s, "
+        f"{r['encoder_reference_fraction_of_ceiling']:.1%})")
+    for b, o in r.get("onnxruntime", {}).get("batches", {}).items():
+        log(f"  onnxruntime, exported model (image -> map), batch {b}: {o['ms_per_image']:.1f} ms/image, "
+            f"{o['gflops_achieved']:.1f} GFLOP/s ({o['fraction_of_ceiling']:.1%})")
+    log(f"  PyTorch end to end (predict): {r.get('end_to_end_gflops_achieved', float('nan')):.1f} GFLOP/s "
+        f"({r.get('end_to_end_fraction_of_ceiling', float('nan')):.1%})")
     # the largest section peak (ru_maxrss cannot serve: resetting VmHWM resets it as well)
     peaks = [r["peak_rss_mb"] for key in ("inference", "scoring") for r in result[key]]
     peaks += [result[key]["peak_rss_mb"] for key in ("exported", "scratch_patch_vs_dense", "training")

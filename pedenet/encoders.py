@@ -7,6 +7,17 @@ output can be computed once per training image and cached) and a trainable ``hea
 Geometry: output cell (i, j) describes the patch centred at pixel coordinates
 ``(offset + stride * i, offset + stride * j)`` of the processed image, in continuous
 coordinates where pixel p covers [p, p + 1).
+
+Inference speed (``PretrainedEncoder``): the frozen backbone runs through
+:class:`_FoldedBackbone`, a copy with every batch norm folded into its convolution, in the
+channels-last memory format, 1×1 convolutions as one matrix product each and the
+asymmetric "same" padding of the stride-2 convolutions expressed as a kernel one larger
+(with a zero first row and column) and symmetric padding, so nothing is padded by copying;
+a CPU batch goes through the high-resolution layers in chunks (``FOLDED_CHUNK_PIXELS``).
+It gives the reference modules' features to float32 rounding (~1e-5 of their spread;
+``tests/test_encoders_speed.py``) 2-3× faster on a CPU (docs/benchmarks.md). The folded
+copy is built on first use (~0.1 s) and rebuilt whenever a backbone tensor changes (loading
+a state dict, moving the module); it is not part of the state dict.
 """
 
 from __future__ import annotations
@@ -88,23 +99,192 @@ def _efficientnet_lite0() -> nn.Module:
     return net
 
 
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one convolution (``bn`` in eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return weight.contiguous(), bias.contiguous()
+
+
+def _tensor_key(slots: list[tuple[dict, str]]) -> list[tuple[int, int]]:
+    """(storage address, version counter) of each tensor ``d[name]`` (version −1 for inference
+    tensors, which have none)."""
+    key = []
+    for d, name in slots:
+        t = d[name]
+        try:
+            version = t._version
+        except RuntimeError:
+            version = -1
+        key.append((t.data_ptr(), version))
+    return key
+
+
+def _matmul_1x1(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """1×1 convolution of B×C×H×W ``x`` with a C×D ``weight_t`` (the transposed D×C kernel) as
+    one matrix product: B×D×H×W, channels-last (no copy when ``x`` is channels-last)."""
+    n, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(-1, c)
+    y = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _static_padding(conv: nn.Module) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of an EfficientNet "same" convolution."""
+    pad = getattr(conv, "static_padding", None)
+    if pad is None:
+        raise TypeError(f"expected a static-padding convolution, got {type(conv).__name__}")
+    if isinstance(pad, nn.ZeroPad2d):
+        return tuple(int(p) for p in pad.padding)
+    return (0, 0, 0, 0)
+
+
+class _FoldedConv:
+    """One frozen convolution with its batch norm folded in, optionally followed by ReLU6.
+
+    1×1 convolutions (stride 1, no padding) run as one matrix product over the channels of a
+    channels-last input. The TF "same" padding of a stride-2 convolution pads one pixel more
+    at the bottom/right than at the top/left; a kernel one larger with a zero first row and
+    column and symmetric padding covers exactly the same pixels, with the padding done inside
+    the convolution instead of by copying the input.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool):
+        weight, self.bias = _fold_batch_norm(conv, bn)
+        stride = conv.stride if isinstance(conv.stride, (tuple, list)) else (conv.stride, conv.stride)
+        self.stride = (int(stride[0]), int(stride[1]))
+        self.groups = conv.groups
+        self.relu6 = relu6
+        left, right, top, bottom = _static_padding(conv)
+        self.matmul = weight.shape[-2:] == (1, 1) and self.groups == 1 and self.stride == (1, 1) \
+            and (left, right, top, bottom) == (0, 0, 0, 0)
+        if self.matmul:
+            self.weight = weight[:, :, 0, 0].t().contiguous()  # C_in × C_out
+            return
+        if (right, bottom) == (left + 1, top + 1):
+            weight = F.pad(weight, (1, 0, 1, 0))
+            left, top = right, bottom
+        elif (right, bottom) != (left, top):
+            raise ValueError(f"unsupported padding {(left, right, top, bottom)}")
+        self.weight = weight.contiguous()
+        self.padding = (top, left)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul:
+            y = _matmul_1x1(x, self.weight, self.bias)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return y.clamp_(0.0, 6.0) if self.relu6 else y
+
+
+FOLDED_CHUNK_PIXELS = 256 * 256
+"""Input pixels per chunk of a CPU batch through the folded backbone's stem and blocks up to
+the stride-8 features (the rest runs on the whole batch). Those layers hold the largest
+activations (block 1 expands to 96 channels at half the input resolution: 25 MB for four
+256×256 images); glibc then serves each such tensor with freshly mapped pages, 12 800 page
+faults per forward (measured), which made a batch of four 256×256 images ~1.5× slower per
+image than one. Chunks of one 256×256 image keep them in reused memory (no page faults)."""
+
+
+class _FoldedBackbone:
+    """Inference copy of a :class:`PretrainedEncoder`'s frozen stem and blocks (see the module
+    docstring). ``backbone(x)`` with x = normalized B×3×H×W → (stride-8 features, stride-16
+    features), channels-last, equal to the reference modules' to float32 rounding."""
+
+    def __init__(self, stem: nn.Sequential, blocks: nn.ModuleList, feature_blocks: tuple[int, int]):
+        self.feature_blocks = feature_blocks
+        with torch.no_grad():
+            self.stem = _FoldedConv(stem[0], stem[1], relu6=_is_relu6(stem[2]))
+            self.blocks: list[tuple[list[_FoldedConv], bool]] = []
+            for block in blocks:
+                args = block._block_args
+                relu6 = _is_relu6(block._swish)
+                layers = []
+                if args.expand_ratio != 1:
+                    layers.append(_FoldedConv(block._expand_conv, block._bn0, relu6))
+                layers.append(_FoldedConv(block._depthwise_conv, block._bn1, relu6))
+                if getattr(block, "has_se", False):
+                    raise ValueError("squeeze-and-excitation blocks are not supported")
+                layers.append(_FoldedConv(block._project_conv, block._bn2, relu6=False))
+                stride = args.stride[0] if isinstance(args.stride, (list, tuple)) else args.stride
+                skip = bool(args.id_skip) and stride == 1 and args.input_filters == args.output_filters
+                self.blocks.append((layers, skip))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.contiguous(memory_format=torch.channels_last)
+        i8, i16 = self.feature_blocks
+        per = 0  # images per chunk; 0: the whole batch at once (always when tracing: sizes vary)
+        if not torch.jit.is_tracing() and x.device.type == "cpu":
+            per = max(1, FOLDED_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+        if 0 < per < x.shape[0]:
+            f8 = torch.cat([self._run(self.stem(c), 0, i8 + 1) for c in x.split(per)])
+        else:
+            f8 = self._run(self.stem(x), 0, i8 + 1)
+        return [f8, self._run(f8, i8 + 1, i16 + 1)]
+
+    def _run(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks start … stop − 1 applied to ``h``."""
+        for layers, skip in self.blocks[start:stop]:
+            y = h
+            for layer in layers:
+                y = layer(y)
+            h = y.add_(h) if skip else y
+        return h
+
+
+def _is_relu6(module: nn.Module) -> bool:
+    if isinstance(module, nn.ReLU6):
+        return True
+    raise ValueError(f"the folded backbone supports ReLU6 activations only, got {type(module).__name__}")
+
+
+def upsample_stride16(f16: torch.Tensor, h8, w8) -> torch.Tensor:
+    """Stride-16 features → the stride-8 grid of ``h8`` × ``w8`` cells, by exactly ×2.
+
+    Bilinear with scale factor 2 (``align_corners=False``); the backbone gives floor(n/8)
+    stride-8 and floor(n/16) stride-16 cells along a side of n px, so 2·floor(n/16) is the
+    stride-8 count or one less: the missing last row/column repeats the last one (what
+    bilinear interpolation clamped at the border gives). The factor never depends on the
+    image size, so a tile starting on a multiple of 16 px gets the same values as the whole
+    image (an earlier version interpolated to the stride-8 size, a factor 2·h16/h8 ≠ 2).
+    """
+    up = F.interpolate(f16, scale_factor=2.0, mode="bilinear", align_corners=False)
+    if torch.jit.is_tracing() or up.shape[-2] != h8 or up.shape[-1] != w8:
+        up = F.pad(up, (0, 1, 0, 1), mode="replicate")[..., :h8, :w8]
+    return up
+
+
 class PretrainedEncoder(nn.Module):
     """Frozen EfficientNet-Lite0 blocks at stride 8 and 16, then PEDENet's trainable reduction.
 
     frozen_features: stem and MBConv blocks 0-10 of ImageNet-pretrained EfficientNet-Lite0
     (eval mode, no gradient); block 4 (40 channels, stride 8) and block 10 (112 channels,
-    stride 16, upsampled bilinearly to stride 8) are concatenated (C = 152), averaged over a
-    3×3 neighbourhood (local context, as in PatchCore), and standardized per channel with
-    statistics of the training features (``set_feature_stats``).
+    stride 16, upsampled bilinearly by exactly 2 to stride 8, :func:`upsample_stride16`) are
+    concatenated (C = 152), averaged over a 3×3 neighbourhood (local context, as in
+    PatchCore), and standardized per channel with statistics of the training features
+    (``set_feature_stats``).
     head: a 1×1 convolution C → D, initialized by PCA of the training features
     (``init_projection``) and then trained.
 
+    ``forward`` computes ``head(frozen_features(x))`` in a cheaper order (to float32
+    rounding): standardization and the 1×1 reduction are linear and the upsampling and 3×3
+    averaging are convex combinations, so the reduction is applied to the stride-8 and
+    stride-16 features separately, before upsampling and averaging (D instead of 152
+    channels). ``use_folded_backbone`` (default True) selects the folded backbone
+    (module docstring) instead of the reference modules; the reference path serves ONNX
+    export (onnxruntime does its own folding) and hook-based counting.
+
     Input: float32 tensor B×3×H×W, values in [0, 1] (any H, W >= 32).
-    Output: float32 tensor B×D×ceil(H/8)×ceil(W/8) (cells of 8 px).
+    Output: float32 tensor B×D×floor(H/8)×floor(W/8) (cells of 8 px; the TF "same" padding
+    of the stride-2 layers, computed for even sizes, drops a trailing odd row or column).
     """
 
     frozen = True
     feature_blocks = (4, 10)
+    use_folded_backbone = True
 
     def __init__(self, embedding_dim: int = 64, load_weights: bool = True):
         super().__init__()
@@ -132,22 +312,60 @@ class PretrainedEncoder(nn.Module):
         self.blocks.eval()
         return self
 
+    def _folded(self) -> _FoldedBackbone:
+        """The folded backbone, rebuilt when a backbone tensor was modified in place (version
+        counter), given new storage (``.to()``) or replaced (``load_state_dict(assign=True)``).
+
+        Cached as a plain attribute (not in the state dict, left out of pickles and copies).
+        """
+        cached = self.__dict__.get("_folded_cache")
+        if cached is not None:
+            slots, key, backbone = cached
+            if _tensor_key(slots) == key:
+                return backbone
+        slots = [(m._parameters, n) for part in (self.stem, self.blocks) for m in part.modules()
+                 for n, t in m._parameters.items() if t is not None]
+        slots += [(m._buffers, n) for part in (self.stem, self.blocks) for m in part.modules()
+                  for n, t in m._buffers.items() if t is not None]
+        with torch.inference_mode(False):  # ordinary tensors, usable outside inference mode
+            backbone = _FoldedBackbone(self.stem, self.blocks, self.feature_blocks)
+        self.__dict__["_folded_cache"] = (slots, _tensor_key(slots), backbone)
+        return backbone
+
+    def _use_folded(self) -> bool:
+        return bool(self.use_folded_backbone) and not torch.onnx.is_in_onnx_export()
+
+    def __getstate__(self):
+        """Pickling and deep copies leave the folded cache out (a copy rebuilds its own)."""
+        state = super().__getstate__().copy()
+        state.pop("_folded_cache", None)
+        return state
+
     @torch.no_grad()
-    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features before standardization: B×3×H×W in [0,1] → B×152×h×w."""
+    def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[block 4 output B×40×h×w (stride 8), block 10 output B×112×h'×w' (stride 16)]
+        of B×3×H×W images in [0, 1] (channels-last tensors on the folded path)."""
         if self.stem.training or self.blocks.training:
             self.stem.eval()
             self.blocks.eval()
-        h = self.stem((x - LITE_MEAN) / LITE_STD)
+        x = (x - LITE_MEAN) / LITE_STD
+        if self._use_folded():
+            return self._folded()(x)
+        h = self.stem(x)
         outs = []
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i in self.feature_blocks:
                 outs.append(h)
-        f8, f16 = outs
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        return outs
+
+    @torch.no_grad()
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features before standardization: B×3×H×W in [0,1] → B×152×h×w."""
+        f8, f16 = self.backbone_features(x)
+        f16 = upsample_stride16(f16, f8.shape[-2], f8.shape[-1])
         f = torch.cat([f8, f16], dim=1)
-        return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+        return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False).contiguous()
 
     @torch.no_grad()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +378,17 @@ class PretrainedEncoder(nn.Module):
         return self.proj(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.frozen_features(x))
+        if not self._use_folded():
+            return self.head(self.frozen_features(x))
+        # head(frozen_features(x)) reordered (class docstring): reduce, then upsample and average
+        f8, f16 = self.backbone_features(x)
+        n8, n16 = f8.shape[1], f16.shape[1]
+        weight = self.proj.weight[:, :, 0, 0] / self.feature_std  # D×152, standardization folded in
+        bias = self.proj.bias - weight @ self.feature_mean
+        y = _matmul_1x1(f8, weight[:, :n8].t(), bias)
+        y16 = _matmul_1x1(f16, weight[:, n8:n8 + n16].t(), None)
+        y = y + upsample_stride16(y16, y.shape[-2], y.shape[-1])
+        return F.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False).contiguous()
 
     @torch.no_grad()
     def set_feature_stats(self, raw: torch.Tensor) -> None:
