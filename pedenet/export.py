@@ -24,7 +24,7 @@ batch axis is dynamic, and so are H and W when ``image_size`` = 0. Model facts (
 σ, stride, normal-score quantiles, calibrated thresholds, pedenet version) are stored as metadata (ONNX
 ``metadata_props`` / TorchScript extra file ``pedenet.json``). TorchScript is a traced module
 (``torch.jit.trace``; sizes stay dynamic, tested); torch 2.13 marks ``torch.jit`` as deprecated,
-so prefer ONNX for new deployments (it is also ~5× faster on CPU, docs/benchmarks.md).
+so prefer ONNX for new deployments (it is also the fastest CPU path, docs/benchmarks.md).
 """
 
 from __future__ import annotations
