@@ -149,6 +149,16 @@ def _verbose_option(fn):
                         help="Print details: settings, stage timings, thresholds, per-image scores.")(fn)
 
 
+def _rate_options(fn):
+    """--fpr and --pixel-fpr: targets of the decisions, overriding the model's."""
+    rate = click.FloatRange(0, 1, min_open=True, max_open=True)
+    fn = click.option("--pixel-fpr", type=rate, default=None,
+                      help="Fraction of normal pixels above the pixel threshold [default: the model's].")(fn)
+    return click.option("--fpr", type=rate, default=None,
+                        help="Target false-alarm rate of the decisions [default: the one the model "
+                        "was fitted with].")(fn)
+
+
 def _thresholds_line(th: dict | None) -> str:
     if not th:
         return "no thresholds (fitted with --calibration-fraction 0): scores only"
@@ -583,10 +593,7 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave test images with an unreadable image or mask out (with a warning) "
               "instead of stopping.")
-@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
-@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Fraction of normal pixels above the pixel threshold [default: the model's].")
+@_rate_options
 @click.option("--report", is_flag=True, default=False, show_default=True,
               help="Write RUN_DIR/report.html: metrics, ROC and PRO curves, score histograms, "
               "a gallery of the worst errors (self-contained, opens offline).")
@@ -620,10 +627,7 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png and scores.csv.")
 @click.option("--format", "fmt", type=click.Choice(["npy", "tiff"]), default="npy",
               show_default=True, help="File format of the raw float32 anomaly maps.")
-@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Target false-alarm rate of the decisions [default: the one the model was fitted with].")
-@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Fraction of normal pixels above the pixel threshold [default: the model's].")
+@_rate_options
 @click.option("--report", is_flag=True, default=False, show_default=True,
               help="Write OUT/report.html: scores, histogram with the threshold, gallery "
               "(self-contained, opens offline).")
