@@ -281,6 +281,39 @@ class _SortedPixels:
         return self.scores[idx], self.payload[idx[: i1 - i0]]
 
 
+def _sweep(sp: "_SortedPixels", inv_sizes: np.ndarray, need_weights):
+    """The descending sweep over the sorted pixels, one chunk at a time.
+
+    Yields, per chunk, the curve points at the last index of each group of tied scores:
+    ``(tp, fp, w)``: int64 anomalous / normal pixel counts so far (exact), and float64 running
+    sums of 1/region_size over anomalous pixels, or None when ``need_weights()`` (asked once
+    per chunk) is False. Memory beyond the sorted keys is O(chunk).
+    """
+    n = sp.n
+    cum_tp = 0  # anomalous pixels before the chunk
+    cum_w = 0.0  # summed region weights before the chunk
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(i0 + _CHUNK, n)
+        g, p = sp.chunk(i0, i1, min(i1 + 1, n))
+        is_end = np.empty(i1 - i0, dtype=bool)
+        np.not_equal(g[: i1 - i0 - 1], g[1 : i1 - i0], out=is_end[:-1])
+        is_end[-1] = True if i1 == n else bool(g[i1 - i0 - 1] != g[i1 - i0])
+        del g
+        idx = np.flatnonzero(is_end)
+        del is_end
+        cum = np.cumsum(p != 0, dtype=np.int64)
+        w = None
+        if need_weights():
+            w = np.cumsum(inv_sizes[p])
+            w += cum_w
+            cum_w = float(w[-1])
+        if idx.size:
+            tp = cum[idx] + cum_tp
+            yield tp, (idx + (i0 + 1)) - tp, (None if w is None else w[idx])
+        cum_tp += int(cum[-1])
+        del p, cum, idx
+
+
 def _pixel_pass(map_list, mask_list, limits: list[float]) -> dict:
     """Sweep all distinct thresholds once (descending) and reduce every pixel metric.
 
@@ -304,43 +337,22 @@ def _pixel_pass(map_list, mask_list, limits: list[float]) -> dict:
 
     auc_sum = 0.0
     f1_best = 0.0
-    cum_tp = 0  # anomalous pixels before the chunk
-    cum_w = 0.0  # summed region weights before the chunk
     prev_tp = prev_fp = 0  # last curve point
-    for i0 in range(0, n, _CHUNK):
-        i1 = min(i0 + _CHUNK, n)
-        g, p = sp.chunk(i0, i1, min(i1 + 1, n))
-        is_end = np.empty(i1 - i0, dtype=bool)
-        np.not_equal(g[: i1 - i0 - 1], g[1 : i1 - i0], out=is_end[:-1])
-        is_end[-1] = True if i1 == n else bool(g[i1 - i0 - 1] != g[i1 - i0])
-        del g
-        idx = np.flatnonzero(is_end)
-        del is_end
-        cum = np.cumsum(p != 0, dtype=np.int64)
-        pro_open = any(not a.done for a in pro_areas)
-        if pro_open:
-            w = np.cumsum(inv_sizes[p])
-            w += cum_w
-            cum_w = float(w[-1])
-        if idx.size:
-            tp = cum[idx] + cum_tp
-            fp = (idx + (i0 + 1)) - tp
-            tp_f = tp.astype(np.float64)
-            fp_f = fp.astype(np.float64)
-            # ROC trapezoids: dFP * (TP + TP_prev) / 2 -- integer-valued products.
-            d_fp = np.diff(fp_f, prepend=float(prev_fp))
-            s_tp = tp_f + np.concatenate(([float(prev_tp)], tp_f[:-1]))
-            auc_sum += float(np.dot(d_fp, s_tp))
-            if n_pos:
-                f1_best = max(f1_best, float(np.max(2.0 * tp_f / (tp_f + fp_f + n_pos))))
-            if pro_open:
-                fpr = fp_f / n_neg
-                pro = np.clip(w[idx] / n_regions, 0.0, 1.0)
-                for a in pro_areas:
-                    a.add(fpr, pro)
-            prev_tp, prev_fp = int(tp[-1]), int(fp[-1])
-        cum_tp += int(cum[-1])
-        del p, cum, idx
+    for tp, fp, w in _sweep(sp, inv_sizes, lambda: any(not a.done for a in pro_areas)):
+        tp_f = tp.astype(np.float64)
+        fp_f = fp.astype(np.float64)
+        # ROC trapezoids: dFP * (TP + TP_prev) / 2 -- integer-valued products.
+        d_fp = np.diff(fp_f, prepend=float(prev_fp))
+        s_tp = tp_f + np.concatenate(([float(prev_tp)], tp_f[:-1]))
+        auc_sum += float(np.dot(d_fp, s_tp))
+        if n_pos:
+            f1_best = max(f1_best, float(np.max(2.0 * tp_f / (tp_f + fp_f + n_pos))))
+        if w is not None:
+            fpr = fp_f / n_neg
+            pro = np.clip(w / n_regions, 0.0, 1.0)
+            for a in pro_areas:
+                a.add(fpr, pro)
+        prev_tp, prev_fp = int(tp[-1]), int(fp[-1])
 
     return {
         "n_pos": n_pos,
@@ -642,26 +654,11 @@ def pro_curve(maps, masks, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarr
     sp = _SortedPixels(map_list, payloads, _score_dtype(map_list))
     del payloads
     xs, ys = [np.zeros(1)], [np.zeros(1)]
-    cum_tp, cum_w = 0, 0.0
-    for i0 in range(0, n, _CHUNK):  # same sweep as _pixel_pass, stopping past the limit
-        i1 = min(i0 + _CHUNK, n)
-        g, p = sp.chunk(i0, i1, min(i1 + 1, n))
-        is_end = np.empty(i1 - i0, dtype=bool)
-        np.not_equal(g[: i1 - i0 - 1], g[1 : i1 - i0], out=is_end[:-1])
-        is_end[-1] = True if i1 == n else bool(g[i1 - i0 - 1] != g[i1 - i0])
-        idx = np.flatnonzero(is_end)
-        cum = np.cumsum(p != 0, dtype=np.int64)
-        w = np.cumsum(inv_sizes[p])
-        w += cum_w
-        cum_w = float(w[-1])
-        if idx.size:
-            tp = cum[idx] + cum_tp
-            fp = (idx + (i0 + 1)) - tp
-            xs.append(fp.astype(np.float64) / n_neg)
-            ys.append(np.clip(w[idx] / n_regions, 0.0, 1.0))
-            if xs[-1][-1] > lim:
-                break
-        cum_tp += int(cum[-1])
+    for tp, fp, w in _sweep(sp, inv_sizes, lambda: True):  # the sweep of _pixel_pass
+        xs.append(fp.astype(np.float64) / n_neg)
+        ys.append(np.clip(w / n_regions, 0.0, 1.0))
+        if xs[-1][-1] > lim:
+            break
     fpr, pro = np.concatenate(xs), np.concatenate(ys)
     k = int(np.searchsorted(fpr, lim, side="right"))  # fpr[:k] <= lim
     if k < fpr.size and fpr[k - 1] < lim:
