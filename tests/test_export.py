@@ -81,12 +81,17 @@ def _check(model, arr, amap, score):
     return err
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt):
+def _exported(model, tmp_path, fmt):
+    """Export ``model`` as ``fmt``; return the file and the function that runs it."""
     if fmt == "onnx":
         pytest.importorskip("onnx")
-    path = export_model(scratch64, tmp_path / f"m.{fmt}", fmt)
-    run = _run_onnx if fmt == "onnx" else _run_torchscript
+    path = export_model(model, tmp_path / f"m.{fmt}", fmt)
+    return path, (_run_onnx if fmt == "onnx" else _run_torchscript)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt):
+    path, run = _exported(scratch64, tmp_path, fmt)
     arrs = _test_images(images, [])
     for arr in arrs:
         x = to_tensor(arr, 64).numpy()
@@ -105,10 +110,7 @@ def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt)
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_any_size_when_image_size_is_zero(pretrained_native, images, tmp_path, fmt):
-    if fmt == "onnx":
-        pytest.importorskip("onnx")
-    path = export_model(pretrained_native, tmp_path / f"m.{fmt}", fmt)
-    run = _run_onnx if fmt == "onnx" else _run_torchscript
+    path, run = _exported(pretrained_native, tmp_path, fmt)
     for arr in _test_images(images, [(70, 90), (41, 120)]):
         x = to_tensor(arr, 0).numpy()
         amap, score = run(path, x)
