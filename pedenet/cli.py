@@ -686,10 +686,17 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
            f"overlay colour range {vmin} to {vmax} (energy)")
     t_start = time.perf_counter()
     rows, kept_maps, top = [], [], []
-    results = model.iter_predict(images)
+    loaded: dict[int, np.ndarray] = {}  # decoded once: for the model and for the overlay
+
+    def decoded():  # runs in iter_predict's reader thread, at most 2 × batch ahead
+        for i, path in enumerate(images):
+            loaded[i] = load_image(path)
+            yield loaded[i]
+
+    results = model.iter_predict(decoded())
     for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
         path, name = images[i], names[i]
-        image = load_image(path)
+        image = loaded.pop(i)
         lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
         row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
         if th is not None:
