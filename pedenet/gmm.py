@@ -20,6 +20,8 @@ import math
 import torch
 
 _MIN_WEIGHT = 1e-12
+_CHUNK_ROWS = 1024
+"""Rows of z scored per matrix product in ``GaussianMixture.log_prob_components``."""
 
 
 def ridge_of(cov: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -50,7 +52,7 @@ def gmm_params(z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class GaussianMixture:
-    """Fixed mixture (φ, μ, Σ) ready to score embeddings; Cholesky factors precomputed.
+    """Fixed mixture (φ, μ, Σ) ready to score embeddings; Cholesky factors and inverses precomputed.
 
     Args:
         phi: K mixture weights (sum 1). mu: K×D means. cov: K×D×D covariances.
@@ -71,6 +73,14 @@ class GaussianMixture:
         if bool((info != 0).any()):
             raise ValueError("a mixture covariance is not positive definite even after the ridge")
         self.chol = chol
+        # Mahalanobis terms as one matrix product (see log_prob_components): the inverse
+        # Cholesky factors L_k⁻¹ stacked into W ((K·D)×D), the offsets L_k⁻¹(μ_k − c) and the
+        # centre c (the mean of the means; it only keeps z − c small, any c gives the same y).
+        eye_k = torch.eye(d, dtype=torch.float64, device=cov.device).expand(k, d, d)
+        self.chol_inv = torch.linalg.solve_triangular(chol, eye_k, upper=False)  # K×D×D
+        self._centre = mu.detach().mean(0)
+        self._w = self.chol_inv.reshape(k * d, d)
+        self._offset = (self.chol_inv @ (mu - self._centre)[:, :, None]).reshape(k * d)
         self.log_norm = (
             torch.log(phi.clamp_min(_MIN_WEIGHT))
             - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
@@ -81,12 +91,22 @@ class GaussianMixture:
         return GaussianMixture(self.phi.to(device), self.mu.to(device), self.cov.to(device), self.ridge)
 
     def log_prob_components(self, z: torch.Tensor) -> torch.Tensor:
-        """log φ_k + log N(z | μ_k, Σ_k): N×D → N×K float64."""
+        """log φ_k + log N(z | μ_k, Σ_k): N×D → N×K float64 (differentiable in z and in φ, μ, Σ).
+
+        The Mahalanobis terms ‖L_k⁻¹(z − μ_k)‖² of all K components come from one product
+        y = (z − c) Wᵀ − b (N×K·D, float64; W, b precomputed), squared and summed per block
+        of D columns, :data:`_CHUNK_ROWS` rows at a time (bounded memory, and faster on CPU
+        than one product over a whole batch). Equal to a triangular solve per component to
+        ~1e-15 relative and 2-3× faster on CPU; float32 would be faster still but misses
+        1e-6 of the energy on ill-conditioned covariances (tests/test_gmm_speed.py).
+        """
         z = z.double()
-        diff = z[None, :, :] - self.mu[:, None, :]  # K×N×D
-        y = torch.linalg.solve_triangular(self.chol, diff.transpose(1, 2), upper=False)  # K×D×N
-        maha = (y * y).sum(1)  # K×N
-        return (self.log_norm[:, None] - 0.5 * maha).T
+        k, d = self.mu.shape
+        parts = []
+        for start in range(0, max(len(z), 1), _CHUNK_ROWS):
+            y = torch.addmm(self._offset, z[start:start + _CHUNK_ROWS] - self._centre, self._w.T, beta=-1)
+            parts.append(self.log_norm - 0.5 * (y * y).reshape(-1, k, d).sum(-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """Sample energy E(z) = −log Σ_k φ_k N(z|μ_k,Σ_k) (DAGMM eq. 6): N×D → N float64."""

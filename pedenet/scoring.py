@@ -8,7 +8,9 @@ borders), then Gaussian smoothing with σ = ``smoothing_sigma`` pixels of the pr
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -110,10 +112,45 @@ def grid_to_map(
         float32 H×W anomaly map: bilinear interpolation from the patch centres (clamped at
         the borders), then ``scipy.ndimage.gaussian_filter(…, sigma=(σ·H/H', σ·W/W'),
         mode="nearest", truncate=4)``, computed in float64 as two matrix products
-        (:func:`map_operators`; equal to the filter to rounding, and ~5× faster).
+        (:func:`map_operators`; equal to the filter to rounding, and ~5× faster) on one
+        BLAS thread (:func:`_one_blas_thread`).
     """
     grid = np.asarray(grid, dtype=np.float64)
     my, mx = map_operators(tuple(int(n) for n in grid.shape), float(stride), float(offset),
                            tuple(int(n) for n in processed_size), tuple(int(n) for n in original_size),
                            float(sigma))
-    return (my @ grid @ mx.T).astype(np.float32)
+    with _BLAS_LOCK, _one_blas_thread():
+        out = my @ grid @ mx.T
+    return out.astype(np.float32)
+
+
+_BLAS_LOCK = threading.Lock()
+_blas_controller = None  # threadpoolctl's view of the loaded BLAS libraries; False if unavailable
+
+
+def _one_blas_thread():
+    """Context limiting the BLAS behind numpy to one thread (threadpoolctl ≥ 3.0, a dependency
+    of scikit-learn; without it, a no-op).
+
+    :func:`grid_to_map`'s products are tiny (~2·10⁶ multiply-adds at 256×256): with more
+    threads, OpenBLAS wakes worker threads for the second one, and they keep spinning after
+    it, taking the cores from torch's threads during the next encoder pass (on 2 cores
+    ``PEDENet.anomaly_map`` took about twice as long). Multiplying with torch avoids the
+    spinning as well and was as fast in most measurements, but its 2-thread products can
+    wait for a free core on a busy machine (in one comparison on 2 shared cores, median
+    anomaly map ~52 ms against ~35-40 ms here). The limit is process-wide while it lasts;
+    ``_BLAS_LOCK`` keeps concurrent :func:`grid_to_map` calls from restoring it out of order.
+    """
+    global _blas_controller
+    if _blas_controller is None:
+        try:
+            import warnings
+
+            from threadpoolctl import ThreadpoolController
+
+            with warnings.catch_warnings():  # e.g. about OpenMP runtimes, irrelevant to BLAS
+                warnings.simplefilter("ignore")
+                _blas_controller = ThreadpoolController().select(user_api="blas")
+        except Exception:  # noqa: BLE001 - missing or older threadpoolctl: leave BLAS as it is
+            _blas_controller = False
+    return _blas_controller.limit(limits=1) if _blas_controller else contextlib.nullcontext()

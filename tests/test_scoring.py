@@ -48,3 +48,51 @@ def test_to_tensor_resizes_and_keeps_range():
     native = to_tensor(img, 0)
     assert native.shape == (1, 3, 50, 70)
     np.testing.assert_array_equal(native[0].permute(1, 2, 0).numpy(), img)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("with_threadpoolctl", [True, False])
+def test_grid_to_map_is_the_float64_operator_products_on_one_blas_thread(monkeypatch, with_threadpoolctl):
+    """The two products run with numpy's BLAS limited to one thread (no spinning BLAS workers
+    left to slow the next encoder pass), give ``My @ grid @ Mx.T`` in float64 rounded to
+    float32 as before, for any input layout, and leave the BLAS thread counts as they were;
+    without threadpoolctl they run unlimited, with the same result."""
+    from pedenet import scoring
+
+    monkeypatch.setattr(scoring, "_blas_controller", None if with_threadpoolctl else False)
+    seen = []
+    real = scoring._one_blas_thread
+
+    class Spy:
+        def __init__(self):
+            self.inner = real()
+
+        def __enter__(self):
+            self.inner.__enter__()
+            seen.append([n for _, n in _blas_threads()])
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(scoring, "_one_blas_thread", Spy)
+    grid = np.random.default_rng(3).random((20, 36)) * 500 + 40
+    kw = dict(stride=8, offset=7.5, processed_size=(160, 288), original_size=(301, 517), sigma=4)
+    my, mx = scoring.map_operators((20, 36), 8.0, 7.5, (160, 288), (301, 517), 4.0)
+    before = _blas_threads()
+    read_only = grid.copy()
+    read_only.setflags(write=False)
+    for g in (grid, read_only, np.asfortranarray(grid), grid.tolist()):
+        amap = scoring.grid_to_map(g, **kw)
+        assert amap.shape == (301, 517) and amap.dtype == np.float32
+        np.testing.assert_allclose(amap, (my @ grid @ mx.T).astype(np.float32), rtol=1.2e-7, atol=0)  # 1 ulp
+    assert _blas_threads() == before
+    assert len(seen) == 4
+    if with_threadpoolctl:
+        assert all(n == [1] * len(before) for n in seen)
+    else:
+        assert all(n == [t for _, t in before] for n in seen)
