@@ -27,6 +27,11 @@ class PEDENetConfig:
         patch_size: side of a patch in pixels of the processed image. For ``scratch`` it is
             the encoder's receptive field (32 or 64). For ``pretrained`` it sets the distance
             between the two patches of an LP pair.
+        feature_blocks: the EfficientNet-Lite0 blocks whose outputs form the pretrained
+            encoder's features (``pretrained`` only): the first at stride 8 (3 or 4), others
+            at stride 16 (5-10) or 32 (11-15). Default 4, 10, 14, 15 (664 channels), chosen on
+            validation images (docs/ablations.md); checkpoints saved before this setting
+            existed use 4, 10.
         image_size: the processed size (pixels, square side) every image is resized to
             before encoding; 0 keeps each image's native size.
         de_hidden: width of the membership network's hidden layer.
@@ -65,9 +70,10 @@ class PEDENetConfig:
     """
 
     encoder: str = "pretrained"
-    embedding_dim: int = 64
+    embedding_dim: int = 128
     n_components: int = 10
     patch_size: int = 32
+    feature_blocks: tuple = (4, 10, 14, 15)
     image_size: int = 256
     de_hidden: int = 32
     ridge: float = 1e-3
@@ -100,6 +106,9 @@ class PEDENetConfig:
         for name in ("target_fpr", "pixel_fpr"):
             if not 0.0 < float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        from .encoders import check_feature_blocks
+
+        self.feature_blocks = check_feature_blocks(self.feature_blocks)
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder == "scratch" and self.patch_size not in (32, 64):
@@ -127,6 +136,14 @@ class PEDENetConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PEDENetConfig":
-        """Build from a dict, ignoring unknown keys (older/newer checkpoints)."""
+        """Build from a dict, ignoring unknown keys (older/newer checkpoints).
+
+        A dict without ``feature_blocks`` (saved before it was a setting) gets the blocks
+        those versions used, (4, 10), not today's default.
+        """
+        from .encoders import LEGACY_FEATURE_BLOCKS
+
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        values = {k: v for k, v in values.items() if k in known}
+        values.setdefault("feature_blocks", LEGACY_FEATURE_BLOCKS)
+        return cls(**values)

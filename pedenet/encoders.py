@@ -191,10 +191,11 @@ image than one. Chunks of one 256×256 image keep them in reused memory (no page
 
 class _FoldedBackbone:
     """Inference copy of a :class:`PretrainedEncoder`'s frozen stem and blocks (see the module
-    docstring). ``backbone(x)`` with x = normalized B×3×H×W → (stride-8 features, stride-16
-    features), channels-last, equal to the reference modules' to float32 rounding."""
+    docstring). ``backbone(x)`` with x = normalized B×3×H×W → the output of each of
+    ``feature_blocks`` (stride 8 first), channels-last, equal to the reference modules' to
+    float32 rounding."""
 
-    def __init__(self, stem: nn.Sequential, blocks: nn.ModuleList, feature_blocks: tuple[int, int]):
+    def __init__(self, stem: nn.Sequential, blocks: nn.ModuleList, feature_blocks: tuple[int, ...]):
         self.feature_blocks = feature_blocks
         with torch.no_grad():
             self.stem = _FoldedConv(stem[0], stem[1], relu6=_is_relu6(stem[2]))
@@ -215,7 +216,7 @@ class _FoldedBackbone:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
-        i8, i16 = self.feature_blocks
+        i8 = self.feature_blocks[0]
         per = 0  # images per chunk; 0: the whole batch at once (always when tracing: sizes vary)
         if not torch.jit.is_tracing() and x.device.type == "cpu":
             per = max(1, FOLDED_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
@@ -223,7 +224,10 @@ class _FoldedBackbone:
             f8 = torch.cat([self._run(self.stem(c), 0, i8 + 1) for c in x.split(per)])
         else:
             f8 = self._run(self.stem(x), 0, i8 + 1)
-        return [f8, self._run(f8, i8 + 1, i16 + 1)]
+        outs = [f8]
+        for start, stop in zip(self.feature_blocks[:-1], self.feature_blocks[1:]):
+            outs.append(self._run(outs[-1], start + 1, stop + 1))
+        return outs
 
     def _run(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Blocks start … stop − 1 applied to ``h``."""
@@ -241,39 +245,72 @@ def _is_relu6(module: nn.Module) -> bool:
     raise ValueError(f"the folded backbone supports ReLU6 activations only, got {type(module).__name__}")
 
 
-def upsample_stride16(f16: torch.Tensor, h8, w8) -> torch.Tensor:
-    """Stride-16 features → the stride-8 grid of ``h8`` × ``w8`` cells, by exactly ×2.
+def upsample_to_grid(f: torch.Tensor, factor: int, h8: int, w8: int) -> torch.Tensor:
+    """Features of a deeper block → the stride-8 grid of ``h8`` × ``w8`` cells, by exactly ``factor``.
 
-    Bilinear with scale factor 2 (``align_corners=False``); the backbone gives floor(n/8)
-    stride-8 and floor(n/16) stride-16 cells along a side of n px, so 2·floor(n/16) is the
-    stride-8 count or one less: the missing last row/column repeats the last one (what
-    bilinear interpolation clamped at the border gives). The factor never depends on the
-    image size, so a tile starting on a multiple of 16 px gets the same values as the whole
-    image (an earlier version interpolated to the stride-8 size, a factor 2·h16/h8 ≠ 2).
+    Bilinear with scale factor ``factor`` (2 for stride-16 blocks, 4 for stride-32 blocks;
+    ``align_corners=False``). The backbone gives floor(n/8) stride-8 cells and
+    floor(n/(8·factor)) deeper cells along a side of n px, so the upsampled count is the
+    stride-8 count or up to ``factor`` − 1 fewer: the missing last rows/columns repeat the
+    last one (what bilinear interpolation clamped at the border gives). The factor never
+    depends on the image size, so a tile starting on a multiple of the deepest stride gets the
+    same values as the whole image (an earlier version interpolated to the stride-8 size, a
+    factor that varied with the size).
     """
-    up = F.interpolate(f16, scale_factor=2.0, mode="bilinear", align_corners=False)
+    if factor == 1:
+        return f
+    up = F.interpolate(f, scale_factor=float(factor), mode="bilinear", align_corners=False)
     if torch.jit.is_tracing() or up.shape[-2] != h8 or up.shape[-1] != w8:
-        up = F.pad(up, (0, 1, 0, 1), mode="replicate")[..., :h8, :w8]
+        up = F.pad(up, (0, factor - 1, 0, factor - 1), mode="replicate")[..., :h8, :w8]
     return up
 
 
-class PretrainedEncoder(nn.Module):
-    """Frozen EfficientNet-Lite0 blocks at stride 8 and 16, then PEDENet's trainable reduction.
+def upsample_stride16(f16: torch.Tensor, h8, w8) -> torch.Tensor:
+    """Stride-16 features → the stride-8 grid by exactly ×2 (:func:`upsample_to_grid`)."""
+    return upsample_to_grid(f16, 2, h8, w8)
 
-    frozen_features: stem and MBConv blocks 0-10 of ImageNet-pretrained EfficientNet-Lite0
-    (eval mode, no gradient); block 4 (40 channels, stride 8) and block 10 (112 channels,
-    stride 16, upsampled bilinearly by exactly 2 to stride 8, :func:`upsample_stride16`) are
-    concatenated (C = 152), averaged over a 3×3 neighbourhood (local context, as in
-    PatchCore), and standardized per channel with statistics of the training features
-    (``set_feature_stats``).
+
+# Stride (pixels) of the output of each MBConv block of EfficientNet-Lite0, and its channels.
+BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
+BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)
+LEGACY_FEATURE_BLOCKS = (4, 10)
+"""The blocks of checkpoints saved before ``feature_blocks`` was a setting."""
+
+
+def check_feature_blocks(blocks) -> tuple[int, ...]:
+    """Validate a choice of backbone blocks: sorted, distinct, in 3-15, the first at stride 8.
+
+    Returns the blocks as a tuple of ints. Raises ValueError naming what is wrong.
+    """
+    try:
+        out = tuple(int(b) for b in blocks)
+    except (TypeError, ValueError):
+        raise ValueError(f"feature_blocks must be a list of block numbers, got {blocks!r}") from None
+    if not out or list(out) != sorted(set(out)) or out[0] < 3 or out[-1] > 15:
+        raise ValueError(f"feature_blocks must be increasing block numbers in 3-15, got {list(out)}")
+    if BLOCK_STRIDES[out[0]] != 8:
+        raise ValueError(f"the first of feature_blocks must be a stride-8 block (3 or 4), got {out[0]}")
+    return out
+
+
+class PretrainedEncoder(nn.Module):
+    """Frozen EfficientNet-Lite0 blocks at stride 8, 16 and 32, then PEDENet's trainable reduction.
+
+    frozen_features: the stem and MBConv blocks of ImageNet-pretrained EfficientNet-Lite0 up
+    to the last of ``feature_blocks`` (eval mode, no gradient). The outputs of
+    ``feature_blocks`` (default 4, 10, 14, 15: 40 channels at stride 8, 112 at stride 16, 192
+    and 320 at stride 32; see :data:`BLOCK_STRIDES`, :data:`BLOCK_CHANNELS`) are upsampled
+    bilinearly by exact factors to the stride-8 grid (:func:`upsample_to_grid`),
+    concatenated (C = 664 by default; 152 for the blocks 4 and 10 of older checkpoints),
+    averaged over a 3×3 neighbourhood (local context, as in PatchCore), and standardized
+    per channel with statistics of the training features (``set_feature_stats``).
     head: a 1×1 convolution C → D, initialized by PCA of the training features
     (``init_projection``) and then trained.
 
     ``forward`` computes ``head(frozen_features(x))`` in a cheaper order (to float32
     rounding): standardization and the 1×1 reduction are linear and the upsampling and 3×3
     averaging are convex combinations, so the reduction is applied to the stride-8 and
-    stride-16 features separately, before upsampling and averaging (D instead of 152
-    channels). ``use_folded_backbone`` (default True) selects the folded backbone
+    deeper features separately, before upsampling and averaging (D instead of C channels). ``use_folded_backbone`` (default True) selects the folded backbone
     (module docstring) instead of the reference modules; the reference path serves ONNX
     export (onnxruntime does its own folding) and hook-based counting.
 
@@ -283,11 +320,12 @@ class PretrainedEncoder(nn.Module):
     """
 
     frozen = True
-    feature_blocks = (4, 10)
     use_folded_backbone = True
 
-    def __init__(self, embedding_dim: int = 64, load_weights: bool = True):
+    def __init__(self, embedding_dim: int = 64, load_weights: bool = True,
+                 feature_blocks=LEGACY_FEATURE_BLOCKS):
         super().__init__()
+        self.feature_blocks = check_feature_blocks(feature_blocks)
         net = _efficientnet_lite0() if load_weights else _lite0_architecture()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: self.feature_blocks[-1] + 1])
@@ -297,7 +335,9 @@ class PretrainedEncoder(nn.Module):
         # is off, also while training features are cached (modules are built in train mode)
         self.stem.eval()
         self.blocks.eval()
-        self.n_features = 40 + 112
+        self.n_features = sum(BLOCK_CHANNELS[b] for b in self.feature_blocks)
+        self.factors = tuple(BLOCK_STRIDES[b] // 8 for b in self.feature_blocks)
+        self.max_stride = max(BLOCK_STRIDES[b] for b in self.feature_blocks)
         self.register_buffer("feature_mean", torch.zeros(self.n_features))
         self.register_buffer("feature_std", torch.ones(self.n_features))
         self.proj = nn.Conv2d(self.n_features, embedding_dim, 1)
@@ -343,8 +383,8 @@ class PretrainedEncoder(nn.Module):
 
     @torch.no_grad()
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[block 4 output B×40×h×w (stride 8), block 10 output B×112×h'×w' (stride 16)]
-        of B×3×H×W images in [0, 1] (channels-last tensors on the folded path)."""
+        """The output of each of ``feature_blocks`` (B×C_i×floor(H/s_i)×floor(W/s_i), stride
+        s_i = 8, 16 or 32) for B×3×H×W images in [0, 1] (channels-last on the folded path)."""
         if self.stem.training or self.blocks.training:
             self.stem.eval()
             self.blocks.eval()
@@ -361,45 +401,47 @@ class PretrainedEncoder(nn.Module):
 
     @torch.no_grad()
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features before standardization: B×3×H×W in [0,1] → B×152×h×w."""
-        f8, f16 = self.backbone_features(x)
-        f16 = upsample_stride16(f16, f8.shape[-2], f8.shape[-1])
-        f = torch.cat([f8, f16], dim=1)
+        """Backbone features before standardization: B×3×H×W in [0,1] → B×C×h×w."""
+        fs = self.backbone_features(x)
+        h, w = fs[0].shape[-2:]
+        f = torch.cat([upsample_to_grid(f, k, h, w) for f, k in zip(fs, self.factors)], dim=1)
         return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False).contiguous()
 
     @torch.no_grad()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardized backbone features: B×3×H×W in [0,1] → B×152×h×w."""
+        """Standardized backbone features: B×3×H×W in [0,1] → B×C×h×w."""
         f = self.raw_features(x)
         return (f - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     def head(self, f: torch.Tensor) -> torch.Tensor:
-        """Trainable reduction: B×152×h×w → B×D×h×w."""
+        """Trainable reduction: B×C×h×w → B×D×h×w."""
         return self.proj(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_folded():
             return self.head(self.frozen_features(x))
         # head(frozen_features(x)) reordered (class docstring): reduce, then upsample and average
-        f8, f16 = self.backbone_features(x)
-        n8, n16 = f8.shape[1], f16.shape[1]
-        weight = self.proj.weight[:, :, 0, 0] / self.feature_std  # D×152, standardization folded in
+        fs = self.backbone_features(x)
+        weight = self.proj.weight[:, :, 0, 0] / self.feature_std  # D×C, standardization folded in
         bias = self.proj.bias - weight @ self.feature_mean
-        y = _matmul_1x1(f8, weight[:, :n8].t(), bias)
-        y16 = _matmul_1x1(f16, weight[:, n8:n8 + n16].t(), None)
-        y = y + upsample_stride16(y16, y.shape[-2], y.shape[-1])
+        y = _matmul_1x1(fs[0], weight[:, :fs[0].shape[1]].t(), bias)
+        start = fs[0].shape[1]
+        for f, k in zip(fs[1:], self.factors[1:]):
+            yk = _matmul_1x1(f, weight[:, start:start + f.shape[1]].t(), None)
+            y = y + upsample_to_grid(yk, k, y.shape[-2], y.shape[-1])
+            start += f.shape[1]
         return F.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False).contiguous()
 
     @torch.no_grad()
     def set_feature_stats(self, raw: torch.Tensor) -> None:
-        """Per-channel mean and std from raw training features N×152 (float)."""
+        """Per-channel mean and std from raw training features N×C (float)."""
         raw = raw.double()
         self.feature_mean.copy_(raw.mean(0).float())
         self.feature_std.copy_(raw.std(0).clamp_min(1e-6).float())
 
     @torch.no_grad()
     def init_projection(self, feats: torch.Tensor) -> None:
-        """Set the 1×1 reduction to the top-D principal axes of standardized features N×152."""
+        """Set the 1×1 reduction to the top-D principal axes of standardized features N×C."""
         feats = feats.double()
         centered = feats - feats.mean(0)
         cov = centered.T @ centered / max(len(feats) - 1, 1)
@@ -416,13 +458,15 @@ def _lite0_architecture() -> nn.Module:
     return EfficientNet.from_name("efficientnet-lite0")
 
 
-def build_encoder(kind: str, embedding_dim: int, patch_size: int, load_weights: bool = True) -> nn.Module:
-    """Encoder by name: ``"pretrained"`` → PretrainedEncoder, ``"scratch"`` → ScratchEncoder.
+def build_encoder(kind: str, embedding_dim: int, patch_size: int, load_weights: bool = True,
+                  feature_blocks=LEGACY_FEATURE_BLOCKS) -> nn.Module:
+    """Encoder by name: ``"pretrained"`` → PretrainedEncoder (with ``feature_blocks``),
+    ``"scratch"`` → ScratchEncoder.
 
-    Raises ValueError for an unknown kind.
+    Raises ValueError for an unknown kind or invalid ``feature_blocks``.
     """
     if kind == "pretrained":
-        return PretrainedEncoder(embedding_dim, load_weights=load_weights)
+        return PretrainedEncoder(embedding_dim, load_weights=load_weights, feature_blocks=feature_blocks)
     if kind == "scratch":
         return ScratchEncoder(embedding_dim, patch_size)
     raise ValueError(f"unknown encoder {kind!r}; choose 'pretrained' or 'scratch'")

@@ -16,12 +16,13 @@ from .encoders import ScratchEncoder, build_encoder
 from .gmm import GaussianMixture
 
 # Context (pixels) kept around each tile's own cells when the pretrained encoder runs tiled
-# (``max_tile``): its zero padding reaches this far into a tile before the features agree with
-# the untiled ones to ~1e-3 of their spread (measured: the difference decays from ~2.5 std at
-# the edge to 1e-2 at 136 px and 1e-3 at 152 px).
-PRETRAINED_TILE_MARGIN = 160
-# Tile starts are aligned to this many pixels for the pretrained encoder (its deepest stride).
-PRETRAINED_TILE_ALIGN = 16
+# (``max_tile``), by the deepest stride of its feature blocks: the backbone's zero padding
+# reaches this far into a tile before the features agree with the untiled ones. Blocks up to
+# stride 16 (4, 10): the difference decays from ~2.5 std at the edge to 1e-2 at 136 px and
+# 1e-3 at 152 px. With stride-32 blocks (4, 10, 14, 15; max over channels, in channel std):
+# 7.3 at the edge, 1.0 at 160 px, 0.14-0.21 at 256 px, 1.3e-2 at 320 px.
+PRETRAINED_TILE_MARGIN = {16: 160, 32: 320}
+# Tile starts are aligned to the deepest stride of the pretrained encoder's feature blocks.
 
 # The 8 neighbour directions (row, col) of the LP task, in the order of the LP classes.
 DIRECTIONS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
@@ -70,7 +71,8 @@ class PEDENetNetwork(nn.Module):
     def __init__(self, config: PEDENetConfig, load_weights: bool = True):
         super().__init__()
         self.config = config
-        self.encoder = build_encoder(config.encoder, config.embedding_dim, config.patch_size, load_weights)
+        self.encoder = build_encoder(config.encoder, config.embedding_dim, config.patch_size, load_weights,
+                                     config.feature_blocks)
         self.membership = MembershipNetwork(config.embedding_dim, config.n_components, config.de_hidden)
         self.location = LocationHead(config.embedding_dim)
         self.mixture: GaussianMixture | None = None
@@ -104,7 +106,8 @@ class PEDENetNetwork(nn.Module):
         the energy grids of the tiles' own cells are stitched. ``scratch``: identical to the
         untiled grid (no padding; tiles overlap by patch_size − stride and start on the
         stride). ``pretrained``: tiles keep ``PRETRAINED_TILE_MARGIN`` px of context on
-        inner sides, so cells agree with the untiled pass to a small tolerance (the
+        inner sides, so cells agree with the untiled pass to a small tolerance (~1e-4 of the
+        energy's spread with blocks up to stride 16, ~2e-3 with the default stride-32 blocks; the
         backbone's zero padding at a tile edge and its very wide receptive field make exact
         agreement impossible).
         """
@@ -134,7 +137,9 @@ class PEDENetNetwork(nn.Module):
         enc = self.encoder
         if isinstance(enc, ScratchEncoder):  # cell c reads exactly [s·c, s·c + p)
             return 0, enc.patch_size - enc.stride, enc.stride
-        return PRETRAINED_TILE_MARGIN, PRETRAINED_TILE_MARGIN, PRETRAINED_TILE_ALIGN
+        stride = max(16, enc.max_stride)
+        margin = PRETRAINED_TILE_MARGIN[stride]
+        return margin, margin, stride
 
     def tile_plan(self, n: int, max_tile: int) -> list[tuple[int, int, int, int | None]]:
         """Tiles along one axis of length ``n`` px: (pixel start, pixel end, first owned cell,

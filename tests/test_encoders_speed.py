@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pedenet.config import PEDENetConfig
-from pedenet.encoders import PretrainedEncoder, upsample_stride16
+from pedenet.encoders import PretrainedEncoder, upsample_stride16, upsample_to_grid
 from pedenet.gmm import GMMAccumulator
 from pedenet.model import PEDENetNetwork
 
@@ -135,9 +135,10 @@ def test_upsampling_is_exactly_two():
     assert torch.equal(up[..., 12, :14], ref[..., 11, :]) and torch.equal(up[..., :12, 14], ref[..., :, 13])
 
 
-def _network() -> PEDENetNetwork:
+def _network(feature_blocks=(4, 10)) -> PEDENetNetwork:
     torch.manual_seed(0)
-    net = PEDENetNetwork(PEDENetConfig(encoder="pretrained", embedding_dim=16, n_components=3, image_size=0)).eval()
+    net = PEDENetNetwork(PEDENetConfig(encoder="pretrained", embedding_dim=16, n_components=3, image_size=0,
+                                       feature_blocks=feature_blocks)).eval()
     with torch.no_grad():
         z = net.embed(torch.rand(1, 3, 96, 96)).permute(0, 2, 3, 1).reshape(-1, 16)
         acc = GMMAccumulator(3, 16)
@@ -162,3 +163,31 @@ def test_tiled_agrees_with_untiled_also_off_multiples_of_16(size):
     assert tiled.shape == full.shape == (1, size[0] // 8, size[1] // 8)
     spread = float(full.max() - full.min())
     assert float((tiled - full).abs().max()) <= 1e-3 * spread
+
+
+@pytest.mark.parametrize("width", [1408, 1384])
+def test_tiled_agrees_with_untiled_with_stride_32_blocks(width):
+    """The default blocks 4, 10, 14, 15 reach stride 32: tiles start on multiples of 32 px and
+    keep 320 px of context; a width that is not a multiple of 32 (1384 = 43·32 + 8) pads the
+    ×4-upsampled stride-32 features by repetition, as the whole image does."""
+    net = _network((4, 10, 14, 15))
+    g = torch.Generator().manual_seed(1)
+    x = F.interpolate(torch.rand(1, 3, 256 // 8, width // 8, generator=g), size=(256, width),
+                      mode="bilinear").contiguous()
+    with torch.no_grad():
+        full = net.patch_energy(x)
+        tiled = net.patch_energy(x, max_tile=900)
+    assert len(net.tile_plan(width, 900)) > 1
+    assert all(a % 32 == 0 for a, _, _, _ in net.tile_plan(width, 900))
+    assert tiled.shape == full.shape == (1, 256 // 8, width // 8)
+    spread = float(full.max() - full.min())
+    assert float((tiled - full).abs().max()) <= 3e-3 * spread  # measured 1.9e-3: the deep blocks' context reaches past 320 px
+
+
+def test_upsampling_to_grid_is_exactly_four_for_stride_32():
+    f32 = torch.randn(1, 3, 4, 5)
+    ref = F.interpolate(f32, size=(16, 20), mode="bilinear", align_corners=False)
+    assert torch.equal(upsample_to_grid(f32, 4, 16, 20), ref)
+    up = upsample_to_grid(f32, 4, 19, 21)  # 3 and 1 missing rows/columns repeat the last one
+    assert up.shape == (1, 3, 19, 21) and torch.equal(up[..., :16, :20], ref)
+    assert torch.equal(up[..., 18, :20], ref[..., 15, :]) and torch.equal(up[..., :16, 20], ref[..., :, 19])

@@ -74,9 +74,10 @@ def test_prefetch_propagates_errors_in_order():
     gen.close()  # stops the worker thread
 
 
-def _network(encoder: str, seed: int = 0) -> PEDENetNetwork:
+def _network(encoder: str, seed: int = 0, feature_blocks=(4, 10)) -> PEDENetNetwork:
     torch.manual_seed(seed)
-    net = PEDENetNetwork(PEDENetConfig(encoder=encoder, embedding_dim=16, n_components=3, image_size=0)).eval()
+    net = PEDENetNetwork(PEDENetConfig(encoder=encoder, embedding_dim=16, n_components=3, image_size=0,
+                                       feature_blocks=feature_blocks)).eval()
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         z = net.embed(x).permute(0, 2, 3, 1).reshape(-1, 16)
