@@ -241,9 +241,9 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 
 def _progress(items, quiet: bool, desc: str, unit: str = "img", total: int | None = None):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(items, desc=desc, unit=unit, disable=quiet, total=total)
+    return progress_bar(items, desc=desc, unit=unit, disable=quiet, total=total)
 
 
 def _checked(paths: list[Path], *, min_side: int, skip_bad_files: bool, quiet: bool,

@@ -433,7 +433,7 @@ def check_images(
         BadFilesError: some files are bad (and ``skip_bad`` is False), or all are bad; the
             message names the first bad file and counts the others, ``.bad`` lists them all.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     paths = [Path(p) for p in paths]
     mask_list = list(masks) if masks is not None else [None] * len(paths)
@@ -441,7 +441,7 @@ def check_images(
         raise ValueError("masks must have one entry per image")
     ok: list[int] = []
     bad: list[tuple[Path, str]] = []
-    for i, (path, mask) in enumerate(tqdm(list(zip(paths, mask_list)), desc=desc, unit="img",
+    for i, (path, mask) in enumerate(progress_bar(list(zip(paths, mask_list)), desc=desc, unit="img",
                                           disable=not progress)):
         try:
             shape = check_image(path, min_side)

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from . import __version__
 from .calibration import Calibration, calibrate, split_calibration
@@ -227,7 +227,7 @@ class PEDENet:
         self.calibration = None
         if cal_items:
             t0 = time.perf_counter()
-            maps = [m for _, m, _ in tqdm(self.iter_predict(cal_items), total=len(cal_items),
+            maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
                                           desc="calibrating", unit="img", disable=not progress)]
             self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
                                          pixel_fpr=self.config.pixel_fpr)
@@ -354,7 +354,7 @@ class PEDENet:
         maps: list = [None] * len(items)
         scores = np.zeros(len(items), dtype=np.float64)
         results = self.iter_predict(items, batch_size=batch_size, max_tile=max_tile)
-        for i, amap, score in tqdm(results, total=len(items), desc="scoring", unit="img",
+        for i, amap, score in progress_bar(results, total=len(items), desc="scoring", unit="img",
                                    disable=not progress):
             maps[i], scores[i] = amap, score
         if self.calibration is None:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
@@ -208,7 +208,7 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         results = (model.anomaly_map(p) for p in paths)
     infer_seconds = 0.0
     t0 = time.perf_counter()
-    for s, amap in zip(tqdm(samples, desc=f"evaluating {cat_dir.name}", unit="img",
+    for s, amap in zip(progress_bar(samples, desc=f"evaluating {cat_dir.name}", unit="img",
                             disable=not progress), results):
         amap = np.asarray(amap, dtype=np.float32)
         infer_seconds += time.perf_counter() - t0

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import PEDENetConfig
 from .encoders import PretrainedEncoder
@@ -87,7 +87,7 @@ def cache_frozen_features(
     size = network.config.image_size
     device = next(network.parameters()).device
     cache = []
-    for load in tqdm(loaders, desc="encoding training images", unit="img", disable=not progress):
+    for load in progress_bar(loaders, desc="encoding training images", unit="img", disable=not progress):
         x = to_tensor(load(), size).to(device)
         f = enc.raw_features(x) if isinstance(enc, PretrainedEncoder) else enc.frozen_features(x)
         cache.append(f[0].to("cpu", torch.float16))
@@ -234,7 +234,7 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
     device = next(network.parameters()).device
     z, target = z.to(device), target.to(device)
     opt = torch.optim.Adam(network.membership.parameters(), lr=3e-3)
-    for _ in tqdm(range(steps), desc="initializing the DE network", unit="step", disable=not progress):
+    for _ in progress_bar(range(steps), desc="initializing the DE network", unit="step", disable=not progress):
         idx = torch.randint(len(z), (4096,), generator=gen).to(device)
         logp = torch.log(network.membership(z[idx]).clamp_min(1e-12))
         loss = -(target[idx] * logp).sum(1).mean()
@@ -291,7 +291,7 @@ def train_network(
     crop = _crop_size(cfg, network)
     history = TrainingHistory() if history is None else history
     network.train()
-    bar = tqdm(range(start_step, cfg.steps), desc="training", unit="step", disable=not progress,
+    bar = progress_bar(range(start_step, cfg.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
     seconds_before = float(history.timings.get("train_seconds", 0.0))
     t0 = time.perf_counter()
@@ -360,7 +360,7 @@ def fit_mixture(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bo
     device = next(network.parameters()).device
     network.eval()
     acc = GMMAccumulator(cfg.n_components, cfg.embedding_dim)
-    for f in tqdm(cache, desc="fitting the mixture", unit="img", disable=not progress):
+    for f in progress_bar(cache, desc="fitting the mixture", unit="img", disable=not progress):
         emb = network.encoder.head(f.float()[None].to(device))[0]
         z = emb.reshape(emb.shape[0], -1).T
         acc.add(z, network.membership(z))
