@@ -494,6 +494,16 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
 # --------------------------------------------------------------------------- commands
 
 
+def _parse_blocks(value) -> tuple[int, ...]:
+    """``"4,10,14,15"`` → (4, 10, 14, 15), checked like the config (a usage error otherwise)."""
+    from .encoders import check_feature_blocks
+
+    try:
+        return check_feature_blocks([v for v in str(value).replace(" ", "").split(",") if v])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="pedenet")
 @click.pass_context
@@ -525,6 +535,10 @@ def main(ctx: click.Context) -> None:
               show_default=True, help="Patch embedding size D.")
 @click.option("--n-components", type=click.IntRange(min=1), default=DEFAULTS.n_components,
               show_default=True, help="Gaussian mixture components K.")
+@click.option("--feature-blocks", callback=lambda ctx, param, value: _parse_blocks(value),
+              default=",".join(str(b) for b in DEFAULTS.feature_blocks), show_default=True,
+              help="EfficientNet-Lite0 blocks whose outputs form the pretrained encoder's features, "
+              "comma-separated: the first at stride 8 (3 or 4), others in 5-15.")
 @click.option("--patch-size", type=click.IntRange(min=1), default=DEFAULTS.patch_size,
               show_default=True, help="Patch side in pixels of the resized image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size,
@@ -558,7 +572,7 @@ def main(ctx: click.Context) -> None:
 @_verbose_option
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
-        n_components, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
+        n_components, feature_blocks, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
         calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
 
@@ -570,8 +584,8 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
     """
     _set_verbose(verbose, quiet)
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
-                  embedding_dim=embedding_dim, n_components=n_components, patch_size=patch_size,
-                  batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
+                  embedding_dim=embedding_dim, n_components=n_components,
+                  feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
                   pixel_fpr=pixel_fpr)
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,

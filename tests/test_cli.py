@@ -193,3 +193,9 @@ def test_demo_small(tmp_path, monkeypatch):
     assert "grass" in (out / "summary.md").read_text() and "grass" in result.stdout
     assert (out / "grass" / "metrics.json").is_file() and (out / "grass" / "overlays").is_dir()
     assert Path(summary["dataset"]).parent == (tmp_path / "cache").resolve()
+
+
+def test_fit_rejects_feature_blocks_without_a_stride_8_block(tmp_path):
+    result = run("fit", tmp_path, "--out", tmp_path / "r", "--feature-blocks", "10,14")
+    assert result.exit_code == 2
+    assert "--feature-blocks" in result.output and "stride-8 block (3 or 4), got 10" in result.output

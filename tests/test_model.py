@@ -177,3 +177,36 @@ def test_network_patch_energy_shape():
     net.mixture = acc.finalize()
     e = net.patch_energy(x)
     assert e.shape == (1, 9, 13) and e.dtype == torch.float64
+
+
+def test_feature_blocks_set_channels_and_grid():
+    """Each block choice gives its channel count on the same stride-8 grid (stride-16 and
+    stride-32 outputs upsampled by exact factors)."""
+    x = torch.rand(1, 3, 96, 128)
+    for blocks, channels in (((4, 10), 152), ((4, 10, 14, 15), 664), ((3, 7, 15), 440)):
+        enc = PretrainedEncoder(8, load_weights=False, feature_blocks=blocks)
+        assert enc.n_features == channels
+        assert enc.raw_features(x).shape == (1, channels, 12, 16)
+        assert len(enc.blocks) == blocks[-1] + 1
+    for bad in ((10, 14), (4, 4), (14, 4), (4, 16), ()):
+        with pytest.raises(ValueError, match="feature_blocks|stride-8"):
+            PEDENetConfig(feature_blocks=bad)
+
+
+def test_checkpoint_without_feature_blocks_loads_with_the_old_blocks(tmp_path):
+    """Checkpoints saved before ``feature_blocks`` existed used blocks 4 and 10: loading one
+    must rebuild that encoder (not today's default) and give the same maps."""
+    import pedenet
+    from pedenet.checkpoint import load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(4)]
+    model = pedenet.PEDENet(steps=0, calibration_fraction=0, feature_blocks=(4, 10), embedding_dim=8,
+                            n_components=2, image_size=64).fit(images, progress=False)
+    model.save(tmp_path / "new.pt")
+    data = load_checkpoint(tmp_path / "new.pt")
+    del data["config"]["feature_blocks"]
+    save_checkpoint(tmp_path / "old.pt", data)
+    old = pedenet.load(tmp_path / "old.pt")
+    assert old.config.feature_blocks == (4, 10) != PEDENetConfig().feature_blocks
+    np.testing.assert_array_equal(old.anomaly_map(images[0]), model.anomaly_map(images[0]))
