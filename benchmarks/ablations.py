@@ -31,6 +31,9 @@ ROWS: dict[str, dict] = {
     "K 20": {"n_components": 20},
     "D 16": {"embedding_dim": 16},
     "D 32": {"embedding_dim": 32},
+    "D 64": {"embedding_dim": 64},
+    "backbone blocks 4, 10 (stride 8 and 16 only)": {"feature_blocks": (4, 10)},
+    "previous default (blocks 4, 10; D 64)": {"feature_blocks": (4, 10), "embedding_dim": 64},
     "scratch encoder": {"encoder": "scratch"},
     "scratch encoder, patch 64": {"encoder": "scratch", "patch_size": 64},
     # the trained embeddings scored another way (keys starting with "_" are not config fields)

@@ -141,6 +141,15 @@ class PEDENet:
         self.normal_quantiles: dict[str, float] = {}
         self.calibration: Calibration | None = None
 
+    def __repr__(self) -> str:
+        """``PEDENet(<settings that differ from the defaults>)``, and whether it is fitted."""
+        default = PEDENetConfig().to_dict()
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items() if v != default[k])
+        state = "not fitted" if self.network is None else (
+            f"fitted on {self.history.get('n_train_images', '?')} images"
+            + ("" if self.calibration is None else f", {self.calibration.n} held out for thresholds"))
+        return f"PEDENet({changed}{', ' if changed else ''}device={self.device!r}) [{state}]"
+
     @property
     def min_image_side(self) -> int:
         """Smallest accepted image side in pixels: the patch size when images are used at

@@ -68,6 +68,16 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.maps)
 
+    def __repr__(self) -> str:
+        """A one-line summary (not the arrays): count, score range, decisions."""
+        if not len(self):
+            return "Predictions(0 images)"
+        text = f"Predictions({len(self)} images, scores {float(np.min(self.scores)):.4g}-{float(np.max(self.scores)):.4g}"
+        if self.anomalous is not None and self.thresholds is not None:
+            text += (f", {int(np.sum(self.anomalous))} flagged anomalous at image threshold "
+                     f"{float(self.thresholds['image_threshold']):.4g} (fpr {self.thresholds['target_fpr']:g})")
+        return text + ")"
+
 
 def iter_items(images) -> Iterator:
     """Lazily expand ``images`` like ``estimator._expand``: a folder → its images (sorted; a

@@ -168,3 +168,22 @@ def test_grid_to_map_matrices_equal_scipy_filter(grid_shape, processed, original
     amap = grid_to_map(grid, stride=stride, offset=offset, processed_size=processed,
                        original_size=original, sigma=4)
     np.testing.assert_allclose(amap, ref.astype(np.float32), rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_reprs_summarize_instead_of_printing_arrays():
+    import warnings
+
+    assert repr(PEDENet()) == "PEDENet(device='cpu') [not fitted]"
+    rng = np.random.default_rng(0)
+    images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 held-out images cannot reach the default target
+        model = PEDENet(steps=0, image_size=64, embedding_dim=8, n_components=2, calibration_fraction=0.25,
+                        target_fpr=0.4).fit(images, progress=False)
+        pred = model.predict(images[:3])
+    assert repr(model) == ("PEDENet(embedding_dim=8, n_components=2, image_size=64, steps=0, "
+                           "calibration_fraction=0.25, target_fpr=0.4, device='cpu') "
+                           "[fitted on 6 images, 2 held out for thresholds]")
+    text = repr(pred)
+    assert text.startswith("Predictions(3 images, scores ") and "array" not in text
+    assert f"{int(pred.anomalous.sum())} flagged anomalous at image threshold" in text
