@@ -14,7 +14,7 @@ Sections (each also written to the JSON file):
 * ``scoring``: the energy under the K-component Gaussian mixture versus exact nearest-neighbour
   distance to a memory bank of all training embeddings (PatchCore/SPADE style,
   ``torch.cdist`` in chunks) and to a 10% random coreset, per test image (1024 embeddings,
-  D = 64; synthetic Gaussian embeddings) for 100 / 1000 / 10 000 training images;
+  D = the default embedding_dim; synthetic Gaussian embeddings) for 100 / 1000 / 10 000 training images;
 * ``training``: optimizer steps per second of ``PEDENet.fit``;
 * ``flops``: multiply-accumulates of the encoder's convolutions and linear layers counted with
   forward hooks on a 256×256 image (through the encoder's reference modules: the folded
@@ -52,11 +52,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .config import PEDENetConfig
 
 NATIVE_SIZES = ((103, 300), (400, 632))
 SCORING_TRAIN_IMAGES = (100, 1000, 10_000)
 EMBEDDINGS_PER_IMAGE = 1024
-EMBEDDING_DIM = 64
+EMBEDDING_DIM = PEDENetConfig().embedding_dim  # the default D (128)
 
 
 # --------------------------------------------------------------------------- measuring
