@@ -298,10 +298,11 @@ class PretrainedEncoder(nn.Module):
 
     frozen_features: the stem and MBConv blocks of ImageNet-pretrained EfficientNet-Lite0 up
     to the last of ``feature_blocks`` (eval mode, no gradient). The outputs of
-    ``feature_blocks`` (default 4, 10, 14, 15: 40 channels at stride 8, 112 at stride 16, 192
-    and 320 at stride 32; see :data:`BLOCK_STRIDES`, :data:`BLOCK_CHANNELS`) are upsampled
-    bilinearly by exact factors to the stride-8 grid (:func:`upsample_to_grid`),
-    concatenated (C = 664 by default; 152 for the blocks 4 and 10 of older checkpoints),
+    ``feature_blocks`` (``PEDENetConfig``'s default 4, 10, 14, 15: 40 channels at stride 8,
+    112 at stride 16, 192 and 320 at stride 32; see :data:`BLOCK_STRIDES`,
+    :data:`BLOCK_CHANNELS`) are upsampled bilinearly by exact factors to the stride-8 grid
+    (:func:`upsample_to_grid`), concatenated (C = 664; C = 152 for blocks 4 and 10, this
+    class's own default, which checkpoints saved before the setting existed use),
     averaged over a 3×3 neighbourhood (local context, as in PatchCore), and standardized
     per channel with statistics of the training features (``set_feature_stats``).
     head: a 1×1 convolution C → D, initialized by PCA of the training features
