@@ -284,8 +284,11 @@ def check_feature_blocks(blocks) -> tuple[int, ...]:
     """
     try:
         out = tuple(int(b) for b in blocks)
+        exact = all(float(b) == o for b, o in zip(blocks, out))
     except (TypeError, ValueError):
-        raise ValueError(f"feature_blocks must be a list of block numbers, got {blocks!r}") from None
+        exact = False
+    if not exact:
+        raise ValueError(f"feature_blocks must be a list of whole block numbers, got {blocks!r}")
     if not out or list(out) != sorted(set(out)) or out[0] < 3 or out[-1] > 15:
         raise ValueError(f"feature_blocks must be increasing block numbers in 3-15, got {list(out)}")
     if BLOCK_STRIDES[out[0]] != 8:

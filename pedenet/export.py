@@ -65,9 +65,7 @@ class AnomalyMapModule(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         mix = network.mixture
-        chol = mix.chol.detach().cpu().double()
-        eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
-        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # K×D×D, L⁻¹
+        chol_inv = mix.chol_inv.detach().cpu().double()  # K×D×D, L⁻¹ (precomputed by the mixture)
         self.register_buffer("mu", mix.mu.detach().cpu().to(energy_dtype))  # K×D
         self.register_buffer("chol_inv_t", chol_inv.transpose(1, 2).contiguous().to(energy_dtype))
         self.register_buffer("log_norm", mix.log_norm.detach().cpu().to(energy_dtype))  # K

@@ -188,7 +188,7 @@ def test_feature_blocks_set_channels_and_grid():
         assert enc.n_features == channels
         assert enc.raw_features(x).shape == (1, channels, 12, 16)
         assert len(enc.blocks) == blocks[-1] + 1
-    for bad in ((10, 14), (4, 4), (14, 4), (4, 16), ()):
+    for bad in ((10, 14), (4, 4), (14, 4), (4, 16), (), (4.5, 10), 4):
         with pytest.raises(ValueError, match="feature_blocks|stride-8"):
             PEDENetConfig(feature_blocks=bad)
 
