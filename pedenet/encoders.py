@@ -265,11 +265,6 @@ def upsample_to_grid(f: torch.Tensor, factor: int, h8: int, w8: int) -> torch.Te
     return up
 
 
-def upsample_stride16(f16: torch.Tensor, h8, w8) -> torch.Tensor:
-    """Stride-16 features → the stride-8 grid by exactly ×2 (:func:`upsample_to_grid`)."""
-    return upsample_to_grid(f16, 2, h8, w8)
-
-
 # Stride (pixels) of the output of each MBConv block of EfficientNet-Lite0, and its channels.
 BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)

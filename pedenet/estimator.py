@@ -10,7 +10,6 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from .progress import progress_bar
 
 from . import __version__
 from .calibration import Calibration, calibrate, split_calibration
@@ -19,6 +18,7 @@ from .config import PEDENetConfig
 from .gmm import GaussianMixture
 from .inference import Predictions
 from .model import PEDENetNetwork
+from .progress import progress_bar
 from .scoring import grid_to_map, to_tensor
 from .training import (
     TrainingHistory,
@@ -237,7 +237,7 @@ class PEDENet:
         if cal_items:
             t0 = time.perf_counter()
             maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
-                                          desc="calibrating", unit="img", disable=not progress)]
+                                                  desc="calibrating", unit="img", disable=not progress)]
             self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
                                          pixel_fpr=self.config.pixel_fpr)
             self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
@@ -364,7 +364,7 @@ class PEDENet:
         scores = np.zeros(len(items), dtype=np.float64)
         results = self.iter_predict(items, batch_size=batch_size, max_tile=max_tile)
         for i, amap, score in progress_bar(results, total=len(items), desc="scoring", unit="img",
-                                   disable=not progress):
+                                           disable=not progress):
             maps[i], scores[i] = amap, score
         if self.calibration is None:
             if fpr is not None or pixel_fpr is not None:

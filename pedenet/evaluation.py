@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from .progress import progress_bar
 
 from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
+from .progress import progress_bar
 
 __all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "realized_rates", "to_jsonable"]
 

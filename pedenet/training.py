@@ -26,12 +26,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .progress import progress_bar
 
 from .config import PEDENetConfig
 from .encoders import PretrainedEncoder
 from .gmm import GaussianMixture, GMMAccumulator, gmm_params
 from .model import DIRECTIONS, PEDENetNetwork
+from .progress import progress_bar
 from .scoring import to_tensor
 
 DE_SAMPLES_PER_IMAGE = 256

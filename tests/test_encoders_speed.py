@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pedenet.config import PEDENetConfig
-from pedenet.encoders import PretrainedEncoder, upsample_stride16, upsample_to_grid
+from pedenet.encoders import PretrainedEncoder, upsample_to_grid
 from pedenet.gmm import GMMAccumulator
 from pedenet.model import PEDENetNetwork
 
@@ -128,8 +128,8 @@ def test_backbone_stays_in_eval_mode():
 def test_upsampling_is_exactly_two():
     f16 = torch.randn(2, 5, 6, 7)
     ref = F.interpolate(f16, size=(12, 14), mode="bilinear", align_corners=False)
-    assert torch.equal(upsample_stride16(f16, 12, 14), ref)  # even counts: the former result
-    up = upsample_stride16(f16, 13, 15)  # odd counts: the same values plus a repeated last row/column
+    assert torch.equal(upsample_to_grid(f16, 2, 12, 14), ref)  # even counts: the former result
+    up = upsample_to_grid(f16, 2, 13, 15)  # odd counts: the same values plus a repeated last row/column
     assert up.shape == (2, 5, 13, 15)
     assert torch.equal(up[..., :12, :14], ref)
     assert torch.equal(up[..., 12, :14], ref[..., 11, :]) and torch.equal(up[..., :12, 14], ref[..., :, 13])
