@@ -106,8 +106,9 @@ def screen(args) -> dict:
     z_train = embed(f_train)
     t0 = time.time()
     gmm = GaussianMixture(args.K, covariance_type="full", reg_covar=1e-3, max_iter=100,
-                          random_state=args.seed).fit(z_train[rng.choice(len(z_train), min(200_000, len(z_train)), replace=False)])
-    res = {"blocks": args.blocks, "D": args.D, "K": args.K, "seed": args.seed, "em_s": round(time.time() - t0, 1)}
+                          random_state=args.seed).fit(z_train[rng.choice(len(z_train), min(args.em_samples, len(z_train)), replace=False)])
+    res = {"blocks": args.blocks, "D": args.D, "K": args.K, "seed": args.seed, "em_samples": args.em_samples,
+           "em_s": round(time.time() - t0, 1), "em_iter": int(gmm.n_iter_)}
     grids = {part: -gmm.score_samples(embed(z[part][:, idx])).reshape(-1, h, w) for part in ("val", "test")}
     for q in (0, 0.01):
         res[f"val_q{q}"] = round(image_auroc(_image_scores(grids["val"], q), z["val_labels"]), 4)
@@ -138,6 +139,7 @@ def main() -> None:
     s.add_argument("--D", type=int, default=128)
     s.add_argument("--K", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--em-samples", type=int, default=200_000, help="training embeddings the EM fit uses")
     s.add_argument("--pixel", action="store_true")
     args = ap.parse_args()
     if args.cmd == "extract":

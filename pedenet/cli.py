@@ -1,4 +1,4 @@
-"""Command line interface: ``pedenet fit | evaluate | predict | demo``.
+"""Command line interface: ``pedenet fit | evaluate | predict | validate | demo``.
 
 Run folder (``RUN_DIR``) written by ``pedenet fit`` and read by the other verbs::
 
@@ -7,6 +7,7 @@ Run folder (``RUN_DIR``) written by ``pedenet fit`` and read by the other verbs:
     RUN_DIR/config.json     config, pedenet version, seed, data path, category, timings
     RUN_DIR/history.json    training diagnostics (PEDENet.history)
     RUN_DIR/metrics.json    written by ``pedenet evaluate``
+    RUN_DIR/validation.json written by ``pedenet validate``
     RUN_DIR/overlays/<defect>/<stem>.png   written by ``pedenet evaluate --overlays``
 
 User errors (missing or unreadable data, bad checkpoints, existing runs) end with a one-line
@@ -339,6 +340,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:  # results of the previous model would be stale
         (run_dir / "metrics.json").unlink(missing_ok=True)
+        (run_dir / "validation.json").unlink(missing_ok=True)
         (run_dir / "report.html").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "overlays", ignore_errors=True)
         if not resuming:
@@ -761,6 +763,56 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
                  + (", *_mask.png" if th is not None else "") + ")"
                  + (f"; {flagged} flagged anomalous" if th is not None else ""))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the synthetic defects (keep it fixed to compare runs).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace an earlier RUN_DIR/validation.json.")
+@click.option("--quiet", is_flag=True, default=False, show_default=True,
+              help="No progress bars or messages (the result is still printed).")
+@_verbose_option
+@_user_errors
+def validate(run_dir, seed, device, overwrite, quiet, verbose):
+    """Validation score of RUN_DIR's model, for choosing settings without the test split.
+
+    Scores the normal images that fit held out of training (--calibration-fraction) and a
+    copy of each carrying one synthetic defect (scratch, spot or foreign patch, exact masks).
+    Compare runs of the same data by these figures; keep the test split for the final report.
+    Writes RUN_DIR/validation.json.
+    """
+    from .validation import validate as _validate
+
+    _set_verbose(verbose, quiet)
+    out = Path(run_dir) / "validation.json"
+    model = _load_model(run_dir, device)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it", exit_code=2)
+    held = model.history.get("calibration_images") or []
+    if not held:
+        raise UserError(f"{run_dir}: the model holds out no normal images (fitted with "
+                        "--calibration-fraction 0); refit with --calibration-fraction 0.2 to validate")
+    unnamed = [h for h in held if h.startswith("<input")]
+    if unnamed:
+        raise UserError(f"{run_dir}: the held-out images were passed as arrays, not files, so they "
+                        "cannot be reloaded; use pedenet.validation.validate(model, images) in Python")
+    missing = [h for h in held if not Path(h).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
+                        "missing); the data moved since fit")
+    paths = _checked([Path(h) for h in held], min_side=max(48, model.min_image_side),
+                     skip_bad_files=False, quiet=quiet, desc="checking held-out images")
+    t0 = time.perf_counter()
+    result = _validate(model, paths, seed=seed, progress=not quiet)
+    result.update(seed=seed, seconds=time.perf_counter() - t0)
+    _write_json(out, result)
+    click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
+               f"copies, seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
+               f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
+    _info(quiet, f"-> {out}")
 
 
 def _summary_rows(results: dict) -> list[tuple[str, dict]]:

@@ -19,8 +19,8 @@ class PEDENetConfig:
     """All settings of a PEDENet model and its training.
 
     Model
-        encoder: ``"pretrained"`` (frozen EfficientNet-Lite0 blocks at stride 8 and 16,
-            then a trainable 1×1 reduction) or ``"scratch"`` (a small fully convolutional
+        encoder: ``"pretrained"`` (frozen ImageNet EfficientNet-Lite0 blocks, see
+            ``feature_blocks``, then a trainable 1×1 reduction) or ``"scratch"`` (a small fully convolutional
             encoder without padding, trained from nothing).
         embedding_dim: D, the patch embedding size.
         n_components: K, the number of Gaussian mixture components (DE network outputs).

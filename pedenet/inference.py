@@ -35,9 +35,11 @@ DEFAULT_BATCH_SIZE = 16
 
 BATCH_PIXELS = {"cpu": 4 * 256 * 256, "cuda": 64 * 256 * 256}
 """Pixels encoded together at most (a batch holds ``min(batch_size, budget // (H·W))``
-images, at least one). On CPU larger batches are slower per image: the pretrained
-encoder's activations then overflow the caches (measured on 2 idle cores, encoder ms per
-image for batches of 1/2/4/8/16: 256×256 58/39/46/43/63; 400×632 103/122/184/227/361)."""
+images, at least one). On CPU larger batches are slower per image once the pretrained
+encoder's activations overflow the caches: with the blocks 4, 10 encoder (2 idle cores,
+encoder ms per image for batches of 1/2/4/8/16) 256×256 took 58/39/46/43/63 and 400×632
+took 103/122/184/227/361. Re-measured with the default blocks 4, 10, 14, 15, no budget was
+clearly better than this one, so it was kept."""
 
 _END = object()
 

@@ -84,13 +84,14 @@ def synthetic_validation_set(images, seed: int = 0) -> tuple[list, list, np.ndar
     return arrays, masks, np.array(labels, dtype=np.int64)
 
 
-def validate(model, images, seed: int = 0) -> dict:
+def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
     """Validation metrics of a fitted model on normal images and synthetic-defect copies.
 
     Args:
         model: a fitted :class:`pedenet.PEDENet`.
         images: held-out normal images, not used for training (paths, PIL images or arrays).
         seed: seed of the synthetic defects (use the same one to compare configurations).
+        progress: show a progress bar while the 2N images are scored.
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images"}`` (floats; ``n_images`` =
@@ -101,7 +102,7 @@ def validate(model, images, seed: int = 0) -> dict:
     arrays, masks, labels = synthetic_validation_set(list(images), seed)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")
-    pred = model.predict(arrays)
+    pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
     return {"image_auroc": image_auroc(pred.scores, labels), "pixel_auroc": pm["pixel_auroc"],
             "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays)}

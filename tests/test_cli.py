@@ -199,3 +199,35 @@ def test_fit_rejects_feature_blocks_without_a_stride_8_block(tmp_path):
     result = run("fit", tmp_path, "--out", tmp_path / "r", "--feature-blocks", "10,14")
     assert result.exit_code == 2
     assert "--feature-blocks" in result.output and "stride-8 block (3 or 4), got 10" in result.output
+
+
+def test_validate_scores_held_out_images(run_dir, tmp_path):
+    import pedenet
+    from pedenet.validation import validate
+
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    result = run("validate", target, "--quiet")
+    assert result.exit_code == 0, result.output
+    v = json.loads((target / "validation.json").read_text())
+    model = pedenet.load(target / "model.pt")
+    held = model.history["calibration_images"]
+    assert held and v["n_images"] == 2 * len(held) and v["seed"] == 0
+    direct = validate(model, held, seed=0)  # the command is the library function on the held-out files
+    for key in ("image_auroc", "pixel_auroc", "au_pro_0.3"):
+        assert v[key] == pytest.approx(direct[key], abs=1e-9)
+        assert f"{direct[key]:.3f}" in result.stdout
+    result = run("validate", target, "--quiet")
+    assert_one_line_error(result, "validation.json", "--overwrite")
+    Path(held[0]).rename(tmp_path / "moved.png")
+    try:
+        result = run("validate", target, "--quiet", "--overwrite")
+        assert_one_line_error(result, Path(held[0]).name, "not found")
+    finally:
+        (tmp_path / "moved.png").rename(held[0])
+    result = run("fit", Path(held[0]).parent, "--out", target, "--steps", "1", "--quiet", "--overwrite",
+                 "--calibration-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert not (target / "validation.json").exists()  # stale: it belonged to the replaced model
+    result = run("validate", target, "--quiet")
+    assert_one_line_error(result, "--calibration-fraction")
