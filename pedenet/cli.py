@@ -828,6 +828,22 @@ def _summary_rows(results: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def _decision_lines(results: dict, target_fpr: float) -> list[str]:
+    """The realized false-alarm and miss rates of each category's decisions (test split)."""
+    from .evaluation import _fmt
+
+    lines = []
+    for cat, res in results.items():
+        real = res.get("realized")
+        if real:
+            lines.append(f"{cat}: false alarms {_fmt(real.get('false_alarm_rate'))} of {real['n_normal']} "
+                         f"normal images, misses {_fmt(real.get('miss_rate'))} of "
+                         f"{real['n_anomalous']} anomalous images")
+    if lines:
+        lines.insert(0, f"decisions at target false-alarm rate {target_fpr:g} (test split):")
+    return lines
+
+
 def _markdown(rows: list[tuple[str, dict]]) -> str:
     from .evaluation import TABLE_COLUMNS, _fmt
 
@@ -906,16 +922,23 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
         "categories": {cat: {"run_dir": str((out_dir / cat).resolve()),
                              "overall": results[cat]["overall"],
                              "per_defect": results[cat]["per_defect"],
+                             "thresholds": results[cat].get("thresholds"),
+                             "realized": results[cat].get("realized"),
                              **timings[cat]} for cat in cats},
         "mean": dict(rows[-1][1]) if len(rows) > len(cats) else results[cats[0]]["overall"],
     }
     _write_json(out_dir / "summary.json", summary)
+    decisions = _decision_lines(results, target_fpr)
     md = (f"# pedenet demo (built-in textures, {steps} steps, seed {seed})\n\n"
           + _markdown(rows)
+          + ("\n" + "\n".join(f"- {line}" if i else line for i, line in enumerate(decisions)) + "\n"
+             if decisions else "")
           + f"\nTotal time: {total:.0f} s. Per-category runs (model, metrics, overlays): "
           + ", ".join(f"`{cat}/`" for cat in cats) + ".\n")
     _write_text(out_dir / "summary.md", md)
     click.echo("\n".join(table_lines(rows, first="category")))
+    if decisions:
+        click.echo("\n".join(decisions))
     click.echo(f"total {total:.0f} s; summary: {out_dir / 'summary.md'}, {out_dir / 'summary.json'}")
 
 

@@ -193,6 +193,13 @@ def test_demo_small(tmp_path, monkeypatch):
     assert "grass" in (out / "summary.md").read_text() and "grass" in result.stdout
     assert (out / "grass" / "metrics.json").is_file() and (out / "grass" / "overlays").is_dir()
     assert Path(summary["dataset"]).parent == (tmp_path / "cache").resolve()
+    # the decisions' realized rates, as evaluate computed them
+    metrics_json = json.loads((out / "grass" / "metrics.json").read_text())
+    real = summary["categories"]["grass"]["realized"]
+    assert real == metrics_json["realized"] and real["n_normal"] == 2
+    fa = metrics_json["realized"]["false_alarm_rate"]
+    assert f"grass: false alarms {fa:.3f} of 2 normal images" in result.stdout
+    assert "decisions at target false-alarm rate 0.1" in (out / "summary.md").read_text()
 
 
 def test_fit_rejects_feature_blocks_without_a_stride_8_block(tmp_path):
