@@ -756,7 +756,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 
         path = write_prediction_report(out_dir / "report.html", rows, kept_maps,
                                        color_range=(vmin, vmax), thresholds=th,
-                                       max_gallery=REPORT_GALLERY)
+                                       max_gallery=REPORT_GALLERY,
+                                       reference_scores=cal.scores if cal is not None else None)
         _info(quiet, f"report -> {path}")
     _debug(f"{len(rows)} images in {time.perf_counter() - t_start:.1f} s (reading, scoring and writing)")
     flagged = sum(bool(r["anomalous"]) for r in rows)

@@ -131,19 +131,33 @@ def _gallery(cards: list[tuple], color_range, pixel_threshold, legend: str) -> s
     return f'{_note(legend)}<div class="gallery">{"".join(out)}</div>'
 
 
-def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float | None) -> str:
-    """Score histogram (normal vs anomalous when ``labels`` is given), threshold line if any."""
+def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float | None,
+               reference: np.ndarray | None = None) -> str:
+    """Score histogram (normal vs anomalous when ``labels`` is given), threshold line if any.
+
+    ``reference``: the held-out normal scores of the calibration, drawn as an outline; both
+    histograms are then normalized to the fraction of their images per bin.
+    """
+    ref = None if reference is None or len(reference) == 0 else np.asarray(reference, dtype=np.float64)
+
     def draw(ax):
-        edges = np.histogram_bin_edges(scores, bins=min(40, max(5, scores.size // 2)))
+        both = scores if ref is None else np.concatenate([scores, ref])
+        edges = np.histogram_bin_edges(both, bins=min(40, max(5, scores.size // 2)))
         if labels is None:
-            ax.hist(scores, bins=edges, color="tab:blue", label="images")
+            ax.hist(scores, bins=edges, color="tab:blue", label="images",
+                    weights=None if ref is None else np.full(scores.size, 1 / scores.size))
         else:
             for lab, name, c in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
                 if (labels == lab).any():
                     ax.hist(scores[labels == lab], bins=edges, alpha=0.6, color=c, label=name)
+        if ref is not None:
+            ax.hist(ref, bins=edges, histtype="step", color="k", lw=1.2,
+                    weights=np.full(ref.size, 1 / ref.size),
+                    label=f"held-out normal images ({ref.size}, calibration)")
         if threshold is not None:
             ax.axvline(threshold, color="k", ls="--", label=f"image threshold {threshold:.4g}")
-    return _plot(draw, "image score (energy)", "images", "Image scores")
+    return _plot(draw, "image score (energy)", "images" if ref is None else "fraction of images",
+                 "Image scores")
 
 
 def _roc_plot(y: np.ndarray, s: np.ndarray, what: str, point=None, value: float | None = None) -> str:
@@ -344,7 +358,7 @@ def write_evaluation_report(path, result: dict, maps: list[np.ndarray], *,
 def write_prediction_report(path, rows: list[dict], maps: list[np.ndarray], *,
                             color_range: tuple[float | None, float | None] = (None, None),
                             thresholds: dict | None = None, title: str = "pedenet predictions",
-                            max_gallery: int = 60) -> Path:
+                            max_gallery: int = 60, reference_scores: np.ndarray | None = None) -> Path:
     """Write the HTML report of a prediction run to ``path``.
 
     Args:
@@ -356,6 +370,9 @@ def write_prediction_report(path, rows: list[dict], maps: list[np.ndarray], *,
         thresholds: calibrated thresholds (see :func:`write_evaluation_report`) or ``None``
             (no threshold line, no predicted contour).
         color_range, title, max_gallery: as for :func:`write_evaluation_report`.
+        reference_scores: float (n,) image scores of the model's held-out normal images
+            (``Calibration.scores``), drawn over the histogram so that a user sees where the
+            new scores fall against known normal ones; None draws none.
 
     Returns:
         ``Path(path)``. The table and the gallery are sorted by score, highest first.
@@ -370,7 +387,7 @@ def write_prediction_report(path, rows: list[dict], maps: list[np.ndarray], *,
          + (f" ({n_anom} anomalous)" if th else "") + f"<br>date: {date}</p>"]
     if th:
         s.append(_threshold_section(th))
-    s += ["<h2>Scores</h2>", _histogram(scores, None, th["image_threshold"] if th else None),
+    s += ["<h2>Scores</h2>", _histogram(scores, None, th["image_threshold"] if th else None, reference_scores),
           _table(["#", "file", "score", "p-value", "decision"],
                  [[str(k + 1), Path(rows[i]["path"]).name, _fmt(scores[i], ".6g"),
                    _fmt(rows[i].get("p_value"), ".3g"), _word(rows[i].get("anomalous"))]

@@ -375,3 +375,35 @@ def test_pro_curve_undefined_and_invalid():
             M.pro_curve(maps, [np.ones((5, 5))], 0.0)
         with pytest.raises(ValueError, match="differ in count"):
             M.pro_curve(maps, [np.ones((5, 5))] * 2)
+
+
+def test_prediction_histogram_shows_held_out_normal_scores(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pedenet import report
+
+    drawn = {}
+
+    def capture(draw, xlabel, ylabel, title):
+        ax = Figure().add_subplot()
+        draw(ax)
+        drawn[title] = (ax, ylabel)
+        return "<img>"
+
+    monkeypatch.setattr(report, "_plot", capture)
+    rows, maps = _prediction_rows(tmp_path, with_decisions=True)
+    reference = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 3.2, 3.4, 3.6])
+    write_prediction_report(tmp_path / "p.html", rows, maps, thresholds=THRESHOLDS,
+                            reference_scores=reference)
+    ax, ylabel = drawn["Image scores"]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "held-out normal images (8, calibration)" in labels and ylabel == "fraction of images"
+    # both histograms are fractions of their images: each sums to 1
+    filled = [p.get_height() for p in ax.patches if type(p).__name__ == "Rectangle"]
+    assert sum(filled) == pytest.approx(1.0)
+    outline = [p for p in ax.patches if type(p).__name__ == "Polygon"][0].get_xy()
+    assert outline[:, 1].max() > 0 and outline[:, 0].min() <= 1.0 and outline[:, 0].max() >= 9.0
+    # without reference scores: counts, no outline
+    write_prediction_report(tmp_path / "q.html", rows, maps)
+    ax, ylabel = drawn["Image scores"]
+    assert ylabel == "images" and sum(p.get_height() for p in ax.patches) == len(rows)
