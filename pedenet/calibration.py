@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scoring import image_score
+
 __all__ = ["Calibration", "CalibrationWarning", "calibrate", "split_calibration"]
 
 MAX_PIXEL_SAMPLES = 200_000
@@ -167,16 +169,20 @@ class Calibration:
 
 
 def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
-              max_pixels: int = MAX_PIXEL_SAMPLES, pixel_fpr: float = 0.01) -> Calibration:
+              max_pixels: int = MAX_PIXEL_SAMPLES, pixel_fpr: float = 0.01,
+              score_fraction: float = 0.0) -> Calibration:
     """Build a :class:`Calibration` from the anomaly maps of held-out normal images.
 
     Args:
         maps: iterable of float H_i×W_i anomaly maps (energy units) of normal images that were
-            not used for training. Image score = map maximum (as ``PEDENet.predict``).
+            not used for training.
         target_fpr: default target false-alarm rate of images, in (0, 1).
         pixel_fpr: default fraction of normal pixels above the pixel threshold, in (0, 1).
         seed: seed of the pixel subsample.
         max_pixels: pixel scores kept (uniform subsample over all pixels).
+        score_fraction: the image score of :func:`pedenet.scoring.image_score` (0 = map
+            maximum); pass the model's ``config.image_score_fraction`` so the held-out scores
+            are the ones ``PEDENet.predict`` gives.
 
     Raises:
         ValueError: no maps, a map with NaN/Inf, or ``target_fpr`` outside (0, 1).
@@ -187,7 +193,7 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
         raise ValueError("calibration needs at least one held-out normal image")
     if not all(np.isfinite(m).all() for m in maps):
         raise ValueError("a held-out anomaly map contains NaN or Inf")
-    scores = np.sort(np.array([float(m.max()) for m in maps], dtype=np.float64))
+    scores = np.sort(np.array([image_score(m, score_fraction) for m in maps], dtype=np.float64))
     pixels = np.concatenate([m.ravel() for m in maps])
     if len(pixels) > max_pixels:
         rng = np.random.default_rng([int(seed), 104729])

@@ -533,6 +533,9 @@ def main(ctx: click.Context) -> None:
               "a small CNN trained from scratch.")
 @click.option("--image-size", type=click.IntRange(min=0), default=DEFAULTS.image_size,
               show_default=True, help="Images are resized to this square side (0 = native size).")
+@click.option("--image-score-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULTS.image_score_fraction, show_default=True,
+              help="Image score = mean of this fraction of the map's largest pixels (0: the map's maximum).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=DEFAULTS.embedding_dim,
               show_default=True, help="Patch embedding size D.")
 @click.option("--n-components", type=click.IntRange(min=1), default=DEFAULTS.n_components,
@@ -573,7 +576,7 @@ def main(ctx: click.Context) -> None:
               help="No progress bars or messages.")
 @_verbose_option
 @_user_errors
-def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embedding_dim,
+def fit(data, run_dir, category, steps, seed, device, encoder, image_size, image_score_fraction, embedding_dim,
         n_components, feature_blocks, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
         calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
@@ -586,6 +589,7 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, embed
     """
     _set_verbose(verbose, quiet)
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
+                  image_score_fraction=image_score_fraction,
                   embedding_dim=embedding_dim, n_components=n_components,
                   feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
@@ -666,7 +670,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
     first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
-    lists path, score (the map maximum, energy units), p_value, anomalous (the decision at
+    lists path, score (the image score: mean of the map's top --image-score-fraction of pixels, energy units), p_value, anomalous (the decision at
     the target false-alarm rate) and the output name; <stem>_mask.png (0/255) marks the
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only.

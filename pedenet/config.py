@@ -38,6 +38,10 @@ class PEDENetConfig:
         ridge: added to each covariance diagonal before Cholesky (embedding units²).
         smoothing_sigma: σ of the Gaussian smoothing of the anomaly map, in pixels of the
             processed image (4 px at 256 px is the usual value).
+        image_score_fraction: the image score is the mean of this fraction of the map's
+            largest pixels (:func:`pedenet.scoring.image_score`); 0 = the map's maximum.
+            Default 0.003, chosen on validation images (docs/ablations.md); checkpoints saved
+            before this setting existed use 0.
 
     Training
         steps: number of optimizer steps (0: no training; the mixture is fitted on the
@@ -78,6 +82,7 @@ class PEDENetConfig:
     de_hidden: int = 32
     ridge: float = 1e-3
     smoothing_sigma: float = 4.0
+    image_score_fraction: float = 0.003
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -101,6 +106,8 @@ class PEDENetConfig:
             if kind in ("float", "float | None") and not (value is None and kind != "float") and (
                     isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
+        if not 0.0 <= float(self.image_score_fraction) < 1.0:
+            raise ValueError(f"image_score_fraction must be in [0, 1), got {self.image_score_fraction}")
         if not 0.0 <= float(self.calibration_fraction) < 1.0:
             raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
         for name in ("target_fpr", "pixel_fpr"):
@@ -139,11 +146,14 @@ class PEDENetConfig:
         """Build from a dict, ignoring unknown keys (older/newer checkpoints).
 
         A dict without ``feature_blocks`` (saved before it was a setting) gets the blocks
-        those versions used, (4, 10), not today's default.
+        those versions used, (4, 10), not today's default; likewise a dict without
+        ``image_score_fraction`` gets 0 (the map maximum), so that a checkpoint's calibrated
+        thresholds keep matching its scores.
         """
         from .encoders import LEGACY_FEATURE_BLOCKS
 
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}
         values.setdefault("feature_blocks", LEGACY_FEATURE_BLOCKS)
+        values.setdefault("image_score_fraction", 0.0)
         return cls(**values)

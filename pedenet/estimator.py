@@ -239,7 +239,8 @@ class PEDENet:
             maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
                                                   desc="calibrating", unit="img", disable=not progress)]
             self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
-                                         pixel_fpr=self.config.pixel_fpr)
+                                         pixel_fpr=self.config.pixel_fpr,
+                                         score_fraction=self.config.image_score_fraction)
             self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
             history.timings["calibration_seconds"] = time.perf_counter() - t0
         self.history = history.to_dict()
@@ -316,7 +317,8 @@ class PEDENet:
         pixels under ``torch.inference_mode``; nothing is kept after it is
         yielded, so memory stays flat for any number of images. ``map`` is float32 H×W at
         the image's own resolution and equals :meth:`anomaly_map` (to float rounding of the
-        batched convolutions); ``score`` is its maximum. Images larger than ``max_tile``
+        batched convolutions); ``score`` is its image score (``config.image_score_fraction``,
+        :func:`pedenet.scoring.image_score`). Images larger than ``max_tile``
         pixels on a side after preprocessing are encoded in overlapping tiles
         (:meth:`pedenet.model.PEDENetNetwork.patch_energy`); None disables tiling.
         """
@@ -348,7 +350,7 @@ class PEDENet:
 
         Returns:
             :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units),
-            ``scores`` (float64 (N,), map maxima), and when calibrated ``p_values`` (float64),
+            ``scores`` (float64 (N,), image scores), and when calibrated ``p_values`` (float64),
             ``anomalous`` (bool), ``masks`` (bool H_i×W_i) and ``thresholds``. A model
             without calibration warns if ``fpr`` / ``pixel_fpr`` are given. ``images`` as for
             :meth:`fit` (a category folder means its train/good images; pass test folders or

@@ -45,6 +45,7 @@ import numpy as np
 
 from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
+from .scoring import image_score
 from .progress import progress_bar
 
 __all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "realized_rates", "to_jsonable"]
@@ -165,8 +166,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         ``maps[i]`` is the float32 H_i×W_i anomaly map (energy units, image resolution) of
         ``result["images"][i]``.
 
-        Metrics: ``image_*`` use one score per image (the map maximum) over all images of the
-        group; ``pixel_*`` and ``au_pro_0.3`` (normalized area under the PRO curve up to a
+        Metrics: ``image_*`` use one score per image (the model's image score,
+        :func:`pedenet.scoring.image_score`) over all images of the group; ``pixel_*`` and ``au_pro_0.3`` (normalized area under the PRO curve up to a
         false positive rate of 0.3) pool the pixels of the group's images that have
         ground truth: good images count as all-normal; a defective image without a mask file
         is left out of the pixel metrics (with a :class:`pedenet.data.MissingMaskWarning`) but
@@ -202,10 +203,13 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
     masks: list[np.ndarray | None] = []
     missing: list[str] = []
     paths = [s.path for s in samples]
+    scores_list: list[float] = []
     if hasattr(model, "iter_predict"):  # batched, streamed
-        results = (amap for _, amap, _ in model.iter_predict(paths))
+        results = (scores_list.append(score) or amap for _, amap, score in model.iter_predict(paths))
     else:
-        results = (model.anomaly_map(p) for p in paths)
+        fraction = getattr(getattr(model, "config", None), "image_score_fraction", 0.0)
+        results = (scores_list.append(image_score(a, fraction)) or a
+                   for a in (np.asarray(model.anomaly_map(p), dtype=np.float32) for p in paths))
     infer_seconds = 0.0
     t0 = time.perf_counter()
     for s, amap in zip(progress_bar(samples, desc=f"evaluating {cat_dir.name}", unit="img",
@@ -229,7 +233,7 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
             "ground_truth/<defect>/<stem>_mask.png to use them for the pixel metrics",
             MissingMaskWarning, stacklevel=2)
 
-    scores = np.array([float(m.max()) for m in maps], dtype=np.float64)
+    scores = np.array(scores_list, dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     defects = [s.defect for s in samples]
     undefined: list[str] = []

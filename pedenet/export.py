@@ -10,7 +10,10 @@ with :func:`pedenet.scoring.to_tensor` — bilinear, antialiased — to get pede
 results); any H, W ≥ the encoder's minimum (the patch size, 32 px) when ``image_size`` = 0.
 
 outputs: ``anomaly_map`` float32 B×H×W (energy, −log density; higher = more anomalous) at the
-input's resolution, and ``score`` float32 B (the map's maximum).
+input's resolution, and ``score`` float32 B (the image score of
+:func:`pedenet.scoring.image_score`: the mean of the map's largest ``image_score_fraction``
+of pixels, computed with a descending sort and a rank mask so that it stays exact for any
+input size, or the map's maximum when the fraction is 0).
 
 Steps (identical to ``PEDENet.anomaly_map`` for an input already at the processed size):
 patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − D/2 log 2π −
@@ -55,10 +58,13 @@ class AnomalyMapModule(nn.Module):
         energy_dtype: dtype of the energy computation (float64 default: the energy of an
             anomalous patch can reach 10⁴–10⁶ and float32 then loses the small differences
             between normal patches; the encoder always runs in float32).
+        score_fraction: the config's ``image_score_fraction`` (0: score = map maximum).
     """
 
-    def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype = torch.float64):
+    def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype = torch.float64,
+                 score_fraction: float = 0.0):
         super().__init__()
+        self.score_fraction = float(score_fraction)
         if network.mixture is None:
             raise ValueError("the network has no fitted mixture: fit or load a model first")
         self.encoder = copy.deepcopy(network.encoder).cpu().eval()
@@ -116,7 +122,18 @@ class AnomalyMapModule(nn.Module):
             amap = F.conv2d(F.pad(amap, (r, r, 0, 0), mode="replicate"), self.kernel_x)
             amap = F.conv2d(F.pad(amap, (0, 0, r, r), mode="replicate"), self.kernel_y)
         amap = amap.squeeze(1)
-        return amap, amap.flatten(1).amax(dim=1)
+        return amap, self.score(amap)
+
+    def score(self, amap: torch.Tensor) -> torch.Tensor:
+        """B×H×W maps → B image scores (float32), as :func:`pedenet.scoring.image_score`."""
+        flat = amap.flatten(1)
+        if self.score_fraction <= 0:
+            return flat.amax(dim=1)
+        # k = round(f·H·W) ≥ 1 from the traced size, so it follows the input size after export
+        rank = torch.ones_like(flat).cumsum(1)  # 1, 2, ..., H·W
+        k = torch.clamp(torch.round(rank[:, -1:] * self.score_fraction), min=1.0)
+        top = torch.sort(flat, dim=1, descending=True).values
+        return (top.double() * (rank <= k)).sum(1).div(k[:, 0].double()).float()
 
 
 def _metadata(model) -> dict:
@@ -129,7 +146,9 @@ def _metadata(model) -> dict:
         "encoder": model.config.encoder,
         "input": "float32 Bx3xHxW RGB in [0, 1]; H = W = image_size (or any size >= patch_size "
                  "when image_size is 0); no normalization (done inside)",
-        "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (map maximum)",
+        "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (mean of the map's largest "
+                   "image_score_fraction of pixels; its maximum when 0)",
+        "image_score_fraction": float(model.config.image_score_fraction),
         "normal_quantiles": dict(model.normal_quantiles),
         # decisions outside Python: flag an image when score > image_threshold, mark pixels
         # with anomaly_map > pixel_threshold in flagged images (None: no calibration)
@@ -140,7 +159,8 @@ def _metadata(model) -> dict:
 def build_module(model, energy_dtype: torch.dtype = torch.float64) -> AnomalyMapModule:
     """The :class:`AnomalyMapModule` of a fitted :class:`pedenet.PEDENet` (CPU, eval mode)."""
     net = model._require_fitted()
-    return AnomalyMapModule(net, model.config.smoothing_sigma, energy_dtype).eval()
+    return AnomalyMapModule(net, model.config.smoothing_sigma, energy_dtype,
+                            model.config.image_score_fraction).eval()
 
 
 def example_input(model) -> torch.Tensor:

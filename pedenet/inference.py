@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .scoring import grid_to_map, to_tensor
+from .scoring import grid_to_map, image_score, to_tensor
 
 DEFAULT_MAX_TILE = 1024
 """Default tile side (pixels) above which an image is encoded in overlapping tiles."""
@@ -51,7 +51,7 @@ class Predictions:
     Attributes:
         maps: list of float32 H_i×W_i anomaly maps at each image's own resolution (energy
             units, −log density; higher = more anomalous).
-        scores: float64 (N,), image anomaly scores (the map maxima).
+        scores: float64 (N,), image anomaly scores (:func:`pedenet.scoring.image_score`).
         p_values: float64 (N,) conformal p-values in [1/(n+1), 1] (small = anomalous), or None
             when the model was fitted without calibration (``calibration_fraction`` 0).
         anomalous: bool (N,), the decision ``score > thresholds["image_threshold"]``, or None.
@@ -152,7 +152,8 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     """Yield ``(index, map, score)`` for each image of ``images`` in input order.
 
     ``model`` is a fitted :class:`pedenet.PEDENet`; ``map`` is float32 H×W at the image's
-    own resolution, ``score`` its maximum (float). See :meth:`pedenet.PEDENet.iter_predict`.
+    own resolution, ``score`` its image score (float, :func:`pedenet.scoring.image_score` with
+    ``config.image_score_fraction``). See :meth:`pedenet.PEDENet.iter_predict`.
     """
     from .estimator import as_rgb_array, check_side
 
@@ -160,6 +161,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     net = model._require_fitted()
     size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
+    fraction = model.config.image_score_fraction
     device = model.device
     budget = BATCH_PIXELS["cuda" if str(device).startswith("cuda") else "cpu"]
 
@@ -174,7 +176,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
         for (i, original, _), grid in zip(batch, grids):
             amap = grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=processed,
                                original_size=original, sigma=sigma)
-            yield i, amap, float(amap.max())
+            yield i, amap, image_score(amap, fraction)
 
     batch: list = []
     for i, (original, x) in enumerate(prefetched(iter_items(images), load, depth=2 * batch_size)):

@@ -13,6 +13,7 @@ from pedenet import metrics
 from pedenet.builtin import DEFECT_TYPES, make_builtin_dataset
 from pedenet.data import MissingMaskWarning, load_image, load_mask
 from pedenet.evaluation import METRIC_KEYS, evaluate, format_table
+from pedenet.scoring import image_score
 
 
 class BrightnessModel:
@@ -50,7 +51,7 @@ def test_evaluate_real_model(dataset):
     assert result["seconds_per_image"] > 0
     for entry, amap in zip(result["images"], maps):
         assert amap.dtype == np.float32 and amap.shape == (64, 64)
-        assert entry["score"] == pytest.approx(float(amap.max()))
+        assert entry["score"] == pytest.approx(image_score(amap, model.config.image_score_fraction))
         assert entry["label"] == (entry["defect"] != "good")
 
 

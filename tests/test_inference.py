@@ -10,6 +10,7 @@ from pedenet.config import PEDENetConfig
 from pedenet.gmm import GMMAccumulator
 from pedenet.inference import prefetched
 from pedenet.model import PEDENetNetwork
+from pedenet.scoring import image_score
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_batched_predict_equals_one_by_one(train_images, encoder, image_size):
     pred = model.predict(imgs, batch_size=3)
     maps, scores = pred.maps, pred.scores
     _assert_same_maps(maps, one)
-    np.testing.assert_allclose(scores, [m.max() for m in maps])
+    f = model.config.image_score_fraction
+    np.testing.assert_allclose(scores, [image_score(m, f) for m in maps], rtol=1e-12)
     # the generator yields indices in input order and consumes a generator input lazily
     seen = []
 
@@ -50,7 +52,7 @@ def test_batched_predict_equals_one_by_one(train_images, encoder, image_size):
 
     it = model.iter_predict(lazy(), batch_size=2)
     i, amap, score = next(it)
-    assert i == 0 and score == float(amap.max())
+    assert i == 0 and score == image_score(amap, f)
     _assert_same_maps([amap], one[:1])
     # bounded read-ahead: the prefetch queue (2 × batch), one item waiting to enter it, the
     # batch being encoded and the item that closed it

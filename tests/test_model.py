@@ -202,11 +202,15 @@ def test_checkpoint_without_feature_blocks_loads_with_the_old_blocks(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(4)]
     model = pedenet.PEDENet(steps=0, calibration_fraction=0, feature_blocks=(4, 10), embedding_dim=8,
-                            n_components=2, image_size=64).fit(images, progress=False)
+                            n_components=2, image_size=64, image_score_fraction=0).fit(images, progress=False)
     model.save(tmp_path / "new.pt")
     data = load_checkpoint(tmp_path / "new.pt")
     del data["config"]["feature_blocks"]
+    del data["config"]["image_score_fraction"]  # nor had the image score a setting: it was the maximum
     save_checkpoint(tmp_path / "old.pt", data)
     old = pedenet.load(tmp_path / "old.pt")
     assert old.config.feature_blocks == (4, 10) != PEDENetConfig().feature_blocks
+    assert old.config.image_score_fraction == 0 != PEDENetConfig().image_score_fraction
     np.testing.assert_array_equal(old.anomaly_map(images[0]), model.anomaly_map(images[0]))
+    pred = old.predict(images)
+    assert pred.scores.tolist() == [float(m.max()) for m in pred.maps]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pedenet.scoring import grid_to_map, to_tensor
+from pedenet.scoring import grid_to_map, image_score, to_tensor, top_count
 
 
 def test_constant_grid_gives_constant_map_at_original_size():
@@ -96,3 +96,40 @@ def test_grid_to_map_is_the_float64_operator_products_on_one_blas_thread(monkeyp
         assert all(n == [1] * len(before) for n in seen)
     else:
         assert all(n == [t for _, t in before] for n in seen)
+
+
+def test_image_score_is_max_or_mean_of_the_top_fraction():
+    amap = np.arange(200, dtype=np.float32).reshape(10, 20)[::-1]  # values 0..199, shuffled layout
+    assert image_score(amap, 0.0) == 199.0
+    assert top_count(200, 0.05) == 10 and image_score(amap, 0.05) == pytest.approx(np.mean(np.arange(190, 200)))
+    # at least one pixel, whatever the fraction; rounding to the nearest count
+    assert top_count(200, 0.001) == 1 and image_score(amap, 0.001) == 199.0
+    assert top_count(1000, 0.0035) == 4 and top_count(1000, 0.0036) == 4 and top_count(1000, 0.0026) == 3
+    # invariant to the layout of the pixels, monotone in the fraction
+    rng = np.random.default_rng(0)
+    m = rng.random((37, 53)).astype(np.float32)
+    assert image_score(m, 0.01) == pytest.approx(image_score(rng.permutation(m.ravel()), 0.01))
+    fr = [0.0, 0.003, 0.01, 0.1, 0.5]
+    vals = [image_score(m, f) for f in fr]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[-1] > float(m.mean())
+    with pytest.raises(ValueError, match="empty"):
+        image_score(np.zeros((0, 4)), 0.01)
+
+
+def test_predict_and_calibration_use_the_configured_image_score():
+    import pedenet
+    from pedenet.config import PEDENetConfig
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(6)]
+    model = pedenet.PEDENet(steps=0, embedding_dim=8, n_components=2, image_size=64,
+                            feature_blocks=(4, 10), image_score_fraction=0.05,
+                            calibration_fraction=0.34).fit(images, progress=False)
+    pred = model.predict(images)
+    assert pred.scores.tolist() == pytest.approx([image_score(m, 0.05) for m in pred.maps], rel=1e-12)
+    assert (pred.scores < np.array([m.max() for m in pred.maps])).all()
+    held = [images[int(p.split()[-1].rstrip(">"))] for p in model.history["calibration_images"]]
+    assert sorted(model.calibration.scores.tolist()) == pytest.approx(
+        sorted(model.predict(held).scores.tolist()), rel=1e-12)
+    with pytest.raises(ValueError, match="image_score_fraction"):
+        PEDENetConfig(image_score_fraction=1.0)
