@@ -1,23 +1,51 @@
-"""Image score = max of the map vs mean of its top-q fraction of pixels: validation and test image AUROC, one MTD model.
+"""Image score = maximum of the map against the mean of its top fraction q: image AUROC on validation and test.
 
-Validation = the model's held-out calibration images and synthetic-defect copies of them
-(pedenet.validation); the test column is printed only to check the ranking.
-Usage: python benchmarks/explore_image_score.py RUN_DIR/model.pt [DATA]
+One fitted model; the maps are computed once and every q scores the same maps
+(:func:`pedenet.scoring.image_score`). Validation = the model's held-out normal images and a
+synthetic-defect copy of each (``pedenet validate``); the test column is printed to check the
+ranking, not to choose.
+
+    python benchmarks/explore_image_score.py runs/mtd_b15_s0/model.pt ../shared/data/mtd
+
+Prints one JSON line: ``val_<q>`` and ``test_<q>`` image AUROC for each q.
 """
-import sys, numpy as np, warnings
-warnings.filterwarnings("ignore")
-import pedenet
-from pedenet.validation import synthetic_validation_set
-from pedenet.data import test_samples
-from pedenet.metrics import image_auroc
-m = pedenet.load(sys.argv[1])
-arrays, masks, yv = synthetic_validation_set(m.history["calibration_images"], seed=0)
-mv = m.predict(arrays).maps
-ts = test_samples(sys.argv[2] if len(sys.argv) > 2 else "../shared/data/mtd")
-mt = m.predict([s.path for s in ts]).maps
-yt = np.array([s.label for s in ts])
-def agg(maps, q):
-    if q == 0: return np.array([x.max() for x in maps])
-    return np.array([np.sort(x.ravel())[-max(1, int(q * x.size)):].mean() for x in maps])
-for q in [0, 0.001, 0.01, 0.05, 0.2]:
-    print("top %.3f: val %.3f test %.3f" % (q, image_auroc(agg(mv, q), yv), image_auroc(agg(mt, q), yt)), flush=True)
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import numpy as np
+
+QS = (0.0, 0.001, 0.003, 0.01, 0.03)
+
+
+def main() -> None:
+    import pedenet
+    from pedenet.data import test_samples
+    from pedenet.metrics import image_auroc
+    from pedenet.scoring import image_score
+    from pedenet.validation import synthetic_validation_set
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="RUN_DIR/model.pt")
+    ap.add_argument("data", help="category folder with test/ (MVTec AD layout)")
+    ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = pedenet.load(args.model)
+    arrays, _, y_val = synthetic_validation_set(model.history["calibration_images"], seed=0)
+    val_maps = model.predict(arrays).maps
+    test = test_samples(args.data)
+    test_maps = model.predict([s.path for s in test]).maps
+    y_test = np.array([s.label for s in test])
+    out = {"model": args.model}
+    for q in (float(v) for v in args.q.split(",")):
+        out[f"val_{q:g}"] = round(image_auroc([image_score(m, q) for m in val_maps], y_val), 4)
+        out[f"test_{q:g}"] = round(image_auroc([image_score(m, q) for m in test_maps], y_test), 4)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
