@@ -27,7 +27,8 @@ def register(main: click.Group) -> None:
 
         Input: float32 B×3×H×W, RGB in [0, 1] (normalization is inside), H = W = the
         model's image_size (resize first, bilinear with antialiasing) or any H, W >= 32
-        when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (its max).
+        when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (the image
+        score: mean of the map's top image_score_fraction of pixels, as predict gives).
         """
         import torch
 
