@@ -26,6 +26,7 @@ ROWS: dict[str, dict] = {
     "without LP (lambda_lp 0)": {"lambda_lp": 0.0},
     "untrained (steps 0: EM mixture on initial embeddings)": {"steps": 0},
     "native size (image_size 0)": {"image_size": 0},
+    "aspect kept (short side 256)": {"keep_aspect": True},
     "K 1": {"n_components": 1},
     "K 5": {"n_components": 5},
     "K 20": {"n_components": 20},

@@ -533,6 +533,8 @@ def main(ctx: click.Context) -> None:
               "a small CNN trained from scratch.")
 @click.option("--image-size", type=click.IntRange(min=0), default=DEFAULTS.image_size,
               show_default=True, help="Images are resized to this square side (0 = native size).")
+@click.option("--keep-aspect", is_flag=True, default=DEFAULTS.keep_aspect, show_default=True,
+              help="Resize the shorter side to --image-size and keep the aspect ratio (no squashing).")
 @click.option("--image-score-fraction", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULTS.image_score_fraction, show_default=True,
               help="Image score = mean of this fraction of the map's largest pixels (0: the map's maximum).")
@@ -576,7 +578,7 @@ def main(ctx: click.Context) -> None:
               help="No progress bars or messages.")
 @_verbose_option
 @_user_errors
-def fit(data, run_dir, category, steps, seed, device, encoder, image_size, image_score_fraction, embedding_dim,
+def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_aspect, image_score_fraction, embedding_dim,
         n_components, feature_blocks, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
         calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
@@ -589,7 +591,7 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, image
     """
     _set_verbose(verbose, quiet)
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
-                  image_score_fraction=image_score_fraction,
+                  keep_aspect=keep_aspect, image_score_fraction=image_score_fraction,
                   embedding_dim=embedding_dim, n_components=n_components,
                   feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,

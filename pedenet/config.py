@@ -34,6 +34,9 @@ class PEDENetConfig:
             existed use 4, 10.
         image_size: the processed size (pixels, square side) every image is resized to
             before encoding; 0 keeps each image's native size.
+        keep_aspect: resize so that the *shorter* side is ``image_size`` and the aspect
+            ratio is kept (:func:`pedenet.scoring.processed_size`), instead of squashing to
+            a square; for images that are much wider than high (or the reverse).
         de_hidden: width of the membership network's hidden layer.
         ridge: added to each covariance diagonal before Cholesky (embedding units²).
         smoothing_sigma: σ of the Gaussian smoothing of the anomaly map, in pixels of the
@@ -79,6 +82,7 @@ class PEDENetConfig:
     patch_size: int = 32
     feature_blocks: tuple = (4, 10, 14, 15)
     image_size: int = 256
+    keep_aspect: bool = False
     de_hidden: int = 32
     ridge: float = 1e-3
     smoothing_sigma: float = 4.0
@@ -101,6 +105,8 @@ class PEDENetConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value, kind = getattr(self, f.name), f.type
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
             if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{f.name} must be an integer, got {value!r}")
             if kind in ("float", "float | None") and not (value is None and kind != "float") and (

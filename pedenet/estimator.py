@@ -271,7 +271,7 @@ class PEDENet:
         """
         net = self._require_fitted()
         arr = check_side(as_rgb_array(image), self.min_image_side, image)
-        x = to_tensor(arr, self.config.image_size).to(self.device)
+        x = to_tensor(arr, self.config.image_size, self.config.keep_aspect).to(self.device)
         grid = net.patch_energy(x, max_tile)[0].cpu().numpy()
         return grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=tuple(x.shape[-2:]),
                            original_size=arr.shape[:2], sigma=self.config.smoothing_sigma)
@@ -296,7 +296,7 @@ class PEDENet:
 
         net = self._require_fitted()
         arr = check_side(as_rgb_array(image), self.min_image_side, image)
-        x = to_tensor(arr, self.config.image_size).to(self.device)
+        x = to_tensor(arr, self.config.image_size, self.config.keep_aspect).to(self.device)
         emb = net.embed(x)[0]  # D×h×w
         d, gh, gw = emb.shape
         gamma = net.mixture.responsibilities(emb.permute(1, 2, 0).reshape(-1, d))

@@ -7,7 +7,9 @@ as plain tensor operations that ONNX and TorchScript can record:
 input ``image``: float32 B×3×H×W, RGB, values in [0, 1] (no mean/std normalization: the
 model does its own). H = W = ``image_size`` when the model resizes (``image_size`` > 0; resize
 with :func:`pedenet.scoring.to_tensor` — bilinear, antialiased — to get pedenet's own
-results); any H, W ≥ the encoder's minimum (the patch size, 32 px) when ``image_size`` = 0.
+results); any H, W ≥ the encoder's minimum (the patch size, 32 px) when ``image_size`` = 0;
+with ``keep_aspect`` the shorter side = ``image_size`` and the longer one follows the aspect
+ratio (:func:`pedenet.scoring.processed_size`).
 
 outputs: ``anomaly_map`` float32 B×H×W (energy, −log density; higher = more anomalous) at the
 input's resolution, and ``score`` float32 B (the image score of
@@ -23,7 +25,7 @@ patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − 
 
 ``pedenet export RUN_DIR --format onnx|torchscript --out FILE`` writes it (:func:`export_model`).
 ONNX: opset 17, the TorchScript-based exporter (``dynamo=False``: needs no onnxscript); the
-batch axis is dynamic, and so are H and W when ``image_size`` = 0. Model facts (image size,
+batch axis is dynamic, and so are H and W when ``image_size`` = 0 or ``keep_aspect``. Model facts (image size,
 σ, stride, normal-score quantiles, calibrated thresholds, pedenet version) are stored as metadata (ONNX
 ``metadata_props`` / TorchScript extra file ``pedenet.json``). TorchScript is a traced module
 (``torch.jit.trace``; sizes stay dynamic, tested); torch 2.13 marks ``torch.jit`` as deprecated,
@@ -140,12 +142,14 @@ def _metadata(model) -> dict:
     return {
         "pedenet_version": __version__,
         "image_size": int(model.config.image_size),
+        "keep_aspect": bool(model.config.keep_aspect),
         "smoothing_sigma": float(model.config.smoothing_sigma),
         "stride": float(model.network.stride),
         "offset": float(model.network.offset),
         "encoder": model.config.encoder,
-        "input": "float32 Bx3xHxW RGB in [0, 1]; H = W = image_size (or any size >= patch_size "
-                 "when image_size is 0); no normalization (done inside)",
+        "input": "float32 Bx3xHxW RGB in [0, 1]; H = W = image_size (keep_aspect: the shorter "
+                 "side = image_size, aspect kept; any size >= patch_size when image_size is 0); "
+                 "no normalization (done inside)",
         "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (mean of the map's largest "
                    "image_score_fraction of pixels; its maximum when 0)",
         "image_score_fraction": float(model.config.image_score_fraction),
@@ -196,7 +200,8 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
                     traced = torch.jit.trace(module, (x,), check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"pedenet.json": json.dumps(meta)})
             else:
-                _export_onnx(module, x, tmp, dynamic_hw=not model.config.image_size, meta=meta)
+                _export_onnx(module, x, tmp, dynamic_hw=not model.config.image_size or model.config.keep_aspect,
+                             meta=meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

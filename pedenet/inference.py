@@ -167,7 +167,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
 
     def load(item):
         arr = check_side(as_rgb_array(item), min_side, item)
-        return arr.shape[:2], to_tensor(arr, size)
+        return arr.shape[:2], to_tensor(arr, size, model.config.keep_aspect)
 
     def run(batch):
         xb = torch.cat([x for _, _, x in batch]).to(device)

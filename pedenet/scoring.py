@@ -19,15 +19,34 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
 
-def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """H×W×3 float32 array in [0, 1] → 1×3×S×S tensor (S = image_size; 0 keeps H×W).
+def processed_size(h: int, w: int, image_size: int, keep_aspect: bool = False) -> tuple[int, int]:
+    """The size (H', W') in pixels that an H×W image is resized to before encoding.
+
+    ``image_size`` 0: (h, w) unchanged. Else (S, S) with S = image_size, or, with
+    ``keep_aspect``, the shorter side S and the longer side round(S · long / short) (at
+    least S), so that a wide image is not squashed.
+    """
+    if not image_size:
+        return int(h), int(w)
+    if not keep_aspect:
+        return int(image_size), int(image_size)
+    s = int(image_size)
+    if h <= w:
+        return s, max(s, int(round(s * w / h)))
+    return max(s, int(round(s * h / w))), s
+
+
+def to_tensor(image: np.ndarray, image_size: int, keep_aspect: bool = False) -> torch.Tensor:
+    """H×W×3 float32 array in [0, 1] → 1×3×H'×W' tensor, (H', W') = :func:`processed_size`
+    (S×S for S = image_size; 0 keeps H×W; ``keep_aspect``: shorter side S, aspect kept).
 
     Resizing is bilinear with antialiasing (torch.nn.functional.interpolate), the one
     resizing rule used for training, evaluation and prediction.
     """
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    target = processed_size(x.shape[-2], x.shape[-1], image_size, keep_aspect)
+    if tuple(x.shape[-2:]) != target:
+        x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp(0.0, 1.0)
     # contiguous NCHW: a channels-last view (what permute gives) makes CPU convolutions ~50× slower
     return x.contiguous()

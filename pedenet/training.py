@@ -88,7 +88,7 @@ def cache_frozen_features(
     device = next(network.parameters()).device
     cache = []
     for load in progress_bar(loaders, desc="encoding training images", unit="img", disable=not progress):
-        x = to_tensor(load(), size).to(device)
+        x = to_tensor(load(), size, network.config.keep_aspect).to(device)
         f = enc.raw_features(x) if isinstance(enc, PretrainedEncoder) else enc.frozen_features(x)
         cache.append(f[0].to("cpu", torch.float16))
     if isinstance(enc, PretrainedEncoder):

@@ -133,3 +133,57 @@ def test_predict_and_calibration_use_the_configured_image_score():
         sorted(model.predict(held).scores.tolist()), rel=1e-12)
     with pytest.raises(ValueError, match="image_score_fraction"):
         PEDENetConfig(image_score_fraction=1.0)
+
+
+def test_keep_aspect_resizes_the_short_side_and_keeps_the_ratio():
+    from pedenet.scoring import processed_size
+
+    assert processed_size(244, 599, 256) == (256, 256)  # squashed (the default)
+    assert processed_size(244, 599, 256, keep_aspect=True) == (256, 628)  # round(256·599/244)
+    assert processed_size(599, 244, 256, keep_aspect=True) == (628, 256)
+    assert processed_size(300, 300, 256, keep_aspect=True) == (256, 256)
+    assert processed_size(244, 599, 0, keep_aspect=True) == (244, 599)  # native size wins
+    img = np.random.default_rng(0).random((100, 250, 3)).astype(np.float32)
+    x = to_tensor(img, 64, keep_aspect=True)
+    assert tuple(x.shape) == (1, 3, 64, 160) and x.is_contiguous()
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+
+
+def test_keep_aspect_model_maps_wide_images_at_their_resolution(tmp_path):
+    import pedenet
+    from pedenet.export import example_input, export_model
+
+    rng = np.random.default_rng(2)
+    train = [rng.random((60, 150, 3), dtype=np.float32) for _ in range(3)]
+    model = pedenet.PEDENet(steps=2, embedding_dim=8, n_components=2, image_size=64, keep_aspect=True,
+                            feature_blocks=(4, 10), calibration_fraction=0).fit(train, progress=False)
+    wide, tall = rng.random((50, 200, 3), dtype=np.float32), rng.random((120, 40, 3), dtype=np.float32)
+    pred = model.predict([wide, tall])
+    assert [m.shape for m in pred.maps] == [(50, 200), (120, 40)]
+    # the encoder saw 64×256 and 192×64: grids of stride 8 cells, not 8×8 for everything
+    net = model.network
+    assert net.embed(to_tensor(wide, 64, True)).shape[-2:] == (8, 32)
+    assert net.embed(to_tensor(tall, 64, True)).shape[-2:] == (24, 8)
+    np.testing.assert_array_equal(pred.maps[0], model.anomaly_map(wide))
+    loaded = pedenet.PEDENet.load(_save(model, tmp_path))
+    assert loaded.config.keep_aspect is True
+    np.testing.assert_array_equal(loaded.anomaly_map(wide), pred.maps[0])
+    # the exported model takes the aspect-kept size (H, W dynamic): an input already at its
+    # processed size gives the model's own map
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = export_model(model, tmp_path / "m.onnx", "onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for arr in (wide, tall):
+        x = to_tensor(arr, 64, True)
+        amap, score = sess.run(["anomaly_map", "score"], {"image": x.numpy()})
+        ref = model.anomaly_map(x[0].permute(1, 2, 0).numpy())
+        assert amap.shape[1:] == ref.shape == tuple(x.shape[-2:])
+        assert float(np.abs(amap[0] - ref).max()) <= 1e-4 * float(ref.max() - ref.min())
+    assert tuple(example_input(model).shape) == (1, 3, 64, 64)
+
+
+def _save(model, tmp_path):
+    path = tmp_path / "m.pt"
+    model.save(path)
+    return path
