@@ -29,7 +29,7 @@ ROWS: dict[str, dict] = {
     "aspect kept (short side 256)": {"keep_aspect": True},
     "K 1": {"n_components": 1},
     "K 5": {"n_components": 5},
-    "K 20": {"n_components": 20},
+    "K 10 (previous default)": {"n_components": 10},
     "D 16": {"embedding_dim": 16},
     "D 32": {"embedding_dim": 32},
     "D 64": {"embedding_dim": 64},

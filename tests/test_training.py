@@ -8,6 +8,7 @@ import pedenet
 from pedenet.builtin import make_builtin_dataset
 from pedenet.checkpoint import CheckpointError
 from pedenet.data import test_samples, train_samples
+from pedenet.scoring import image_score
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +37,15 @@ def test_training_keeps_embeddings_full_rank(fitted):
     assert abs(sum(h["cluster_usage"][-1]) - 1.0) < 1e-6
 
 
-def test_maps_have_image_size_and_score_is_max(fitted, gravel):
+def test_maps_have_image_size_and_score_is_the_image_score(fitted, gravel):
     samples = test_samples(gravel)
     pred = fitted.predict([s.path for s in samples])
     maps, scores = pred.maps, pred.scores
     assert len(maps) == len(samples)
     for m, sc in zip(maps, scores):
         assert m.shape == (128, 128) and m.dtype == np.float32 and np.isfinite(m).all()
-        assert sc == pytest.approx(float(m.max()))
+        assert sc == pytest.approx(image_score(m, fitted.config.image_score_fraction), rel=1e-12)
+        assert m.mean() < sc <= m.max()
     # a non-square array input keeps its own size
     m = fitted.anomaly_map(np.random.default_rng(0).random((90, 150)).astype(np.float32))
     assert m.shape == (90, 150)
