@@ -14,8 +14,8 @@ ratio (:func:`pedenet.scoring.processed_size`).
 outputs: ``anomaly_map`` float32 B×H×W (energy, −log density; higher = more anomalous) at the
 input's resolution, and ``score`` float32 B (the image score of
 :func:`pedenet.scoring.image_score`: the mean of the map's largest ``image_score_fraction``
-of pixels, computed with a descending sort and a rank mask so that it stays exact for any
-input size, or the map's maximum when the fraction is 0).
+of pixels, a top-k whose k = round(f·H·W) is computed from the input's shape inside the
+graph, so it stays exact for any input size; or the map's maximum when the fraction is 0).
 
 Steps (identical to ``PEDENet.anomaly_map`` for an input already at the processed size):
 patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − D/2 log 2π −
@@ -131,11 +131,12 @@ class AnomalyMapModule(nn.Module):
         flat = amap.flatten(1)
         if self.score_fraction <= 0:
             return flat.amax(dim=1)
-        # k = round(f·H·W) ≥ 1 from the traced size, so it follows the input size after export
-        rank = torch.ones_like(flat).cumsum(1)  # 1, 2, ..., H·W
-        k = torch.clamp(torch.round(rank[:, -1:] * self.score_fraction), min=1.0)
-        top = torch.sort(flat, dim=1, descending=True).values
-        return (top.double() * (rank <= k)).sum(1).div(k[:, 0].double()).float()
+        # k = round(f·H·W) ≥ 1 computed from the traced shape, so that it follows the input
+        # size after export (a Python int would be frozen at the tracing size)
+        n = torch._shape_as_tensor(flat)[1].to(torch.float64)
+        k = torch.clamp(torch.round(n * self.score_fraction), min=1.0).to(torch.int64)
+        top = torch.topk(flat, k, dim=1).values  # B×k, the largest pixels
+        return top.double().mean(1).float()
 
 
 def _metadata(model) -> dict:
