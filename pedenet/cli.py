@@ -578,9 +578,10 @@ def main(ctx: click.Context) -> None:
               help="No progress bars or messages.")
 @_verbose_option
 @_user_errors
-def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_aspect, image_score_fraction, embedding_dim,
-        n_components, feature_blocks, patch_size, batch_size, encoder_lr, lr, overwrite, resume, checkpoint_every,
-        calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet, verbose):
+def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_aspect,
+        image_score_fraction, embedding_dim, n_components, feature_blocks, patch_size, batch_size,
+        encoder_lr, lr, overwrite, resume, checkpoint_every, calibration_fraction, target_fpr,
+        pixel_fpr, skip_bad_files, quiet, verbose):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/), a dataset root with --category, or
@@ -593,7 +594,8 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
     config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
                   keep_aspect=keep_aspect, image_score_fraction=image_score_fraction,
                   embedding_dim=embedding_dim, n_components=n_components,
-                  feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size, lr=lr, encoder_lr=encoder_lr,
+                  feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size,
+                  lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
                   pixel_fpr=pixel_fpr)
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
@@ -672,8 +674,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
     first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
-    lists path, score (the image score: mean of the map's top --image-score-fraction of pixels, energy units), p_value, anomalous (the decision at
-    the target false-alarm rate) and the output name; <stem>_mask.png (0/255) marks the
+    lists path, score (the image score: mean of the map's top --image-score-fraction of
+    pixels, energy units), p_value, anomalous (the decision at the target false-alarm rate)
+    and the output name; <stem>_mask.png (0/255) marks the
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only.
     """

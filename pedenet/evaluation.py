@@ -167,8 +167,9 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         ``result["images"][i]``.
 
         Metrics: ``image_*`` use one score per image (the model's image score,
-        :func:`pedenet.scoring.image_score`) over all images of the group; ``pixel_*`` and ``au_pro_0.3`` (normalized area under the PRO curve up to a
-        false positive rate of 0.3) pool the pixels of the group's images that have
+        :func:`pedenet.scoring.image_score`) over all images of the group; ``pixel_*`` and
+        ``au_pro_0.3`` (normalized area under the PRO curve up to a false positive rate of
+        0.3) pool the pixels of the group's images that have
         ground truth: good images count as all-normal; a defective image without a mask file
         is left out of the pixel metrics (with a :class:`pedenet.data.MissingMaskWarning`) but
         kept for the image metrics. ``per_defect[d]`` is computed on the good images plus the
