@@ -526,7 +526,7 @@ def main(ctx: click.Context) -> None:
               help="Category under DATA when DATA is a dataset root.")
 @click.option("--steps", type=click.IntRange(min=0), default=DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--encoder", type=click.Choice(list(ENCODERS)), default=DEFAULTS.encoder,
               show_default=True, help="Patch encoder: frozen pretrained EfficientNet-Lite0 or "
@@ -598,6 +598,10 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
                   lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
                   pixel_fpr=pixel_fpr)
+    try:  # settings that contradict each other: say so before reading any data
+        PEDENetConfig(**config)
+    except ValueError as exc:
+        raise UserError(str(exc), exit_code=2) from None
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
              resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
 
@@ -777,7 +781,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic defects (keep it fixed to compare runs).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
@@ -811,10 +815,23 @@ def validate(run_dir, seed, device, overwrite, quiet, verbose):
                         "cannot be reloaded; use pedenet.validation.validate(model, images) in Python")
     missing = [h for h in held if not Path(h).is_file()]
     if missing:
+        where = ("; the path is relative to the folder `fit` ran in: run validate from there"
+                 if not Path(missing[0]).is_absolute() else "; the data moved since fit")
         raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
-                        "missing); the data moved since fit")
-    paths = _checked([Path(h) for h in held], min_side=max(48, model.min_image_side),
+                        f"missing){where}")
+    paths = _checked([Path(h) for h in held], min_side=model.min_image_side,
                      skip_bad_files=False, quiet=quiet, desc="checking held-out images")
+    from PIL import Image
+
+    from .validation import MIN_SIDE
+
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+        if min(w, h) < MIN_SIDE:
+            raise UserError(f"{p}: held-out image is {w}x{h} px; validate draws its synthetic defects "
+                            f"in windows of at least {MIN_SIDE} px, so held-out images need both "
+                            f"sides >= {MIN_SIDE} px")
     t0 = time.perf_counter()
     result = _validate(model, paths, seed=seed, progress=not quiet)
     result.update(seed=seed, seconds=time.perf_counter() - t0)
@@ -873,7 +890,7 @@ def _markdown(rows: list[tuple[str, dict]]) -> str:
               help="Optimizer steps per category.")
 @click.option("--categories", default=DEMO_CATEGORIES, show_default=True,
               help="Comma-separated built-in categories (brick, grass, gravel).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=DEMO_TARGET_FPR, show_default=True,
               help="Target false-alarm rate of the decisions (12 held-out normal images per "

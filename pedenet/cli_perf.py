@@ -38,7 +38,13 @@ def register(main: click.Group) -> None:
         dtype = torch.float64 if energy_dtype == "float64" else torch.float32
         path = export_model(model, out_file, fmt, energy_dtype=dtype)
         size = model.config.image_size
-        shape = f"Bx3x{size}x{size}" if size else "Bx3xHxW (any H, W >= 32)"
+        if not size:
+            shape = "Bx3xHxW (any H, W >= 32)"
+        elif model.config.keep_aspect:
+            shape = (f"Bx3xHxW (shorter side {size}, aspect kept: "
+                     f"pedenet.scoring.to_tensor(array, {size}, keep_aspect=True))")
+        else:
+            shape = f"Bx3x{size}x{size}"
         _info(quiet, f"exported {fmt} -> {path}: input 'image' float32 {shape} RGB in [0, 1]; "
                      "outputs 'anomaly_map' BxHxW, 'score' B")
 

@@ -134,6 +134,9 @@ class PEDENetConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.de_init not in ("em", "random"):
             raise ValueError(f"de_init must be 'em' or 'random', got {self.de_init!r}")
+        if self.keep_aspect and not self.image_size:
+            raise ValueError("keep_aspect needs an image_size > 0 (the shorter side); "
+                             "image_size 0 already keeps every image's own size")
         if self.image_size and self.image_size < self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
 

@@ -248,7 +248,7 @@ class PEDENet:
         self.history["n_train_images"] = len(items)
         self.history["n_calibration_images"] = len(cal_items)
         self.history["calibration_images"] = [
-            os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
+            os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
             for i, p in zip(cal_idx.tolist(), cal_items)]
         if state is not None:
             self.history["resumed_from_step"] = start

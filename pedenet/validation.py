@@ -20,6 +20,9 @@ __all__ = ["add_synthetic_defect", "synthetic_validation_set", "validate"]
 MAX_WINDOW = 256
 """Side (pixels) of the square window of the image that receives the defect, at most."""
 
+MIN_SIDE = 48
+"""Smallest image side (pixels) that can receive a synthetic defect."""
+
 
 def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
                          kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +48,8 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
     img = np.asarray(image, dtype=np.float32)
     h, w = img.shape[:2]
     s = min(h, w, MAX_WINDOW)
-    if s < 48:
-        raise ValueError(f"image is {w}x{h} px; synthetic defects need both sides >= 48 px")
+    if s < MIN_SIDE:
+        raise ValueError(f"image is {w}x{h} px; synthetic defects need both sides >= {MIN_SIDE} px")
     r0, c0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
     gray = np.clip(np.rint(img[r0:r0 + s, c0:c0 + s].mean(axis=2) * 255), 0, 255).astype(np.uint8)
     others = [np.asarray(f(), dtype=np.uint8) for f in TEXTURES.values()]

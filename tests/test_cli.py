@@ -239,3 +239,37 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
     assert not (target / "validation.json").exists()  # stale: it belonged to the replaced model
     result = run("validate", target, "--quiet")
     assert_one_line_error(result, "--calibration-fraction")
+
+
+def test_validate_from_another_folder_and_its_input_checks(dataset, tmp_path, monkeypatch):
+    from PIL import Image
+
+    # fit with a relative data path; validate from elsewhere still finds the held-out images
+    monkeypatch.chdir(dataset.parent)
+    out = tmp_path / "rel"
+    result = run("fit", Path(dataset.name) / "grass", "--out", out, "--steps", "1", "--quiet",
+                 "--n-components", "2")
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    assert all(Path(p).is_absolute() for p in json.loads((out / "history.json").read_text())["calibration_images"])
+    result = run("validate", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    # held-out images too small for a synthetic defect: one line naming the file and the limit
+    small = tmp_path / "small"
+    (small / "train" / "good").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(small / "train" / "good" / f"{i}.png")
+    result = run("fit", small, "--out", tmp_path / "small_run", "--steps", "1", "--quiet", "--n-components", "2",
+                 "--image-size", "64")
+    assert result.exit_code == 0, result.output
+    result = run("validate", tmp_path / "small_run", "--quiet")
+    assert_one_line_error(result, "40x40 px", ">= 48 px")
+    # a negative seed names the option
+    result = run("validate", out, "--seed", "-1", "--quiet")
+    assert result.exit_code == 2 and "--seed" in result.output
+
+
+def test_keep_aspect_needs_an_image_size(tmp_path):
+    result = run("fit", tmp_path, "--out", tmp_path / "r", "--keep-aspect", "--image-size", "0")
+    assert_one_line_error(result, "keep_aspect", "image_size")
