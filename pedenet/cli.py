@@ -798,7 +798,9 @@ def validate(run_dir, seed, device, overwrite, quiet, verbose):
     Compare runs of the same data by these figures; keep the test split for the final report.
     Writes RUN_DIR/validation.json.
     """
-    from .validation import validate as _validate
+    from PIL import Image
+
+    from .validation import MIN_SIDE, validate as _validate
 
     _set_verbose(verbose, quiet)
     out = Path(run_dir) / "validation.json"
@@ -821,12 +823,8 @@ def validate(run_dir, seed, device, overwrite, quiet, verbose):
                         f"missing){where}")
     paths = _checked([Path(h) for h in held], min_side=model.min_image_side,
                      skip_bad_files=False, quiet=quiet, desc="checking held-out images")
-    from PIL import Image
-
-    from .validation import MIN_SIDE
-
     for p in paths:
-        with Image.open(p) as im:
+        with Image.open(p) as im:  # the header only: the size
             w, h = im.size
         if min(w, h) < MIN_SIDE:
             raise UserError(f"{p}: held-out image is {w}x{h} px; validate draws its synthetic defects "

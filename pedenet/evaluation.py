@@ -45,8 +45,8 @@ import numpy as np
 
 from .data import MissingMaskWarning, check_images, load_mask, resolve_category, test_samples
 from .metrics import UndefinedMetricWarning, f1_max, image_auroc, pixel_metrics
-from .scoring import image_score
 from .progress import progress_bar
+from .scoring import image_score
 
 __all__ = ["AU_PRO_LIMIT", "METRIC_KEYS", "evaluate", "format_table", "realized_rates", "to_jsonable"]
 
@@ -205,17 +205,18 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
     missing: list[str] = []
     paths = [s.path for s in samples]
     scores_list: list[float] = []
-    if hasattr(model, "iter_predict"):  # batched, streamed
-        results = (scores_list.append(score) or amap for _, amap, score in model.iter_predict(paths))
+    if hasattr(model, "iter_predict"):  # batched, streamed: (map, score) pairs
+        results = ((amap, score) for _, amap, score in model.iter_predict(paths))
     else:
         fraction = getattr(getattr(model, "config", None), "image_score_fraction", 0.0)
-        results = (scores_list.append(image_score(a, fraction)) or a
-                   for a in (np.asarray(model.anomaly_map(p), dtype=np.float32) for p in paths))
+        results = ((amap, image_score(amap, fraction))
+                   for amap in (np.asarray(model.anomaly_map(p), dtype=np.float32) for p in paths))
     infer_seconds = 0.0
     t0 = time.perf_counter()
-    for s, amap in zip(progress_bar(samples, desc=f"evaluating {cat_dir.name}", unit="img",
+    for s, (amap, score) in zip(progress_bar(samples, desc=f"evaluating {cat_dir.name}", unit="img",
                             disable=not progress), results):
         amap = np.asarray(amap, dtype=np.float32)
+        scores_list.append(float(score))
         infer_seconds += time.perf_counter() - t0
         if s.label == 0:
             mask = np.zeros(amap.shape, dtype=bool)
