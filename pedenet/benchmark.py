@@ -15,6 +15,9 @@ Sections (each also written to the JSON file):
   distance to a memory bank of all training embeddings (PatchCore/SPADE style,
   ``torch.cdist`` in chunks) and to a 10% random coreset, per test image (1024 embeddings,
   D = the default embedding_dim; synthetic Gaussian embeddings) for 100 / 1000 / 10 000 training images;
+  the mixture is estimated from each bank (``mixture_from_bank``);
+* ``scoring_flatness``: the GMM scoring time of those mixtures, timed in interleaved rounds
+  (medians), and the ratio of 10 000 to 100 training images;
 * ``training``: optimizer steps per second of ``PEDENet.fit``;
 * ``flops``: multiply-accumulates of the encoder's convolutions and linear layers counted with
   forward hooks on a 256×256 image (through the encoder's reference modules: the folded
@@ -262,7 +265,60 @@ def _nn_distance(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
     return (best + (query * query).sum(1)).clamp_min(0.0).sqrt()
 
 
-def bench_scoring(model, n_train_images: int, quick: bool) -> dict:
+def mixture_from_bank(bank: torch.Tensor, means: torch.Tensor, ridge: float = 1e-3,
+                      chunk: int = 1 << 20):
+    """A mixture estimated from a memory bank: each row joins its nearest mean (hard memberships).
+
+    Args:
+        bank: N×D float32 embeddings. means: K×D component means to assign the rows to.
+    Returns:
+        a :class:`pedenet.gmm.GaussianMixture` of K components (weights, means and
+        covariances of the rows of each component, sums in float64).
+    """
+    from .gmm import GMMAccumulator
+
+    m = means.float()
+    m_sq = m.square().sum(1)
+    acc = GMMAccumulator(*m.shape)
+    for i in range(0, len(bank), chunk):
+        x = bank[i:i + chunk]
+        acc.add_hard(x, torch.addmm(m_sq[None], x, m.T, alpha=-2.0).argmin(1))
+    return acc.finalize(ridge)
+
+
+def bench_flatness(mixtures: dict, quick: bool) -> dict:
+    """Scoring time per image against training-set size, measured interleaved.
+
+    ``mixtures`` maps a number of training images to the mixture estimated from their
+    embeddings (:func:`mixture_from_bank`). Each round times every mixture once (best of 3,
+    in an order that alternates between rounds), so that a slow minute of a shared machine
+    hits every size alike; the figures are the medians over the rounds.
+    """
+    g = torch.Generator().manual_seed(2)
+    query = torch.randn(EMBEDDINGS_PER_IMAGE, EMBEDDING_DIM, generator=g)
+    sizes = sorted(mixtures)
+    rounds = 3 if quick else 15
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    with torch.inference_mode():
+        for n in sizes:
+            mixtures[n].energy(query)  # warm-up
+        for r in range(rounds):
+            for n in (sizes if r % 2 == 0 else sizes[::-1]):
+                times[n].append(_best(lambda: mixtures[n].energy(query), 3, warmup=0))
+    med = {n: float(np.median(t)) for n, t in times.items()}
+    per_round = [times[sizes[-1]][r] / times[sizes[0]][r] for r in range(rounds)]
+    return {"rounds": rounds, "n_train_images": sizes,
+            "gmm_ms_per_image_median": [med[n] * 1e3 for n in sizes],
+            "ratio_largest_over_smallest": med[sizes[-1]] / med[sizes[0]],
+            "ratio_per_round_median": float(np.median(per_round))}
+
+
+def bench_scoring(model, n_train_images: int, quick: bool):
+    """GMM energy against nearest-neighbour distance for ``n_train_images`` training images.
+
+    Returns (figures, the mixture estimated from the synthetic bank by
+    :func:`mixture_from_bank` around the model's means: what :func:`bench_flatness` times).
+    """
     from .gmm import GaussianMixture
 
     mix = model.network.mixture if model is not None else None
@@ -286,8 +342,9 @@ def bench_scoring(model, n_train_images: int, quick: bool) -> dict:
         core_sq = torch.linalg.vector_norm(coreset, dim=1).square_()
         # one timed run (after a small warm-up) for the large banks: they take seconds
         reps = 3 if (not quick and n_train_images <= 100) else 1
+        fitted = mixture_from_bank(bank, mix.mu)
         _nn_distance(query, bank[:16384], bank_sq[:16384])
-        t_gmm = _best(lambda: mix.energy(query), 3 if quick else 10)
+        t_gmm = _best(lambda: fitted.energy(query), 3 if quick else 10)
         t_nn = _best(lambda: _nn_distance(query, bank, bank_sq), reps, warmup=0)
         t_core = _best(lambda: _nn_distance(query, coreset, core_sq), reps, warmup=0)
     out.update({
@@ -301,7 +358,7 @@ def bench_scoring(model, n_train_images: int, quick: bool) -> dict:
         "gmm_parameters_kb": (k * d * d + k * d + k) * 8 / 1024,
     })
     del bank, coreset, bank_sq, core_sq
-    return out
+    return out, fitted
 
 
 def bench_training(quick: bool) -> dict:
@@ -528,15 +585,20 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
         f"{r['patchwise_ms']:.0f} ms, ratio {r['ratio_patchwise_over_dense']:.0f}x "
         f"(max |difference| {r['max_abs_difference']:.1e})")
 
-    scoring = []
+    scoring, mixtures = [], {}
     for n in (SCORING_TRAIN_IMAGES[:2] if quick else SCORING_TRAIN_IMAGES):
-        r = bench_scoring(model, n, quick)
+        r, mixtures[n] = bench_scoring(model, n, quick)
         scoring.append(r)
         log(f"scoring, {n} training images ({r['bank_size']} embeddings, {r['bank_mb']:.0f} MiB bank): "
             f"GMM {r['gmm_ms_per_image']:.2f} ms/image, exact NN {r['nn_ms_per_image']:.0f} ms "
             f"({r['ratio_nn_over_gmm']:.0f}x), 10% coreset {r['nn_coreset10_ms_per_image']:.0f} ms "
             f"({r['ratio_coreset10_over_gmm']:.0f}x), peak RSS {r['peak_rss_mb']:.0f} MiB")
     result["scoring"] = scoring
+    r = bench_flatness(mixtures, quick)
+    result["scoring_flatness"] = r
+    log(f"scoring time against training-set size ({r['rounds']} interleaved rounds, medians): "
+        + ", ".join(f"{n} images {t:.2f} ms" for n, t in zip(r["n_train_images"], r["gmm_ms_per_image_median"]))
+        + f"; ratio {r['ratio_largest_over_smallest']:.3f} (per-round median {r['ratio_per_round_median']:.3f})")
 
     r = bench_training(quick)
     result["training"] = r

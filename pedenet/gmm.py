@@ -152,6 +152,25 @@ class GMMAccumulator:
         self.s2 += (gamma.T[:, :, None] * z[None, :, :]).transpose(1, 2) @ z
         self.count += len(z)
 
+    @torch.no_grad()
+    def add_hard(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch with hard memberships: z N×D, labels N integers in [0, K).
+
+        The same as ``add`` with one-hot γ (each row belongs to component ``labels[i]``),
+        without its K×N×D temporary, so that millions of rows can be added.
+        Raises ValueError if a label is outside [0, K).
+        """
+        labels = labels.detach().cpu().long()
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.s0)):
+            raise ValueError(f"labels must be in [0, {len(self.s0)}), got {labels.min()}..{labels.max()}")
+        z = z.detach().cpu()
+        for k in labels.unique().tolist():
+            zk = z[labels == k].double()
+            self.s0[k] += len(zk)
+            self.s1[k] += zk.sum(0)
+            self.s2[k] += zk.T @ zk
+        self.count += len(z)
+
     def finalize(self, ridge: float = 1e-3) -> GaussianMixture:
         """The mixture of everything added. Raises ValueError if nothing was added.
 

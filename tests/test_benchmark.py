@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from click.testing import CliRunner
 
 from pedenet.cli import main
@@ -39,6 +42,10 @@ def test_benchmark_quick_json(tmp_path):
         for k in ("gmm_ms_per_image", "nn_ms_per_image", "nn_coreset10_ms_per_image",
                   "ratio_nn_over_gmm", "ratio_coreset10_over_gmm", "peak_rss_mb"):
             assert r[k] > 0, k
+    fl = data["scoring_flatness"]
+    assert fl["n_train_images"] == [100, 1000] and fl["rounds"] == 3
+    assert fl["ratio_largest_over_smallest"] == pytest.approx(
+        fl["gmm_ms_per_image_median"][1] / fl["gmm_ms_per_image_median"][0])
     assert data["training"]["steps_per_s"] > 0
     f = data["flops"]
     for k in ("gflop_per_image", "encoder_gflops_achieved", "end_to_end_gflops_achieved"):
@@ -48,3 +55,16 @@ def test_benchmark_quick_json(tmp_path):
         if not path.endswith(("max_abs_difference", "image_size")):
             assert value > 0, path
     assert "images/s" in result.output and "GFLOP/s" in result.output
+
+
+def test_mixture_from_bank_recovers_separated_clusters():
+    from pedenet.benchmark import mixture_from_bank
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    counts = [600, 300, 100]
+    bank = torch.cat([c + torch.randn(n, 2, generator=g) for c, n in zip(centres, counts)])
+    mix = mixture_from_bank(bank, centres + 1.0, ridge=0.0, chunk=256)  # several chunks
+    torch.testing.assert_close(mix.phi, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(mix.mu[1], bank[600:900].double().mean(0))
+    torch.testing.assert_close(mix.cov[0], torch.cov(bank[:600].double().T, correction=0))

@@ -134,6 +134,23 @@ def test_accumulator_over_batches_equals_one_batch():
     torch.testing.assert_close(mix.cov, cov, rtol=1e-8, atol=1e-10)
 
 
+def test_accumulator_hard_labels_equal_one_hot_memberships():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(500, 4, generator=g) * 3 - 1
+    labels = torch.randint(0, 3, (500,), generator=g)
+    hard, soft = GMMAccumulator(3, 4), GMMAccumulator(3, 4)
+    for part in range(0, 500, 97):
+        hard.add_hard(z[part: part + 97], labels[part: part + 97])
+    soft.add(z, torch.nn.functional.one_hot(labels, 3).double())
+    a, b = hard.finalize(ridge=0.0), soft.finalize(ridge=0.0)
+    for x, y in ((a.phi, b.phi), (a.mu, b.mu), (a.cov, b.cov)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    # the component means are the means of the rows of each label
+    torch.testing.assert_close(a.mu[2], z[labels == 2].double().mean(0), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        hard.add_hard(z[:2], torch.tensor([0, 3]))
+
+
 def test_accumulator_handles_an_unused_component():
     z = torch.randn(200, 3, dtype=torch.float64)
     gamma = torch.zeros(200, 2, dtype=torch.float64)
