@@ -11,6 +11,7 @@ included as buffers) and either the fitted mixture (φ, μ, Σ) and training his
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,41 @@ REQUIRED_KEYS = {
 }
 
 
+INSTEAD = {
+    "model": "pass a run folder written by `pedenet fit` (holding model.pt) or that model.pt",
+    "resume": "delete it, or start over with `pedenet fit --overwrite` (without --resume)",
+}
+"""What to do instead, by checkpoint kind, at the end of a load error."""
+
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+"""First bytes of a file ``torch.load`` can read: a zip archive (``torch.save``) or a pickle
+(the legacy format)."""
+
+
+def _foreign_file(path: Path) -> str:
+    """What a file that ``torch.load`` cannot read is, for an error message."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return f"it is a {img.format} image"
+    except Exception:  # not an image either
+        return "not a PyTorch file"
+
+
+def _load_error(path: Path, kind: str, exc: Exception) -> CheckpointError:
+    """A short CheckpointError for a failed ``torch.load``, without PyTorch's long advice."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) or first.startswith("Weights only load failed"):
+        # the weights_only unpickler refused an object: nothing ran
+        why = ("not a pedenet checkpoint (it holds objects other than tensors and plain values: "
+               "unsafe to load, nothing was run)")
+    else:
+        why = f"not a loadable pedenet checkpoint (corrupt or truncated: {first[:120]})"
+    return CheckpointError(f"{path}: {why}; {INSTEAD[kind]}")
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     """Read a checkpoint without executing code.
 
@@ -74,21 +110,34 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
             training run, ``resume.pt``). Files without a kind tag are models.
 
     Raises:
-        CheckpointError: missing file, not a torch file, tampered/unsafe content, not a
-            pedenet checkpoint, the other kind, or written by an incompatible format version.
+        CheckpointError: missing file, a folder, not a torch file (an image, text, ...),
+            tampered/unsafe content, not a pedenet checkpoint, the other kind, or written by an
+            incompatible format version. The message names the file and is one short line.
     """
     path = Path(path)
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            raise CheckpointError(f"{path}: is a folder, not a pedenet checkpoint; "
+                                  f"pass {path / 'model.pt'}")
+        raise CheckpointError(f"{path}: is a folder without model.pt, not a pedenet checkpoint; "
+                              f"{INSTEAD[kind]}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; run `pedenet fit` first or check the path")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    if not head.startswith(TORCH_MAGIC):
+        raise CheckpointError(f"{path}: not a pedenet checkpoint ({_foreign_file(path)}); "
+                              f"{INSTEAD[kind]}")
+    try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only: no code ran; any failure means a bad file
-        raise CheckpointError(
-            f"{path}: not a loadable pedenet checkpoint (corrupt, truncated, or holding unsafe content): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        raise _load_error(path, kind, exc) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a pedenet checkpoint (no '{FORMAT}' tag)")
+        raise CheckpointError(f"{path}: not a pedenet checkpoint (a PyTorch file without the "
+                              f"'{FORMAT}' tag); {INSTEAD[kind]}")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(

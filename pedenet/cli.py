@@ -125,6 +125,23 @@ def _short_warnings():
         warnings.showwarning = previous
 
 
+@contextlib.contextmanager
+def _recorded_warnings(log: list[str], quiet: bool):
+    """Append the text of each warning shown meanwhile to ``log`` (one line each); print it
+    as usual (``Warning: ...``) unless ``quiet``. Warnings Python's filters hide are not seen;
+    one shown by an earlier block (an earlier fit of ``pedenet demo``) is seen again."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.append(" ".join(str(message).split()))
+        if not quiet:
+            previous(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning; resets the "shown once" registries
+        warnings.showwarning = show
+        yield
+
+
 def _info(quiet: bool, message: str) -> None:
     if not quiet:
         click.echo(message, err=True)
@@ -206,6 +223,9 @@ def _model_path(run_dir: Path) -> Path:
     if not run_dir.exists():
         raise UserError(f"{run_dir}: run folder does not exist; run `pedenet fit DATA --out {run_dir}` first")
     if not path.is_file():
+        if not _is_run_dir(run_dir):
+            raise UserError(f"{run_dir}: not a pedenet run folder (no model.pt); pass the folder "
+                            "written by `pedenet fit DATA --out RUN_DIR`, or its model.pt")
         raise UserError(f"{path}: no model in this run folder; run `pedenet fit DATA --out {run_dir}` first")
     return path
 
@@ -309,6 +329,8 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
 
     Training state goes to RUN_DIR/resume.pt every ``checkpoint_every`` steps and on
     SIGINT/SIGTERM; ``resume`` continues from it. It is deleted once model.pt is written.
+    Warnings (skipped files, thresholds that cannot be guaranteed) go to config.json
+    ("warnings") and, unless ``quiet``, to stderr: with ``quiet`` only errors are printed.
     """
     import torch
 
@@ -321,56 +343,60 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     resume_path = run_dir / "resume.pt"
     _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     _check_device(device)
-    try:
-        cat_dir = resolve_category(data, category)
-        samples = train_samples(cat_dir)
-    except DataError:
-        # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
-        if category is not None or not Path(data).is_dir() or not list_images(data):
-            raise
-        cat_dir = Path(data)
-        samples = [Sample(p, 0, "good", None) for p in list_images(data)]
-    model = PEDENet(device=device, **config)
-    all_paths = [s.path for s in samples]
-    paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
-                     quiet=quiet, desc="checking training images")
-    kept = set(paths)
-    skipped = [str(p) for p in all_paths if p not in kept]
-    resuming = resume and resume_path.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # results of the previous model would be stale
-        (run_dir / "metrics.json").unlink(missing_ok=True)
-        (run_dir / "validation.json").unlink(missing_ok=True)
-        (run_dir / "report.html").unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "overlays", ignore_errors=True)
-        if not resuming:
-            resume_path.unlink(missing_ok=True)
-    if resume and not resuming:
-        _info(quiet, f"--resume: no {resume_path}; starting from step 0")
-    _debug(f"config: {json.dumps(model.config.to_dict())}")
-    _debug(f"torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    n_held = len(split_calibration(len(paths), model.config.calibration_fraction, model.config.seed)[1])
-    _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
-                 f"({n_held} held out for thresholds), {model.config.steps} steps, "
-                 f"encoder {model.config.encoder}, device {device}"
-                 + (" (resuming)" if resuming else ""))
-    t0 = time.perf_counter()
-    try:
-        model.fit(paths, progress=not quiet, checkpoint=resume_path,
-                  checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=True)
-    except KeyboardInterrupt as exc:
-        ctx = click.get_current_context(silent=True)
-        how = ("rerun the same command with --resume to continue"
-               if ctx is not None and "resume" in ctx.params else "rerun to start again")
-        if isinstance(exc, TrainingInterrupted):
-            code = 143 if exc.signum == getattr(signal, "SIGTERM", None) else 130
-            raise UserError(f"interrupted after step {exc.step}/{exc.total}; progress saved to "
-                            f"{resume_path} - {how}", exit_code=code) from None
-        if resume_path.exists():
-            raise UserError(f"interrupted; the last saved progress is in {resume_path} - {how}",
+    warned: list[str] = []  # the fit's warnings: config.json "warnings"; printed unless quiet
+    with _recorded_warnings(warned, quiet):
+        try:
+            cat_dir = resolve_category(data, category)
+            samples = train_samples(cat_dir)
+        except DataError:
+            # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
+            if category is not None or not Path(data).is_dir() or not list_images(data):
+                raise
+            cat_dir = Path(data)
+            samples = [Sample(p, 0, "good", None) for p in list_images(data)]
+        model = PEDENet(device=device, **config)
+        all_paths = [s.path for s in samples]
+        paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
+                         quiet=quiet, desc="checking training images")
+        kept = set(paths)
+        skipped = [str(p) for p in all_paths if p not in kept]
+        resuming = resume and resume_path.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # results of the previous model would be stale
+            (run_dir / "metrics.json").unlink(missing_ok=True)
+            (run_dir / "validation.json").unlink(missing_ok=True)
+            (run_dir / "report.html").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "overlays", ignore_errors=True)
+            if not resuming:
+                resume_path.unlink(missing_ok=True)
+        if resume and not resuming:
+            _info(quiet, f"--resume: no {resume_path}; starting from step 0")
+        _debug(f"config: {json.dumps(model.config.to_dict())}")
+        _debug(f"torch threads: {torch.get_num_threads()}, "
+               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        n_held = len(split_calibration(len(paths), model.config.calibration_fraction,
+                                       model.config.seed)[1])
+        _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
+                     f"({n_held} held out for thresholds), {model.config.steps} steps, "
+                     f"encoder {model.config.encoder}, device {device}"
+                     + (" (resuming)" if resuming else ""))
+        t0 = time.perf_counter()
+        try:
+            model.fit(paths, progress=not quiet, checkpoint=resume_path,
+                      checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=True)
+        except KeyboardInterrupt as exc:
+            ctx = click.get_current_context(silent=True)
+            how = ("rerun the same command with --resume to continue"
+                   if ctx is not None and "resume" in ctx.params else "rerun to start again")
+            if isinstance(exc, TrainingInterrupted):
+                code = 143 if exc.signum == getattr(signal, "SIGTERM", None) else 130
+                raise UserError(f"interrupted after step {exc.step}/{exc.total}; progress saved to "
+                                f"{resume_path} - {how}", exit_code=code) from None
+            if resume_path.exists():
+                raise UserError(f"interrupted; the last saved progress is in {resume_path} - {how}",
+                                exit_code=130) from None
+            raise UserError("interrupted before any progress was saved; rerun the command",
                             exit_code=130) from None
-        raise UserError("interrupted before any progress was saved; rerun the command",
-                        exit_code=130) from None
     train_seconds = time.perf_counter() - t0
     record = {
         "pedenet_version": __version__,
@@ -381,6 +407,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         "device": device,
         "n_train_images": len(paths),
         "skipped_files": skipped,
+        "warnings": warned,
         "config": model.config.to_dict(),
         # train_seconds: the whole fit (feature caching, training, mixture); fit_stages: the
         # estimator's own stage timings (history["timings"])
@@ -442,13 +469,13 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
     model_path = _model_path(run_dir)
     if model_path == run_dir:  # a model file was given: results go beside it
         run_dir = run_dir.parent
+    model = _load_model(model_path, device)  # first: a file that is no model is the error to report
     old = [p for p in (run_dir / "metrics.json", run_dir / "overlays", run_dir / "report.html")
            if p.exists()]
     if old and not overwrite:
         raise UserError(f"{old[0]}: results of an earlier evaluation exist; pass --overwrite to "
                         "replace them", exit_code=2)
     cat_dir = _resolve_eval_data(run_dir, data, category)
-    model = _load_model(model_path, device)
     _debug(f"model {model_path}; test data {cat_dir}; device {device}")
     _debug(_thresholds_line(model.thresholds(fpr, pixel_fpr)))
     result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
@@ -664,8 +691,9 @@ def evaluate(run_dir, data, category, overlays, device, overwrite, skip_bad_file
               "region (which normal pattern it resembles), legend strip at the bottom.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
-              help="Write into an --out folder that is not empty (files of the same name are "
-              "replaced).")
+              help="Write into an --out folder that is not empty: the files of an earlier "
+              "prediction there (those its scores.csv lists) are replaced or removed; other "
+              "files are kept.")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
               help="Leave unreadable or too small images out (with a warning) instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
@@ -684,6 +712,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only.
     """
+    from .outputs import earlier_prediction_files, prediction_files
     from .visualization import cluster_overlay, color_range, heatmap_overlay, save_png
 
     _set_verbose(verbose, quiet)
@@ -693,6 +722,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
                         "or choose another --out", exit_code=2)
+    earlier = earlier_prediction_files(out_dir) if out_dir.is_dir() else []
     out_resolved = out_dir.resolve()
     images = [p for p in find_images(list(inputs))
               if out_resolved not in p.resolve().parents]  # never read our own outputs
@@ -772,6 +802,13 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                                        max_gallery=REPORT_GALLERY,
                                        reference_scores=cal.scores if cal is not None else None)
         _info(quiet, f"report -> {path}")
+    written = prediction_files(out_dir, names, fmt=fmt, masks=th is not None, clusters=clusters,
+                               report=report)
+    stale = [f for f in earlier if f not in written]  # the earlier run's, not replaced: remove
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
     _debug(f"{len(rows)} images in {time.perf_counter() - t_start:.1f} s (reading, scoring and writing)")
     flagged = sum(bool(r["anomalous"]) for r in rows)
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
@@ -786,25 +823,27 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an earlier RUN_DIR/validation.json.")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave missing, unreadable or too small held-out images out (with a warning) "
+              "instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages (the result is still printed).")
 @_verbose_option
 @_user_errors
-def validate(run_dir, seed, device, overwrite, quiet, verbose):
+def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
     """Validation score of RUN_DIR's model, for choosing settings without the test split.
 
     Scores the normal images that fit held out of training (--calibration-fraction) and a
     copy of each carrying one synthetic defect (scratch, spot or foreign patch, exact masks).
     Compare runs of the same data by these figures; keep the test split for the final report.
-    Writes RUN_DIR/validation.json.
+    Writes RUN_DIR/validation.json (with the count of each defect kind and any skipped files).
     """
-    from PIL import Image
-
-    from .validation import MIN_SIDE, validate as _validate
+    from .validation import validate as _validate
 
     _set_verbose(verbose, quiet)
-    out = Path(run_dir) / "validation.json"
-    model = _load_model(run_dir, device)
+    model_path = _model_path(run_dir)
+    model = _load_model(model_path, device)
+    out = model_path.parent / "validation.json"
     if out.exists() and not overwrite:
         raise UserError(f"{out}: exists; pass --overwrite to replace it", exit_code=2)
     held = model.history.get("calibration_images") or []
@@ -815,29 +854,65 @@ def validate(run_dir, seed, device, overwrite, quiet, verbose):
     if unnamed:
         raise UserError(f"{run_dir}: the held-out images were passed as arrays, not files, so they "
                         "cannot be reloaded; use pedenet.validation.validate(model, images) in Python")
-    missing = [h for h in held if not Path(h).is_file()]
-    if missing:
-        where = ("; the path is relative to the folder `fit` ran in: run validate from there"
-                 if not Path(missing[0]).is_absolute() else "; the data moved since fit")
-        raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
-                        f"missing){where}")
-    paths = _checked([Path(h) for h in held], min_side=model.min_image_side,
-                     skip_bad_files=False, quiet=quiet, desc="checking held-out images")
-    for p in paths:
-        with Image.open(p) as im:  # the header only: the size
-            w, h = im.size
-        if min(w, h) < MIN_SIDE:
-            raise UserError(f"{p}: held-out image is {w}x{h} px; validate draws its synthetic defects "
-                            f"in windows of at least {MIN_SIDE} px, so held-out images need both "
-                            f"sides >= {MIN_SIDE} px")
+    paths = _held_out_images([Path(h) for h in held], model.min_image_side,
+                             skip_bad_files=skip_bad_files, quiet=quiet)
     t0 = time.perf_counter()
     result = _validate(model, paths, seed=seed, progress=not quiet)
-    result.update(seed=seed, seconds=time.perf_counter() - t0)
+    used = set(paths)
+    result.update(seed=seed, seconds=time.perf_counter() - t0,
+                  skipped_files=[h for h in held if Path(h) not in used])
     _write_json(out, result)
+    _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
     click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
                f"copies, seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
                f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
     _info(quiet, f"-> {out}")
+
+
+def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
+                     quiet: bool) -> list[Path]:
+    """The held-out images validate can use: present, readable, both sides >= MIN_SIDE.
+
+    A bad one stops validate with an error suggesting --skip-bad-files (the held-out set is
+    fixed at fit time: removing the file does not take it out); with ``skip_bad_files`` it is
+    left out with a ``skipped: ...`` warning naming it. Raises UserError/BadFilesError.
+    """
+    from PIL import Image
+
+    from .data import SkippedFileWarning
+    from .validation import MIN_SIDE
+
+    missing = [h for h in held if not h.is_file()]
+    if missing and not skip_bad_files:
+        where = ("the path is relative to the folder `fit` ran in: run validate from there"
+                 if not missing[0].is_absolute() else "moved or deleted since fit")
+        raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
+                        f"missing; {where}); restore it, or pass --skip-bad-files to validate "
+                        "on the other held-out images")
+    for h in missing:
+        warnings.warn(f"skipped: {h}: held-out image not found", SkippedFileWarning, stacklevel=2)
+    present = [h for h in held if h.is_file()]
+    if not present:
+        raise UserError(f"none of the {len(held)} held-out images exists (first: {held[0]}); "
+                        "restore them, or refit to hold out current images")
+    paths = []
+    for p in _checked(present, min_side=min_side, skip_bad_files=skip_bad_files, quiet=quiet,
+                      desc="checking held-out images"):
+        with Image.open(p) as im:  # the header only: the size
+            w, h = im.size
+        if min(w, h) >= MIN_SIDE:
+            paths.append(p)
+            continue
+        too_small = (f"{p}: held-out image is {w}x{h} px; validate draws its synthetic defects in "
+                     f"windows of at least {MIN_SIDE} px, so held-out images need both sides "
+                     f">= {MIN_SIDE} px")
+        if not skip_bad_files:
+            raise UserError(too_small + " (or pass --skip-bad-files to leave such images out)")
+        warnings.warn(f"skipped: {too_small}", SkippedFileWarning, stacklevel=2)
+    if not paths:
+        raise UserError(f"all {len(held)} held-out images are unusable (see the warnings above); "
+                        "refit with images that validate can use")
+    return paths
 
 
 def _summary_rows(results: dict) -> list[tuple[str, dict]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .builtin import _DEFECTS, DEFECT_TYPES, TEXTURES
 
-__all__ = ["add_synthetic_defect", "synthetic_validation_set", "validate"]
+__all__ = ["add_synthetic_defect", "defect_kinds", "synthetic_validation_set", "validate"]
 
 MAX_WINDOW = 256
 """Side (pixels) of the square window of the image that receives the defect, at most."""
@@ -63,6 +63,12 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
     return out, mask
 
 
+def defect_kinds(n_images: int) -> list[str]:
+    """The synthetic defect kind of each of ``n_images`` held-out images, in order: the kinds
+    of :data:`pedenet.builtin.DEFECT_TYPES` in turn (scratch, spot, patch, scratch, ...)."""
+    return [DEFECT_TYPES[i % len(DEFECT_TYPES)] for i in range(n_images)]
+
+
 def synthetic_validation_set(images, seed: int = 0) -> tuple[list, list, np.ndarray]:
     """Each normal image once as it is and once with a synthetic defect.
 
@@ -76,11 +82,12 @@ def synthetic_validation_set(images, seed: int = 0) -> tuple[list, list, np.ndar
     """
     from .estimator import as_rgb_array
 
+    images = list(images)
     rng = np.random.default_rng([int(seed), 31337])
     arrays, masks, labels = [], [], []
-    for i, item in enumerate(images):
+    for item, kind in zip(images, defect_kinds(len(images))):
         img = as_rgb_array(item)
-        bad, mask = add_synthetic_defect(img, rng, DEFECT_TYPES[i % len(DEFECT_TYPES)])
+        bad, mask = add_synthetic_defect(img, rng, kind)
         arrays += [img, bad]
         masks += [np.zeros(img.shape[:2], dtype=bool), mask]
         labels += [0, 1]
@@ -97,8 +104,10 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
         progress: show a progress bar while the 2N images are scored.
 
     Returns:
-        ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images"}`` (floats; ``n_images`` =
-        2N). Raises ValueError if ``images`` is empty.
+        ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}``: floats;
+        ``n_images`` = 2N (int); ``defect_kinds``: how many copies got each kind, an int for
+        every kind of :data:`pedenet.builtin.DEFECT_TYPES` (``{"scratch": 2, "spot": 1,
+        "patch": 1}`` for N = 4; they sum to N). Raises ValueError if ``images`` is empty.
     """
     from .metrics import image_auroc, pixel_metrics
 
@@ -107,5 +116,7 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
         raise ValueError("validation needs at least one held-out normal image")
     pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
+    kinds = defect_kinds(len(arrays) // 2)
     return {"image_auroc": image_auroc(pred.scores, labels), "pixel_auroc": pm["pixel_auroc"],
-            "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays)}
+            "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays),
+            "defect_kinds": {k: kinds.count(k) for k in DEFECT_TYPES}}

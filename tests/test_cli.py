@@ -273,3 +273,54 @@ def test_validate_from_another_folder_and_its_input_checks(dataset, tmp_path, mo
 def test_keep_aspect_needs_an_image_size(tmp_path):
     result = run("fit", tmp_path, "--out", tmp_path / "r", "--keep-aspect", "--image-size", "0")
     assert_one_line_error(result, "keep_aspect", "image_size")
+
+
+def test_fit_quiet_prints_nothing_but_records_its_warnings(dataset, tmp_path):
+    # 6 training images, 20 % held out: 1 held-out image cannot guarantee the default 0.01
+    args = ("fit", dataset / "grass", "--steps", "1", "--n-components", "2")
+    quiet = run(*args, "--out", tmp_path / "quiet", "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.output == ""  # no Warning: line, no message, no progress bar
+    warned = json.loads((tmp_path / "quiet" / "config.json").read_text())["warnings"]
+    assert len(warned) == 1
+    assert warned[0].startswith("1 held-out normal images cannot guarantee a false-alarm rate of 0.01")
+    loud = run(*args, "--out", tmp_path / "loud")
+    assert loud.exit_code == 0, loud.output
+    assert [w for w in loud.output.splitlines() if w.startswith("Warning:")] == [f"Warning: {warned[0]}"]
+    assert json.loads((tmp_path / "loud" / "config.json").read_text())["warnings"] == warned
+
+
+def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
+    import pedenet
+    from pedenet.validation import validate
+
+    cat = tmp_path / "grass"
+    shutil.copytree(dataset / "grass", cat)
+    out = tmp_path / "run"
+    result = run("fit", cat, "--out", out, "--steps", "1", "--n-components", "2", "--quiet",
+                 "--calibration-fraction", "0.5")
+    assert result.exit_code == 0, result.output
+    held = json.loads((out / "history.json").read_text())["calibration_images"]
+    assert len(held) == 3
+    corrupt, deleted, good = (Path(h) for h in held)
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated PNG
+    result = run("validate", out, "--quiet")
+    assert_one_line_error(result, str(corrupt), "cannot read image", "--skip-bad-files")
+    deleted.unlink()  # removing a bad file does not help: the held-out set is fixed at fit time
+    result = run("validate", out, "--quiet")
+    assert_one_line_error(result, str(deleted), "not found", "1 of 3 missing", "moved or deleted",
+                          "--skip-bad-files")
+    assert not (out / "validation.json").exists()
+    result = run("validate", out, "--quiet", "--skip-bad-files")
+    assert result.exit_code == 0, result.output
+    warned = [w for w in result.output.splitlines() if w.startswith("Warning: skipped: ")]
+    assert len(warned) == 2
+    assert any(str(deleted) in w and "not found" in w for w in warned)
+    assert any(str(corrupt) in w and "cannot read image" in w for w in warned)
+    v = json.loads((out / "validation.json").read_text())
+    assert sorted(v["skipped_files"]) == sorted([str(corrupt), str(deleted)])
+    assert v["n_images"] == 2 and v["defect_kinds"] == {"scratch": 1, "spot": 0, "patch": 0}
+    direct = validate(pedenet.load(out / "model.pt"), [good], seed=0)  # the one usable image
+    for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):
+        assert v[key] == direct[key]
+    assert "1 held-out normal images + 1 synthetic-defect copies" in result.stdout

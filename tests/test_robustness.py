@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import stat
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -31,6 +33,7 @@ from pedenet.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_ch
 from pedenet.cli import main
 from pedenet.data import DataError, load_image
 from pedenet.evaluation import evaluate
+from pedenet.scoring import image_score
 
 FIT = ("--image-size", "64", "--steps", "3", "--seed", "1", "--quiet")
 
@@ -121,12 +124,13 @@ def test_corrupt_training_images_refused_up_front_or_skipped(dataset, tmp_path):
                          "--skip-bad-files")
     assert "cannot read image" in err
     assert not out.exists()  # refused before any work: nothing written
-    result = ok(run("fit", cat, "--out", out, "--skip-bad-files", *FIT))
+    result = ok(run("fit", cat, "--out", out, "--skip-bad-files", *FIT[:-1]))  # not --quiet
     warned = warnings_of(result)
     assert any(str(bad1) in w and "skipped" in w for w in warned)
     assert any(str(bad2) in w for w in warned)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["n_train_images"] == 4 and sorted(cfg["skipped_files"]) == sorted([str(bad1), str(bad2)])
+    assert [f"Warning: {w}" for w in cfg["warnings"]] == warned  # --quiet prints none, keeps these
 
 
 def test_corrupt_test_image_and_mask_in_evaluate(run_dir, dataset, tmp_path):
@@ -500,7 +504,7 @@ def test_resume_file_problems(dataset, tmp_path):
     out.mkdir()
     (out / "resume.pt").write_bytes(b"half-written garbage")
     one_line_error(run("fit", dataset, "--out", out, *FIT, "--resume"), out / "resume.pt",
-                   "not a loadable")
+                   "not a pedenet checkpoint", "not a PyTorch file", "--overwrite")
     # --resume without a resume file starts from step 0
     out2 = tmp_path / "run2"
     result = ok(run("fit", dataset, "--out", out2, "--image-size", "64", "--steps", "3", "--resume"))
@@ -558,6 +562,37 @@ def test_existing_outputs_are_not_overwritten(run_dir, dataset, tmp_path):
     assert (rd / "metrics.json").read_bytes() == before
 
 
+def test_predict_overwrite_removes_the_earlier_predictions_files_only(run_dir, dataset, tmp_path):
+    pred = tmp_path / "pred"
+    images = [dataset / "test" / d / "000.png" for d in ("good", "spot", "scratch")]
+    ok(run("predict", run_dir, *images, "--out", pred, "--clusters", "--report", "--quiet"))
+    names = ["000_1", "000_2", "000_3"]  # three files named 000.png
+    suffixes = ("_overlay.png", "_map.npy", "_mask.png", "_clusters.png")
+    first = {f"{n}{s}" for n in names for s in suffixes}
+    assert set(os.listdir(pred)) == first | {"scores.csv", "report.html"}
+    (pred / "notes.txt").write_text("mine")
+    (pred / "000_9_overlay.png").write_bytes(b"mine too")  # output-like name, not in scores.csv
+    ok(run("predict", run_dir, images[1], "--out", pred, "--format", "tiff", "--overwrite", "--quiet"))
+    assert set(os.listdir(pred)) == {"000_overlay.png", "000_map.tiff", "000_mask.png", "scores.csv",
+                                     "notes.txt", "000_9_overlay.png"}
+    assert (pred / "notes.txt").read_text() == "mine"
+    assert (pred / "000_9_overlay.png").read_bytes() == b"mine too"
+    with open(pred / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["path"], r["name"]) for r in rows] == [(str(images[1]), "000")]
+    amap = tifffile.imread(pred / "000_map.tiff")
+    assert float(rows[0]["score"]) == image_score(amap, 0.003)
+    # a scores.csv that pedenet did not write names nothing to remove
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "scores.csv").write_text("name,value\n000_1,3\n")
+    (other / "000_1_overlay.png").write_bytes(b"keep")
+    ok(run("predict", run_dir, images[0], "--out", other, "--overwrite", "--quiet"))
+    assert (other / "000_1_overlay.png").read_bytes() == b"keep"
+    assert sorted(os.listdir(other)) == ["000_1_overlay.png", "000_map.npy", "000_mask.png",
+                                         "000_overlay.png", "scores.csv"]
+
+
 # --------------------------------------------------------------------------- 11. checkpoints
 
 
@@ -610,6 +645,42 @@ def test_foreign_and_incompatible_checkpoints(run_dir, tmp_path):
         pedenet.load(text)
     one_line_error(run("predict", tmp_path, run_dir / "model.pt", "--out", tmp_path / "o", "--quiet"),
                    "model.pt")
+
+
+def test_files_that_are_not_checkpoints_give_a_short_error(run_dir, dataset, tmp_path):
+    png = tmp_path / "photo.png"
+    shutil.copy(dataset / "test" / "good" / "000.png", png)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    arrays = tmp_path / "arrays.pt"
+    torch.save({"weights": np.zeros(3)}, arrays)  # a torch file holding numpy objects
+    cases = [(png, "not a pedenet checkpoint (it is a PNG image)"),
+             (text, "not a pedenet checkpoint (not a PyTorch file)"),
+             (arrays, "not a pedenet checkpoint (it holds objects other than tensors")]
+    for path, what in cases:
+        with pytest.raises(CheckpointError) as info:
+            pedenet.load(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: {what}") and "pedenet fit" in msg and "model.pt" in msg
+        assert "weights_only" not in msg and "PyTorch 2.6" not in msg and len(msg) - len(str(path)) < 200
+    images = dataset / "test" / "good"
+    for args in (("predict", png, images, "--out", tmp_path / "o"), ("evaluate", png),
+                 ("validate", png), ("export", png, "--out", tmp_path / "m.onnx")):
+        err = one_line_error(run(*args, "--quiet"),
+                             f"{png}: not a pedenet checkpoint (it is a PNG image)", "`pedenet fit`")
+        assert "weights_only" not in err and "Weights only" not in err
+    assert not (tmp_path / "o").exists()
+    # a folder without model.pt
+    folder = tmp_path / "not_a_run"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="is a folder without model.pt, not a pedenet checkpoint"):
+        pedenet.load(folder)
+    with pytest.raises(CheckpointError, match=re.escape(f"pass {run_dir / 'model.pt'}")):
+        pedenet.load(run_dir)
+    for args in (("predict", folder, images, "--out", tmp_path / "o"), ("evaluate", folder),
+                 ("validate", folder)):
+        one_line_error(run(*args, "--quiet"), f"{folder}: not a pedenet run folder (no model.pt)",
+                       "`pedenet fit")
 
 
 # --------------------------------------------------------------------------- 12. numbers

@@ -54,3 +54,24 @@ def test_validate_ranks_a_model_above_chance():
     assert v["au_pro_0.3"] == pytest.approx(au_pro(pred.maps, masks, 0.3))
     # brick is regular: even the untrained pipeline finds the synthetic defects (measured 0.78 / 0.9+)
     assert v["image_auroc"] > 0.6 and v["pixel_auroc"] > 0.8
+
+
+def test_validate_counts_the_defect_kinds():
+    from pedenet.validation import defect_kinds
+
+    crops = normal_crops("grass", 9, size=64, seed=5)
+    model = pedenet.PEDENet(steps=0, image_size=64, n_components=2,
+                            calibration_fraction=0.0).fit(crops[:4], progress=False)
+    v = validate(model, crops[4:], seed=2)  # 5 images: kinds scratch, spot, patch, scratch, spot
+    assert defect_kinds(5) == ["scratch", "spot", "patch", "scratch", "spot"]
+    assert v["defect_kinds"] == {"scratch": 2, "spot": 2, "patch": 1}
+    assert sum(v["defect_kinds"].values()) == v["n_images"] // 2 == 5
+    # the metrics are those of the paired set, unchanged by the new key
+    from pedenet.metrics import au_pro, image_auroc, pixel_auroc
+
+    arrays, masks, labels = synthetic_validation_set(crops[4:], seed=2)
+    pred = model.predict(arrays)
+    assert v["image_auroc"] == image_auroc(pred.scores, labels)
+    assert v["pixel_auroc"] == pytest.approx(pixel_auroc(pred.maps, masks), abs=1e-12)
+    assert v["au_pro_0.3"] == pytest.approx(au_pro(pred.maps, masks, 0.3), abs=1e-12)
+    assert set(v) == {"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}

@@ -1,0 +1,74 @@
+"""The files ``pedenet predict`` writes into its ``--out`` folder, and those of an earlier run.
+
+For each image, named ``<name>`` (its file stem, made unique; the ``name`` column of
+scores.csv)::
+
+    <name>_overlay.png   heatmap overlay
+    <name>_map.npy       raw float32 anomaly map (``--format tiff``: <name>_map.tiff)
+    <name>_mask.png      defect mask (models with thresholds only)
+    <name>_clusters.png  most likely mixture component per region (``--clusters`` only)
+
+and once per run ``scores.csv`` (the manifest: one row per image) and, with ``--report``,
+``report.html``. ``predict --overwrite`` replaces an earlier run's files and removes those the
+new run does not write: only files named in the earlier scores.csv, never other files.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+SCORES_COLUMNS = ("path", "score", "p_value", "anomalous", "name")
+"""Header of scores.csv."""
+
+PER_IMAGE_SUFFIXES = ("_overlay.png", "_map.npy", "_map.tiff", "_mask.png", "_clusters.png")
+"""Every per-image file ``<name><suffix>`` predict can write."""
+
+REPORT_TITLE = b"<title>pedenet"
+"""Start of the title of a report pedenet wrote (pedenet.report)."""
+
+
+def prediction_files(out_dir: Path, names: list[str], *, fmt: str, masks: bool, clusters: bool,
+                     report: bool) -> set[Path]:
+    """The files a predict run writes for output ``names``: a set of ``Path`` under ``out_dir``.
+
+    ``fmt`` is "npy" or "tiff"; ``masks``: the model has thresholds; ``clusters``, ``report``:
+    the options of the same name.
+    """
+    suffixes = ["_overlay.png", f"_map.{fmt}"] + ["_mask.png"] * masks + ["_clusters.png"] * clusters
+    files = {out_dir / f"{n}{s}" for n in names for s in suffixes}
+    files.add(out_dir / "scores.csv")
+    if report:
+        files.add(out_dir / "report.html")
+    return files
+
+
+def earlier_prediction_files(out_dir: Path) -> list[Path]:
+    """Existing files of an earlier predict run in ``out_dir``, read from its scores.csv.
+
+    Returns the existing ``<name><suffix>`` files (every suffix of :data:`PER_IMAGE_SUFFIXES`)
+    of each name in scores.csv, scores.csv itself, and report.html if pedenet wrote it. Empty
+    when there is no scores.csv, or it is not pedenet's (other header, unreadable): then
+    nothing in the folder is known to be pedenet's. Names holding a path separator or
+    starting with "." are ignored.
+    """
+    scores = out_dir / "scores.csv"
+    try:
+        with open(scores, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            if tuple(next(reader, ())) != SCORES_COLUMNS:
+                return []
+            names = [row[-1] for row in reader if len(row) == len(SCORES_COLUMNS)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    files = [out_dir / f"{n}{s}" for n in dict.fromkeys(names)
+             if n and Path(n).name == n and not n.startswith(".") for s in PER_IMAGE_SUFFIXES]
+    files.append(scores)
+    report = out_dir / "report.html"
+    try:
+        with open(report, "rb") as fh:
+            if REPORT_TITLE in fh.read(512):
+                files.append(report)
+    except OSError:
+        pass
+    return [f for f in files if f.is_file()]
