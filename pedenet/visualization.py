@@ -163,7 +163,8 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
     Args:
         image: H×W×3 float32 in [0, 1] (or uint8 / H×W grayscale).
         labels: int H×W component indices in [0, n_components).
-        n_components: K; colours from matplotlib's "tab10" (K <= 10) or "tab20".
+        n_components: K; colours from matplotlib's "tab10" (K <= 10), "tab20" (K <= 20) or
+            "tab20", "tab20b" and "tab20c" in turn (60 distinct colours; they repeat beyond).
         alpha: weight of the colours, 0..1.
 
     Returns:
@@ -178,8 +179,10 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
         raise ValueError(f"labels shape {labels.shape} differs from the image shape {img.shape[:2]}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_components):
         raise ValueError(f"labels must lie in [0, {n_components}); got [{labels.min()}, {labels.max()}]")
-    cmap = colormaps["tab10" if n_components <= 10 else "tab20"]
-    palette = np.array([cmap(k % cmap.N)[:3] for k in range(n_components)], dtype=np.float32)
+    names = ["tab10"] if n_components <= 10 else ["tab20"] if n_components <= 20 else \
+        ["tab20", "tab20b", "tab20c"]
+    colours = [c[:3] for n in names for c in colormaps[n].colors]
+    palette = np.array([colours[k % len(colours)] for k in range(n_components)], dtype=np.float32)
     out = (1 - alpha) * img + alpha * palette[labels]
     h, w = labels.shape
     strip = np.zeros((max(8, h // 20), w, 3), dtype=np.float32)

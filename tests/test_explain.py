@@ -81,3 +81,13 @@ def test_cluster_overlay_and_cli(model, tmp_path):
                                   "--out", str(tmp_path / "o"), "--clusters", "--quiet"])
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "o" / "x_clusters.png").size == (96, 96 + 8)
+
+
+@pytest.mark.parametrize("k", [10, 20, 40, 60])
+def test_cluster_overlay_gives_each_component_its_own_colour(k):
+    img = np.zeros((20, 6 * k, 3), np.float32)
+    labels = np.repeat(np.arange(k), 6)[None, :].repeat(20, 0)
+    out = cluster_overlay(img, labels, k, alpha=1.0)
+    legend = out[-1, 3::6]  # the middle of each component's swatch in the legend strip
+    assert len({tuple(c) for c in legend}) == k
+    np.testing.assert_array_equal(out[0, 3::6], legend)  # the overlay uses the legend's colours
