@@ -2,7 +2,7 @@
 
 Every field is a default a user can change (``PEDENetConfig(**overrides)`` or the CLI).
 The defaults follow docs/method.md: a frozen ImageNet-pretrained EfficientNet-Lite0
-backbone, a trainable 1×1 reduction to ``embedding_dim`` channels, K = 20 mixture
+backbone, a trainable 1×1 reduction to ``embedding_dim`` channels, K = 40 mixture
 components and the loss weights of DAGMM / PEDENet (λ_DE = 1, λ_cov = 0.005, λ_LP = 1).
 """
 
@@ -24,7 +24,8 @@ class PEDENetConfig:
             encoder without padding, trained from nothing).
         embedding_dim: D, the patch embedding size.
         n_components: K, the number of Gaussian mixture components (DE network outputs).
-            Default 20, chosen on validation images (docs/ablations.md; 10 before).
+            Default 40, chosen on validation images (docs/ablations.md; 20 before, 10 before
+            that).
         patch_size: side of a patch in pixels of the processed image. For ``scratch`` it is
             the encoder's receptive field (32 or 64). For ``pretrained`` it sets the distance
             between the two patches of an LP pair.
@@ -79,7 +80,7 @@ class PEDENetConfig:
 
     encoder: str = "pretrained"
     embedding_dim: int = 128
-    n_components: int = 20
+    n_components: int = 40
     patch_size: int = 32
     feature_blocks: tuple = (4, 10, 14, 15)
     image_size: int = 256

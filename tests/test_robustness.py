@@ -349,7 +349,7 @@ def test_empty_and_single_image_training_sets(dataset, tmp_path):
     (cat / "train" / "good" / ".DS_Store").write_bytes(b"\0")
     one_line_error(run("fit", cat, "--out", tmp_path / "r0", *FIT), cat / "train" / "good",
                    "no image files")
-    # one image works: 64 px at stride 8 gives 64 patch embeddings for K = 20 components
+    # one image works: 64 px at stride 8 gives 64 patch embeddings for the default K = 40 components
     shutil.copy(dataset / "train" / "good" / "000.png", cat / "train" / "good" / "000.png")
     out = tmp_path / "r1"
     ok(run("fit", cat, "--out", out, *FIT))
@@ -357,7 +357,7 @@ def test_empty_and_single_image_training_sets(dataset, tmp_path):
     pred = model.predict(sorted((cat / "test").rglob("*.png")))
     maps, scores = pred.maps, pred.scores
     assert all(np.isfinite(m).all() for m in maps) and np.isfinite(scores).all()
-    # one 256 x 256 image: 1024 patch embeddings for the default K = 20 components
+    # one 256 x 256 image: 1024 patch embeddings for the default K = 40 components
     one = pedenet.PEDENet(steps=2, seed=0).fit([dataset / "train" / "good" / "000.png"], progress=False)
     assert np.isfinite(one.anomaly_map(dataset / "test" / "spot" / "000.png")).all()
     # too few patches for the components: a clear message, not an EM failure
