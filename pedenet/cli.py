@@ -712,7 +712,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only.
     """
-    from .outputs import earlier_prediction_files, prediction_files
+    from .outputs import SCORES_COLUMNS, earlier_prediction_files
     from .visualization import cluster_overlay, color_range, heatmap_overlay, save_png
 
     _set_verbose(verbose, quiet)
@@ -746,6 +746,11 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     t_start = time.perf_counter()
     rows, kept_maps, top = [], [], []
     loaded: dict[int, np.ndarray] = {}  # decoded once: for the model and for the overlay
+    written: set[Path] = set()  # every file this run writes (the earlier run's others go)
+
+    def output(filename: str) -> Path:
+        written.add(out_dir / filename)
+        return out_dir / filename
 
     def decoded():  # runs in iter_predict's reader thread, at most 2 × batch ahead
         for i, path in enumerate(images):
@@ -762,20 +767,20 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             row["p_value"] = float(cal.p_values(score))
             row["anomalous"] = bool(score > th["image_threshold"])
             mask = (amap > th["pixel_threshold"]) & row["anomalous"]
-            save_png(out_dir / f"{name}_mask.png", mask.astype(np.uint8) * 255)
-        save_png(out_dir / f"{name}_overlay.png", heatmap_overlay(image, amap, lo, hi))
+            save_png(output(f"{name}_mask.png"), mask.astype(np.uint8) * 255)
+        save_png(output(f"{name}_overlay.png"), heatmap_overlay(image, amap, lo, hi))
         if clusters:
             labels, _ = model.cluster_map(image)
-            save_png(out_dir / f"{name}_clusters.png",
+            save_png(output(f"{name}_clusters.png"),
                      cluster_overlay(image, labels, model.config.n_components))
         if fmt == "npy":
-            atomic_write_bytes(out_dir / f"{name}_map.npy", lambda fh: np.save(fh, amap))
+            atomic_write_bytes(output(f"{name}_map.npy"), lambda fh: np.save(fh, amap))
         else:
             import tifffile
 
             buf = io.BytesIO()
             tifffile.imwrite(buf, amap)
-            atomic_write_bytes(out_dir / f"{name}_map.tiff", lambda fh: fh.write(buf.getvalue()))
+            atomic_write_bytes(output(f"{name}_map.tiff"), lambda fh: fh.write(buf.getvalue()))
         _debug(f"{path}: score {score:.4g}" + (f", p-value {row['p_value']:.3g}, "
                                              f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
                                              if th is not None else ""))
@@ -788,22 +793,20 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                 kept_maps[heapq.heappop(top)[2]] = None
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "score", "p_value", "anomalous", "name"])
+    writer.writerow(SCORES_COLUMNS)
     for r in rows:
         writer.writerow([r["path"], repr(r["score"]),
                          "" if r["p_value"] is None else repr(r["p_value"]),
                          "" if r["anomalous"] is None else int(r["anomalous"]), r["name"]])
-    _write_text(out_dir / "scores.csv", text.getvalue())
+    _write_text(output("scores.csv"), text.getvalue())
     if report:
         from .report import write_prediction_report
 
-        path = write_prediction_report(out_dir / "report.html", rows, kept_maps,
+        path = write_prediction_report(output("report.html"), rows, kept_maps,
                                        color_range=(vmin, vmax), thresholds=th,
                                        max_gallery=REPORT_GALLERY,
                                        reference_scores=cal.scores if cal is not None else None)
         _info(quiet, f"report -> {path}")
-    written = prediction_files(out_dir, names, fmt=fmt, masks=th is not None, clusters=clusters,
-                               report=report)
     stale = [f for f in earlier if f not in written]  # the earlier run's, not replaced: remove
     for f in stale:
         f.unlink(missing_ok=True)

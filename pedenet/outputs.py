@@ -28,21 +28,6 @@ REPORT_TITLE = b"<title>pedenet"
 """Start of the title of a report pedenet wrote (pedenet.report)."""
 
 
-def prediction_files(out_dir: Path, names: list[str], *, fmt: str, masks: bool, clusters: bool,
-                     report: bool) -> set[Path]:
-    """The files a predict run writes for output ``names``: a set of ``Path`` under ``out_dir``.
-
-    ``fmt`` is "npy" or "tiff"; ``masks``: the model has thresholds; ``clusters``, ``report``:
-    the options of the same name.
-    """
-    suffixes = ["_overlay.png", f"_map.{fmt}"] + ["_mask.png"] * masks + ["_clusters.png"] * clusters
-    files = {out_dir / f"{n}{s}" for n in names for s in suffixes}
-    files.add(out_dir / "scores.csv")
-    if report:
-        files.add(out_dir / "report.html")
-    return files
-
-
 def earlier_prediction_files(out_dir: Path) -> list[Path]:
     """Existing files of an earlier predict run in ``out_dir``, read from its scores.csv.
 
