@@ -8,8 +8,8 @@ scores.csv)::
     <name>_mask.png      defect mask (models with thresholds only)
     <name>_clusters.png  most likely mixture component per region (``--clusters`` only)
 
-and once per run ``scores.csv`` (the manifest: one row per image) and, with ``--report``,
-``report.html``. ``predict --overwrite`` replaces an earlier run's files and removes those the
+and once per run ``scores.csv`` (the manifest: one row per image), ``warnings.txt`` (the run's
+warnings, one per line; only when there were any) and, with ``--report``, ``report.html``. ``predict --overwrite`` replaces an earlier run's files and removes those the
 new run does not write: only files named in the earlier scores.csv, never other files.
 """
 
@@ -24,6 +24,9 @@ SCORES_COLUMNS = ("path", "score", "p_value", "anomalous", "name")
 PER_IMAGE_SUFFIXES = ("_overlay.png", "_map.npy", "_map.tiff", "_mask.png", "_clusters.png")
 """Every per-image file ``<name><suffix>`` predict can write."""
 
+WARNINGS_FILE = "warnings.txt"
+"""The warnings of a prediction, one per line, beside scores.csv (only when there are any)."""
+
 REPORT_TITLE = b"<title>pedenet"
 """Start of the title of a report pedenet wrote (pedenet.report)."""
 
@@ -32,7 +35,8 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
     """Existing files of an earlier predict run in ``out_dir``, read from its scores.csv.
 
     Returns the existing ``<name><suffix>`` files (every suffix of :data:`PER_IMAGE_SUFFIXES`)
-    of each name in scores.csv, scores.csv itself, and report.html if pedenet wrote it. Empty
+    of each name in scores.csv, scores.csv itself, warnings.txt beside it, and report.html if
+    pedenet wrote it. Empty
     when there is no scores.csv, or it is not pedenet's (other header, unreadable): then
     nothing in the folder is known to be pedenet's. Names holding a path separator or
     starting with "." are ignored.
@@ -48,7 +52,7 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
         return []
     files = [out_dir / f"{n}{s}" for n in dict.fromkeys(names)
              if n and Path(n).name == n and not n.startswith(".") for s in PER_IMAGE_SUFFIXES]
-    files.append(scores)
+    files += [scores, out_dir / WARNINGS_FILE]
     report = out_dir / "report.html"
     try:
         with open(report, "rb") as fh:

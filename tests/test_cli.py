@@ -290,6 +290,48 @@ def test_fit_quiet_prints_nothing_but_records_its_warnings(dataset, tmp_path):
     assert json.loads((tmp_path / "loud" / "config.json").read_text())["warnings"] == warned
 
 
+def test_evaluate_and_predict_quiet_print_nothing_but_record_their_warnings(run_dir, dataset, tmp_path):
+    # a truncated test image (left out with --skip-bad-files) and a defective image without a mask
+    cat = tmp_path / "grass"
+    shutil.copytree(dataset / "grass", cat)
+    bad = cat / "test" / "good" / "000.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    (cat / "ground_truth" / "spot" / "000_mask.png").unlink()
+    rd = tmp_path / "rd"
+    shutil.copytree(run_dir, rd)
+    args = ("evaluate", rd, "--data", cat, "--skip-bad-files", "--no-overlays", "--overwrite")
+    quiet = run(*args, "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == ""  # no Warning: line, no message, no progress bar
+    assert "overall" in quiet.stdout  # the table is still printed
+    warned = json.loads((rd / "metrics.json").read_text())["warnings"]
+    assert len(warned) == 2
+    assert warned[0].startswith("skipped: ") and "000.png" in warned[0] and "cannot read image" in warned[0]
+    assert "no mask" in warned[1] and str(Path("spot") / "000.png") in warned[1]
+    loud = run(*args)  # without --quiet: printed as before, and recorded the same
+    assert loud.exit_code == 0, loud.output
+    assert [w for w in loud.stderr.splitlines() if w.startswith("Warning:")] == [f"Warning: {w}" for w in warned]
+    assert json.loads((rd / "metrics.json").read_text())["warnings"] == warned
+
+    inputs = tmp_path / "in"
+    shutil.copytree(cat / "test" / "good", inputs)  # 000.png truncated, 001.png fine
+    out = tmp_path / "pred"
+    quiet = run("predict", run_dir, inputs, "--out", out, "--skip-bad-files", "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.output == ""
+    warned = (out / "warnings.txt").read_text().splitlines()
+    assert len(warned) == 1 and warned[0].startswith(f"skipped: {inputs / '000.png'}")
+    loud = run("predict", run_dir, inputs, "--out", tmp_path / "pred2", "--skip-bad-files")
+    assert loud.exit_code == 0, loud.output
+    assert [w for w in loud.stderr.splitlines() if w.startswith("Warning:")] == [f"Warning: {warned[0]}"]
+    assert (tmp_path / "pred2" / "warnings.txt").read_text().splitlines() == warned
+    # a prediction without warnings writes no warnings.txt, and removes an earlier one
+    (inputs / "000.png").unlink()
+    again = run("predict", run_dir, inputs, "--out", out, "--overwrite", "--quiet")
+    assert again.exit_code == 0, again.output
+    assert not (out / "warnings.txt").exists() and (out / "001_overlay.png").is_file()
+
+
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     import pedenet
     from pedenet.validation import validate

@@ -1,0 +1,270 @@
+"""Helpers shared by the ``pedenet`` commands: errors, warnings, messages, options, files.
+
+User errors end with a one-line ``Error: ...`` message and a nonzero exit code, never a
+traceback (:func:`_user_errors`); run folders are checked before anything is replaced
+(:func:`_check_run_dir`). See docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from ..checkpoint import CheckpointError, atomic_write_bytes
+from ..config import PEDENetConfig
+from ..data import BadFilesError, DataError, check_images
+
+DEFAULTS = PEDENetConfig()
+
+
+class UserError(click.ClickException):
+    """A one-line ``Error: ...`` message with a chosen exit code (default 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    msg = " ".join(lines)
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in msg:
+        msg = f"{exc.filename}: {msg}"
+    if isinstance(exc, FileNotFoundError) and "check" not in msg:
+        msg += "; check the path"
+    return msg
+
+
+def _user_errors(fn):
+    """Turn expected user-input errors into one-line click errors (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except BadFilesError as exc:
+            msg = _one_line(exc)
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and "skip_bad_files" in ctx.params and not ctx.params["skip_bad_files"]:
+                msg += " (or pass --skip-bad-files to leave bad files out)"
+            raise UserError(msg) from None
+        except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+                OSError) as exc:
+            raise UserError(_one_line(exc)) from None
+        except FloatingPointError as exc:
+            raise UserError(_one_line(exc)) from None
+        except MemoryError:
+            raise UserError("out of memory; use a smaller --image-size or --batch-size, or "
+                            "smaller images") from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _short_warnings(log: list[str] | None = None, quiet: bool = False):
+    """While the block runs, show each warning as one ``Warning: ...`` line on stderr (none
+    if ``quiet``) and, given ``log``, append its text (one line) to it.
+
+    The ``main`` group wraps every command in one (printing only); a command that records its
+    warnings (fit's config.json, evaluate's metrics.json, predict's warnings.txt) opens another.
+    Warnings Python's filters hide are not seen; entering resets the "shown once" registries,
+    so one shown by an earlier block (an earlier fit of ``pedenet demo``) is seen again. The
+    previous display and filters are restored on exit.
+    """
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        if log is not None:
+            log.append(text)
+        if not quiet:
+            click.echo(f"Warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _info(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+_VERBOSE = {"on": False}
+
+
+def _set_verbose(verbose: bool, quiet: bool) -> None:
+    """--verbose: details (settings, timings, thresholds, per-image scores) on stderr."""
+    if verbose and quiet:
+        raise UserError("--verbose and --quiet contradict each other; pass one", exit_code=2)
+    _VERBOSE["on"] = bool(verbose)
+
+
+def _debug(message: str) -> None:
+    if _VERBOSE["on"]:
+        click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def _verbose_option(fn):
+    return click.option("--verbose", is_flag=True, default=False, show_default=True,
+                        help="Print details: settings, stage timings, thresholds, per-image scores.")(fn)
+
+
+def _rate_options(fn):
+    """--fpr and --pixel-fpr: targets of the decisions, overriding the model's."""
+    rate = click.FloatRange(0, 1, min_open=True, max_open=True)
+    fn = click.option("--pixel-fpr", type=rate, default=None,
+                      help="Fraction of normal pixels above the pixel threshold [default: the model's].")(fn)
+    return click.option("--fpr", type=rate, default=None,
+                        help="Target false-alarm rate of the decisions [default: the one the model "
+                        "was fitted with].")(fn)
+
+
+def _thresholds_line(th: dict | None) -> str:
+    if not th:
+        return "no thresholds (fitted with --calibration-fraction 0): scores only"
+    line = (f"thresholds from {th['n_calibration']} held-out normal images: target false-alarm rate "
+            f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}; "
+            f"pixel threshold {th['pixel_threshold']:.4g} (about {th['pixel_fpr']:g} of normal pixels above)")
+    if th["guaranteed_fpr"] > th["target_fpr"]:
+        line += f" (guaranteed only {th['guaranteed_fpr']:.3g}: too few held-out images)"
+    return line
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _write_json(path: Path, obj) -> None:
+    from ..evaluation import to_jsonable
+
+    _write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read ({_one_line(exc)}); fix or delete the file") from None
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+
+
+def _model_path(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    path = run_dir / "model.pt"
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: run folder does not exist; run `pedenet fit DATA --out {run_dir}` first")
+    if not path.is_file():
+        if not _is_run_dir(run_dir):
+            raise UserError(f"{run_dir}: not a pedenet run folder (no model.pt); pass the folder "
+                            "written by `pedenet fit DATA --out RUN_DIR`, or its model.pt")
+        raise UserError(f"{path}: no model in this run folder; run `pedenet fit DATA --out {run_dir}` first")
+    return path
+
+
+def _load_model(run_dir: Path, device: str):
+    from ..estimator import PEDENet
+
+    _check_device(device)
+    return PEDENet.load(_model_path(run_dir), device=device)
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Output names for ``paths``: the file stem; stems that occur more than once get
+    ``_<k>`` (k = 1, 2, ... in input order), skipping names that are already taken."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    taken = {s for s, c in counts.items() if c == 1}
+    names = []
+    next_k: dict[str, int] = {}
+    for p in paths:
+        stem = p.stem
+        if counts[stem] == 1:
+            names.append(stem)
+            continue
+        k = next_k.get(stem, 1)
+        while f"{stem}_{k}" in taken:
+            k += 1
+        name = f"{stem}_{k}"
+        next_k[stem] = k + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _progress(items, quiet: bool, desc: str, unit: str = "img", total: int | None = None):
+    from ..progress import progress_bar
+
+    return progress_bar(items, desc=desc, unit=unit, disable=quiet, total=total)
+
+
+def _checked(paths: list[Path], *, min_side: int, skip_bad_files: bool, quiet: bool,
+             desc: str) -> list[Path]:
+    """Decode every image before any work starts (see pedenet.data.check_images)."""
+    keep = check_images(paths, min_side=min_side, skip_bad=skip_bad_files, progress=not quiet,
+                        desc=desc)
+    return [paths[i] for i in keep]
+
+
+RUN_FILES = ("model.pt", "resume.pt", "config.json", "history.json")
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """A folder holding a pedenet run: model.pt, resume.pt, pedenet's config.json, or a
+    temporary file left by an interrupted atomic write of one of them."""
+    if (run_dir / "model.pt").exists() or (run_dir / "resume.pt").exists():
+        return True
+    if any(p.name.startswith(tuple(f".{n}." for n in RUN_FILES)) and p.name.endswith(".tmp")
+           for p in run_dir.iterdir()):
+        return True
+    cfg = run_dir / "config.json"
+    try:
+        return "pedenet_version" in json.loads(cfg.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to replace anything in ``run_dir`` unless asked (--overwrite / --resume)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not _is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: folder is not empty and holds no pedenet run; choose a new "
+                        "or empty --out folder", exit_code=2)
+    model_path, resume_path = run_dir / "model.pt", run_dir / "resume.pt"
+    if model_path.exists() and not overwrite:
+        done = " (the run is complete; nothing to resume)" if resume else ""
+        raise UserError(f"{model_path}: a model already exists{done}; pass --overwrite to replace it "
+                        "or choose another --out", exit_code=2)
+    if resume_path.exists() and not (resume or overwrite):
+        from ..resume import resume_step
+
+        step = resume_step(resume_path)
+        at = f" at step {step}" if step is not None else ""
+        raise UserError(f"{resume_path}: an unfinished fit was interrupted{at}; pass --resume to "
+                        "continue it, or --overwrite to start over", exit_code=2)
+    if not (model_path.exists() or resume_path.exists()) and not (overwrite or resume):
+        raise UserError(f"{run_dir}: holds an incomplete run (no model.pt); pass --overwrite to "
+                        "replace it or choose another --out", exit_code=2)

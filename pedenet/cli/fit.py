@@ -1,0 +1,226 @@
+"""``pedenet fit``: train a model and write its run folder (also used by ``pedenet demo``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..config import ENCODERS, PEDENetConfig
+from ..data import DataError, Sample, list_images, resolve_category, train_samples
+from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug, _info,
+                     _set_verbose, _short_warnings, _thresholds_line, _user_errors,
+                     _verbose_option, _write_json)
+
+
+def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, overwrite: bool,
+             quiet: bool, config: dict, resume: bool = False, skip_bad_files: bool = False,
+             checkpoint_every: int = 100) -> dict:
+    """Fit a model on ``data``'s training images and write the run folder; return config.json.
+
+    Training state goes to RUN_DIR/resume.pt every ``checkpoint_every`` steps and on
+    SIGINT/SIGTERM; ``resume`` continues from it. It is deleted once model.pt is written.
+    Warnings (skipped files, thresholds that cannot be guaranteed) go to config.json
+    ("warnings") and, unless ``quiet``, to stderr: with ``quiet`` only errors are printed.
+    """
+    import torch
+
+    from ..calibration import split_calibration
+    from ..estimator import PEDENet
+    from ..resume import TrainingInterrupted
+
+    run_dir = Path(run_dir)
+    model_path = run_dir / "model.pt"
+    resume_path = run_dir / "resume.pt"
+    _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    _check_device(device)
+    warned: list[str] = []  # the fit's warnings: config.json "warnings"; printed unless quiet
+    with _short_warnings(warned, quiet):
+        try:
+            cat_dir = resolve_category(data, category)
+            samples = train_samples(cat_dir)
+        except DataError:
+            # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
+            if category is not None or not Path(data).is_dir() or not list_images(data):
+                raise
+            cat_dir = Path(data)
+            samples = [Sample(p, 0, "good", None) for p in list_images(data)]
+        model = PEDENet(device=device, **config)
+        all_paths = [s.path for s in samples]
+        paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
+                         quiet=quiet, desc="checking training images")
+        kept = set(paths)
+        skipped = [str(p) for p in all_paths if p not in kept]
+        resuming = resume and resume_path.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # results of the previous model would be stale
+            (run_dir / "metrics.json").unlink(missing_ok=True)
+            (run_dir / "validation.json").unlink(missing_ok=True)
+            (run_dir / "report.html").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "overlays", ignore_errors=True)
+            if not resuming:
+                resume_path.unlink(missing_ok=True)
+        if resume and not resuming:
+            _info(quiet, f"--resume: no {resume_path}; starting from step 0")
+        _debug(f"config: {json.dumps(model.config.to_dict())}")
+        _debug(f"torch threads: {torch.get_num_threads()}, "
+               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        n_held = len(split_calibration(len(paths), model.config.calibration_fraction,
+                                       model.config.seed)[1])
+        _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
+                     f"({n_held} held out for thresholds), {model.config.steps} steps, "
+                     f"encoder {model.config.encoder}, device {device}"
+                     + (" (resuming)" if resuming else ""))
+        t0 = time.perf_counter()
+        try:
+            model.fit(paths, progress=not quiet, checkpoint=resume_path,
+                      checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=True)
+        except KeyboardInterrupt as exc:
+            ctx = click.get_current_context(silent=True)
+            how = ("rerun the same command with --resume to continue"
+                   if ctx is not None and "resume" in ctx.params else "rerun to start again")
+            if isinstance(exc, TrainingInterrupted):
+                code = 143 if exc.signum == getattr(signal, "SIGTERM", None) else 130
+                raise UserError(f"interrupted after step {exc.step}/{exc.total}; progress saved to "
+                                f"{resume_path} - {how}", exit_code=code) from None
+            if resume_path.exists():
+                raise UserError(f"interrupted; the last saved progress is in {resume_path} - {how}",
+                                exit_code=130) from None
+            raise UserError("interrupted before any progress was saved; rerun the command",
+                            exit_code=130) from None
+    train_seconds = time.perf_counter() - t0
+    record = {
+        "pedenet_version": __version__,
+        "seed": model.config.seed,
+        "data": str(Path(data).resolve()),
+        "category": category,
+        "category_dir": str(cat_dir.resolve()),
+        "device": device,
+        "n_train_images": len(paths),
+        "skipped_files": skipped,
+        "warnings": warned,
+        "config": model.config.to_dict(),
+        # train_seconds: the whole fit (feature caching, training, mixture); fit_stages: the
+        # estimator's own stage timings (history["timings"])
+        "timings": {"train_seconds": train_seconds,
+                    "fit_stages": dict(model.history.get("timings", {}))},
+        "n_calibration_images": model.history.get("n_calibration_images", 0),
+        "thresholds": model.thresholds(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(run_dir / "config.json", record)
+    _write_json(run_dir / "history.json", model.history)
+    model.save(model_path)  # last: model.pt marks a complete run
+    resume_path.unlink(missing_ok=True)  # only now: the model is safely on disk
+    _info(quiet, f"fitted in {train_seconds:.1f} s -> {run_dir}")
+    _info(quiet, _thresholds_line(model.thresholds()))
+    _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))
+    last = {k: v[-1] for k, v in model.history.items() if isinstance(v, list) and v
+            and isinstance(v[-1], (int, float))}
+    _debug("last training diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    return record
+
+
+def _parse_blocks(value) -> tuple[int, ...]:
+    """``"4,10,14,15"`` → (4, 10, 14, 15), checked like the config (a usage error otherwise)."""
+    from ..encoders import check_feature_blocks
+
+    try:
+        return check_feature_blocks([v for v in str(value).replace(" ", "").split(",") if v])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder to write (model.pt, config.json, history.json).")
+@click.option("--category", default=None, show_default=True,
+              help="Category under DATA when DATA is a dataset root.")
+@click.option("--steps", type=click.IntRange(min=0), default=DEFAULTS.steps, show_default=True,
+              help="Optimizer steps.")
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--encoder", type=click.Choice(list(ENCODERS)), default=DEFAULTS.encoder,
+              show_default=True, help="Patch encoder: frozen pretrained EfficientNet-Lite0 or "
+              "a small CNN trained from scratch.")
+@click.option("--image-size", type=click.IntRange(min=0), default=DEFAULTS.image_size,
+              show_default=True, help="Images are resized to this square side (0 = native size).")
+@click.option("--keep-aspect", is_flag=True, default=DEFAULTS.keep_aspect, show_default=True,
+              help="Resize the shorter side to --image-size and keep the aspect ratio (no squashing).")
+@click.option("--image-score-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULTS.image_score_fraction, show_default=True,
+              help="Image score = mean of this fraction of the map's largest pixels (0: the map's maximum).")
+@click.option("--embedding-dim", type=click.IntRange(min=1), default=DEFAULTS.embedding_dim,
+              show_default=True, help="Patch embedding size D.")
+@click.option("--n-components", type=click.IntRange(min=1), default=DEFAULTS.n_components,
+              show_default=True, help="Gaussian mixture components K.")
+@click.option("--feature-blocks", callback=lambda ctx, param, value: _parse_blocks(value),
+              default=",".join(str(b) for b in DEFAULTS.feature_blocks), show_default=True,
+              help="EfficientNet-Lite0 blocks whose outputs form the pretrained encoder's features, "
+              "comma-separated: the first at stride 8 (3 or 4), others in 5-15.")
+@click.option("--patch-size", type=click.IntRange(min=1), default=DEFAULTS.patch_size,
+              show_default=True, help="Patch side in pixels of the resized image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size,
+              show_default=True, help="Images per optimizer step.")
+@click.option("--encoder-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of the encoder's trainable part [default: --lr for scratch, 1e-4 for pretrained].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr,
+              show_default=True, help="Adam learning rate.")
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace a model (or an unfinished run) already in RUN_DIR.")
+@click.option("--resume", is_flag=True, default=False, show_default=True,
+              help="Continue an interrupted fit from RUN_DIR/resume.pt (same options and images); "
+              "starts from step 0 if there is none.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Save the training state to RUN_DIR/resume.pt every N steps (0: only on "
+              "Ctrl-C/SIGTERM).")
+@click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULTS.calibration_fraction, show_default=True,
+              help="Fraction of the normal images held out of training to calibrate the "
+              "thresholds (0: no thresholds).")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEFAULTS.target_fpr, show_default=True,
+              help="Default target false-alarm rate: the fraction of normal images that may be flagged.")
+@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEFAULTS.pixel_fpr, show_default=True,
+              help="Default fraction of normal pixels above the pixel threshold (defect masks).")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave unreadable or too small images out (with a warning) instead of stopping.")
+@click.option("--quiet", is_flag=True, default=False, show_default=True,
+              help="No progress bars or messages.")
+@_verbose_option
+@_user_errors
+def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_aspect,
+        image_score_fraction, embedding_dim, n_components, feature_blocks, patch_size, batch_size,
+        encoder_lr, lr, overwrite, resume, checkpoint_every, calibration_fraction, target_fpr,
+        pixel_fpr, skip_bad_files, quiet, verbose):
+    """Train a model on the defect-free images DATA/train/good.
+
+    DATA is a category folder (holding train/ and test/), a dataset root with --category, or
+    a plain folder of normal images. --calibration-fraction of them are held out of training
+    to calibrate the decision thresholds.
+    Every training image is checked before training starts. Ctrl-C or SIGTERM saves the
+    training state to RUN_DIR/resume.pt; rerun with --resume to continue.
+    """
+    _set_verbose(verbose, quiet)
+    config = dict(steps=steps, seed=seed, encoder=encoder, image_size=image_size,
+                  keep_aspect=keep_aspect, image_score_fraction=image_score_fraction,
+                  embedding_dim=embedding_dim, n_components=n_components,
+                  feature_blocks=feature_blocks, patch_size=patch_size, batch_size=batch_size,
+                  lr=lr, encoder_lr=encoder_lr,
+                  calibration_fraction=calibration_fraction, target_fpr=target_fpr,
+                  pixel_fpr=pixel_fpr)
+    try:  # settings that contradict each other: say so before reading any data
+        PEDENetConfig(**config)
+    except ValueError as exc:
+        raise UserError(str(exc), exit_code=2) from None
+    _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
+             resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)

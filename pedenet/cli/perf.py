@@ -1,0 +1,71 @@
+"""``pedenet export`` (one exported network) and ``pedenet benchmark`` (speed and memory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import _info, _load_model, _model_path, _user_errors, _write_json
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx",
+              show_default=True, help="ONNX (onnxruntime) or TorchScript (torch.jit.load).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="File to write (e.g. model.onnx, model.ts).")
+@click.option("--energy-dtype", type=click.Choice(["float64", "float32"]), default="float64",
+              show_default=True, help="Precision of the mixture energy inside the exported "
+              "model (the encoder always runs in float32).")
+@click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
+@_user_errors
+def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
+    """Export RUN_DIR's model as one network: image → anomaly map and score.
+
+    Input: float32 B×3×H×W, RGB in [0, 1] (normalization is inside), H = W = the
+    model's image_size (resize first, bilinear with antialiasing) or any H, W >= 32
+    when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (the image
+    score: mean of the map's top image_score_fraction of pixels, as predict gives).
+    """
+    import torch
+
+    from ..export import export_model
+
+    model = _load_model(_model_path(run_dir), "cpu")
+    dtype = torch.float64 if energy_dtype == "float64" else torch.float32
+    path = export_model(model, out_file, fmt, energy_dtype=dtype)
+    size = model.config.image_size
+    if not size:
+        shape = "Bx3xHxW (any H, W >= 32)"
+    elif model.config.keep_aspect:
+        shape = (f"Bx3xHxW (shorter side {size}, aspect kept: "
+                 f"pedenet.scoring.to_tensor(array, {size}, keep_aspect=True))")
+    else:
+        shape = f"Bx3x{size}x{size}"
+    _info(quiet, f"exported {fmt} -> {path}: input 'image' float32 {shape} RGB in [0, 1]; "
+                 "outputs 'anomaly_map' BxHxW, 'score' B")
+
+
+@click.command("benchmark")
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "json_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the figures to this JSON file.")
+@click.option("--quick", is_flag=True, default=False, show_default=True,
+              help="About 30 s: fewer repeats, scoring for 100 and 1000 training images only.")
+@_user_errors
+def benchmark_command(run_dir, json_file, quick):
+    """Speed and memory of inference, scoring and training on this machine.
+
+    RUN_DIR: a fitted run folder (or model file); without it an untrained default model
+    (steps 0, fitted on 8 built-in images) is used: speed does not depend on training.
+    The default run takes about 3 minutes on 2 CPU cores.
+    """
+    from ..benchmark import run_benchmark
+
+    if run_dir is not None:
+        run_dir = _model_path(run_dir)
+    result = run_benchmark(run_dir, quick=quick, log=click.echo)
+    if json_file is not None:
+        _write_json(Path(json_file), result)
+        click.echo(f"figures -> {json_file}")

@@ -1,0 +1,172 @@
+"""``pedenet predict``: anomaly maps, overlays, scores and decisions for new images."""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..checkpoint import atomic_write_bytes
+from ..data import find_images, load_image
+from .common import (UserError, _checked, _debug, _info, _load_model, _model_path, _progress,
+                     _rate_options, _set_verbose, _short_warnings, _thresholds_line, _unique_names,
+                     _user_errors, _verbose_option, _write_text)
+
+REPORT_GALLERY = 60
+"""Images shown in the gallery of an HTML report."""
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png and scores.csv.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "tiff"]), default="npy",
+              show_default=True, help="File format of the raw float32 anomaly maps.")
+@_rate_options
+@click.option("--report", is_flag=True, default=False, show_default=True,
+              help="Write OUT/report.html: scores, histogram with the threshold, gallery "
+              "(self-contained, opens offline).")
+@click.option("--clusters", is_flag=True, default=False, show_default=True,
+              help="Also write <stem>_clusters.png: the most likely mixture component of each "
+              "region (which normal pattern it resembles), legend strip at the bottom.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Write into an --out folder that is not empty: the files of an earlier "
+              "prediction there (those its scores.csv lists) are replaced or removed; other "
+              "files are kept.")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave unreadable or too small images out (with a warning) instead of stopping.")
+@click.option("--quiet", is_flag=True, default=False, show_default=True,
+              help="No progress bars, messages or warnings (warnings are still written to "
+              "OUT/warnings.txt).")
+@_verbose_option
+@_user_errors
+def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, device, overwrite,
+            skip_bad_files, quiet, verbose):
+    """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
+
+    Folders are searched recursively (the --out folder excluded). Every image is checked
+    first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
+    lists path, score (the image score: mean of the map's top --image-score-fraction of
+    pixels, energy units), p_value, anomalous (the decision at the target false-alarm rate)
+    and the output name; <stem>_mask.png (0/255) marks the
+    pixels above the pixel threshold in images decided anomalous. A model fitted with
+    --calibration-fraction 0 gives scores only. Warnings (skipped files, very large images,
+    ...) are also written to OUT/warnings.txt, one per line, when there are any.
+    """
+    from ..outputs import SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files
+    from ..visualization import cluster_overlay, color_range, heatmap_overlay, save_png
+
+    _set_verbose(verbose, quiet)
+    warned: list[str] = []  # OUT/warnings.txt; printed unless quiet
+    click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until predict ends
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
+                        "or choose another --out", exit_code=2)
+    earlier = earlier_prediction_files(out_dir) if out_dir.is_dir() else []
+    out_resolved = out_dir.resolve()
+    images = [p for p in find_images(list(inputs))
+              if out_resolved not in p.resolve().parents]  # never read our own outputs
+    if not images:
+        raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out")
+    model = _load_model(run_dir, device)
+    images = _checked(images, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
+                      quiet=quiet, desc="checking images")
+    names = _unique_names(images)
+    cal = model.calibration
+    th = None
+    if cal is not None:
+        if fpr is not None:
+            cal.image_threshold(fpr)  # warns when the target is out of reach
+        th = model.thresholds(fpr, pixel_fpr)
+    _info(quiet, _thresholds_line(th))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = color_range(model)
+    _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "
+           f"overlay colour range {vmin} to {vmax} (energy)")
+    t_start = time.perf_counter()
+    rows, kept_maps, top = [], [], []
+    loaded: dict[int, np.ndarray] = {}  # decoded once: for the model and for the overlay
+    written: set[Path] = set()  # every file this run writes (the earlier run's others go)
+
+    def output(filename: str) -> Path:
+        written.add(out_dir / filename)
+        return out_dir / filename
+
+    def decoded():  # runs in iter_predict's reader thread, at most 2 × batch ahead
+        for i, path in enumerate(images):
+            loaded[i] = load_image(path)
+            yield loaded[i]
+
+    results = model.iter_predict(decoded())
+    for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
+        path, name = images[i], names[i]
+        image = loaded.pop(i)
+        lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
+        row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
+        if th is not None:
+            row["p_value"] = float(cal.p_values(score))
+            row["anomalous"] = bool(score > th["image_threshold"])
+            mask = (amap > th["pixel_threshold"]) & row["anomalous"]
+            save_png(output(f"{name}_mask.png"), mask.astype(np.uint8) * 255)
+        save_png(output(f"{name}_overlay.png"), heatmap_overlay(image, amap, lo, hi))
+        if clusters:
+            labels, _ = model.cluster_map(image)
+            save_png(output(f"{name}_clusters.png"),
+                     cluster_overlay(image, labels, model.config.n_components))
+        if fmt == "npy":
+            atomic_write_bytes(output(f"{name}_map.npy"), lambda fh: np.save(fh, amap))
+        else:
+            import tifffile
+
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, amap)
+            atomic_write_bytes(output(f"{name}_map.tiff"), lambda fh: fh.write(buf.getvalue()))
+        _debug(f"{path}: score {score:.4g}" + (f", p-value {row['p_value']:.3g}, "
+                                             f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
+                                             if th is not None else ""))
+        rows.append(row)
+        if report:  # keep only the maps the gallery can show: memory stays bounded
+            kept_maps.append(None)
+            heapq.heappush(top, (float(score), -i, i))
+            kept_maps[i] = amap
+            if len(top) > REPORT_GALLERY:
+                kept_maps[heapq.heappop(top)[2]] = None
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(SCORES_COLUMNS)
+    for r in rows:
+        writer.writerow([r["path"], repr(r["score"]),
+                         "" if r["p_value"] is None else repr(r["p_value"]),
+                         "" if r["anomalous"] is None else int(r["anomalous"]), r["name"]])
+    _write_text(output("scores.csv"), text.getvalue())
+    if report:
+        from ..report import write_prediction_report
+
+        path = write_prediction_report(output("report.html"), rows, kept_maps,
+                                       color_range=(vmin, vmax), thresholds=th,
+                                       max_gallery=REPORT_GALLERY,
+                                       reference_scores=cal.scores if cal is not None else None)
+        _info(quiet, f"report -> {path}")
+    if warned:
+        _write_text(output(WARNINGS_FILE), "".join(f"{w}\n" for w in warned))
+    stale = [f for f in earlier if f not in written]  # the earlier run's, not replaced: remove
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
+    _debug(f"{len(rows)} images in {time.perf_counter() - t_start:.1f} s (reading, scoring and writing)")
+    flagged = sum(bool(r["anomalous"]) for r in rows)
+    _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
+                 + (", *_mask.png" if th is not None else "")
+                 + (f", {WARNINGS_FILE}" if warned else "") + ")"
+                 + (f"; {flagged} flagged anomalous" if th is not None else ""))

@@ -1,0 +1,111 @@
+"""``pedenet validate``: a score from the held-out normal images and synthetic defects."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from .common import (UserError, _checked, _debug, _info, _load_model, _model_path,
+                     _set_verbose, _user_errors, _verbose_option, _write_json)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the synthetic defects (keep it fixed to compare runs).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace an earlier RUN_DIR/validation.json.")
+@click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
+              help="Leave missing, unreadable or too small held-out images out (with a warning) "
+              "instead of stopping.")
+@click.option("--quiet", is_flag=True, default=False, show_default=True,
+              help="No progress bars or messages (the result is still printed).")
+@_verbose_option
+@_user_errors
+def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
+    """Validation score of RUN_DIR's model, for choosing settings without the test split.
+
+    Scores the normal images that fit held out of training (--calibration-fraction) and a
+    copy of each carrying one synthetic defect (scratch, spot or foreign patch, exact masks).
+    Compare runs of the same data by these figures; keep the test split for the final report.
+    Writes RUN_DIR/validation.json (with the count of each defect kind and any skipped files).
+    """
+    from ..validation import validate as _validate
+
+    _set_verbose(verbose, quiet)
+    model_path = _model_path(run_dir)
+    model = _load_model(model_path, device)
+    out = model_path.parent / "validation.json"
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it", exit_code=2)
+    held = model.history.get("calibration_images") or []
+    if not held:
+        raise UserError(f"{run_dir}: the model holds out no normal images (fitted with "
+                        "--calibration-fraction 0); refit with --calibration-fraction 0.2 to validate")
+    unnamed = [h for h in held if h.startswith("<input")]
+    if unnamed:
+        raise UserError(f"{run_dir}: the held-out images were passed as arrays, not files, so they "
+                        "cannot be reloaded; use pedenet.validation.validate(model, images) in Python")
+    paths = _held_out_images([Path(h) for h in held], model.min_image_side,
+                             skip_bad_files=skip_bad_files, quiet=quiet)
+    t0 = time.perf_counter()
+    result = _validate(model, paths, seed=seed, progress=not quiet)
+    used = set(paths)
+    result.update(seed=seed, seconds=time.perf_counter() - t0,
+                  skipped_files=[h for h in held if Path(h) not in used])
+    _write_json(out, result)
+    _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
+    click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
+               f"copies, seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
+               f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
+    _info(quiet, f"-> {out}")
+
+
+def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
+                     quiet: bool) -> list[Path]:
+    """The held-out images validate can use: present, readable, both sides >= MIN_SIDE.
+
+    A bad one stops validate with an error suggesting --skip-bad-files (the held-out set is
+    fixed at fit time: removing the file does not take it out); with ``skip_bad_files`` it is
+    left out with a ``skipped: ...`` warning naming it. Raises UserError/BadFilesError.
+    """
+    from PIL import Image
+
+    from ..data import SkippedFileWarning
+    from ..validation import MIN_SIDE
+
+    missing = [h for h in held if not h.is_file()]
+    if missing and not skip_bad_files:
+        where = ("the path is relative to the folder `fit` ran in: run validate from there"
+                 if not missing[0].is_absolute() else "moved or deleted since fit")
+        raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
+                        f"missing; {where}); restore it, or pass --skip-bad-files to validate "
+                        "on the other held-out images")
+    for h in missing:
+        warnings.warn(f"skipped: {h}: held-out image not found", SkippedFileWarning, stacklevel=2)
+    present = [h for h in held if h.is_file()]
+    if not present:
+        raise UserError(f"none of the {len(held)} held-out images exists (first: {held[0]}); "
+                        "restore them, or refit to hold out current images")
+    paths = []
+    for p in _checked(present, min_side=min_side, skip_bad_files=skip_bad_files, quiet=quiet,
+                      desc="checking held-out images"):
+        with Image.open(p) as im:  # the header only: the size
+            w, h = im.size
+        if min(w, h) >= MIN_SIDE:
+            paths.append(p)
+            continue
+        too_small = (f"{p}: held-out image is {w}x{h} px; validate draws its synthetic defects in "
+                     f"windows of at least {MIN_SIDE} px, so held-out images need both sides "
+                     f">= {MIN_SIDE} px")
+        if not skip_bad_files:
+            raise UserError(too_small + " (or pass --skip-bad-files to leave such images out)")
+        warnings.warn(f"skipped: {too_small}", SkippedFileWarning, stacklevel=2)
+    if not paths:
+        raise UserError(f"all {len(held)} held-out images are unusable (see the warnings above); "
+                        "refit with images that validate can use")
+    return paths
