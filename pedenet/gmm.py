@@ -20,8 +20,17 @@ import math
 import torch
 
 _MIN_WEIGHT = 1e-12
-_CHUNK_ROWS = 1024
-"""Rows of z scored per matrix product in ``GaussianMixture.log_prob_components``."""
+_CHUNK_BYTES = 4 * 2**20
+"""Size of the N×(K·D) float64 product that ``GaussianMixture.log_prob_components`` forms
+per chunk of rows: small enough to stay in the CPU caches while it is squared and summed.
+A fixed 1024 rows (42 MB at K = 40, D = 128) made the energy memory-bound: for 1024
+embeddings at K = 40 on 2 cores, 69.5 ms against 33.9 ms with 4 MiB chunks (102 rows; median
+of 11 interleaved rounds, docs/benchmarks.md)."""
+
+
+def chunk_rows(k: int, d: int) -> int:
+    """Rows of z per matrix product for K components of dimension D (at least 16)."""
+    return max(16, _CHUNK_BYTES // (8 * k * d))
 
 
 def ridge_of(cov: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -95,16 +104,18 @@ class GaussianMixture:
 
         The Mahalanobis terms ‖L_k⁻¹(z − μ_k)‖² of all K components come from one product
         y = (z − c) Wᵀ − b (N×K·D, float64; W, b precomputed), squared and summed per block
-        of D columns, :data:`_CHUNK_ROWS` rows at a time (bounded memory, and faster on CPU
-        than one product over a whole batch). Equal to a triangular solve per component to
+        of D columns, :func:`chunk_rows` rows at a time (a product of about
+        :data:`_CHUNK_BYTES`: bounded memory, and faster on CPU than one product over a whole
+        batch). Equal to a triangular solve per component to
         ~1e-15 relative and 2-3× faster on CPU; float32 would be faster still but misses
         1e-6 of the energy on ill-conditioned covariances (tests/test_gmm_speed.py).
         """
         z = z.double()
         k, d = self.mu.shape
+        rows = chunk_rows(k, d)
         parts = []
-        for start in range(0, max(len(z), 1), _CHUNK_ROWS):
-            y = torch.addmm(self._offset, z[start:start + _CHUNK_ROWS] - self._centre, self._w.T, beta=-1)
+        for start in range(0, max(len(z), 1), rows):
+            y = torch.addmm(self._offset, z[start:start + rows] - self._centre, self._w.T, beta=-1)
             parts.append(self.log_norm - 0.5 * (y * y).reshape(-1, k, d).sum(-1))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -93,7 +93,7 @@ def test_energy_matches_scipy_at_realistic_scale(cond):
 def test_chunked_rows_equal_one_pass_and_empty_input():
     phi, mu, cov = random_mixture(3, 5, 100.0, 0.0, seed=3)
     mix = GaussianMixture(torch.tensor(phi), torch.tensor(mu), torch.tensor(cov))
-    z = torch.tensor(samples(mu, cov, 2 * gmm._CHUNK_ROWS + 7, 2.0, seed=4))
+    z = torch.tensor(samples(mu, cov, 2 * gmm.chunk_rows(3, 5) + 7, 2.0, seed=4))
     torch.testing.assert_close(mix.log_prob_components(z), reference_log_prob(mix, z), rtol=1e-12, atol=1e-10)
     assert mix.energy(z[:0]).shape == (0,) and mix.log_prob_components(z[:0]).shape == (0, 3)
 
