@@ -113,6 +113,11 @@ def _debug(message: str) -> None:
         click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
 
+_device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+                              show_default=True)
+"""``--device``: where the model runs (``_check_device`` refuses cuda without a GPU)."""
+
+
 def _verbose_option(fn):
     return click.option("--verbose", is_flag=True, default=False, show_default=True,
                         help="Print details: settings, stage timings, thresholds, per-image scores.")(fn)

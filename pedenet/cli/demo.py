@@ -9,8 +9,8 @@ import click
 import numpy as np
 
 from .. import __version__
-from .common import (DEFAULTS, UserError, _info, _one_line, _set_verbose, _user_errors,
-                     _verbose_option, _write_json, _write_text)
+from .common import (DEFAULTS, UserError, _device_option, _info, _one_line, _set_verbose,
+                     _user_errors, _verbose_option, _write_json, _write_text)
 from .evaluate import _evaluate_run
 from .fit import _fit_run
 
@@ -76,7 +76,7 @@ def _markdown(rows: list[tuple[str, dict]]) -> str:
               default=DEMO_TARGET_FPR, show_default=True,
               help="Target false-alarm rate of the decisions (12 held-out normal images per "
               "category guarantee at best 1/13).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_device_option
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
               help="No progress bars or messages (the summary is still printed).")
 @_verbose_option

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..data import DataError, load_image, load_mask, resolve_category
-from .common import (UserError, _debug, _info, _load_model, _model_path, _progress,
+from .common import (UserError, _debug, _device_option, _info, _load_model, _model_path, _progress,
                      _rate_options, _read_json, _set_verbose, _short_warnings, _thresholds_line,
                      _unique_names, _user_errors, _verbose_option, _write_json)
 
@@ -121,7 +121,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
               help="Category under --data when it is a dataset root.")
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="Write heatmap overlays to RUN_DIR/overlays/<defect>/<stem>.png.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace the results of an earlier evaluation (metrics.json, overlays/, report.html).")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,

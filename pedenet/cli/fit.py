@@ -15,9 +15,9 @@ import click
 from .. import __version__
 from ..config import ENCODERS, PEDENetConfig
 from ..data import DataError, Sample, list_images, resolve_category, train_samples
-from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug, _info,
-                     _set_verbose, _short_warnings, _thresholds_line, _user_errors,
-                     _verbose_option, _write_json)
+from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
+                     _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
+                     _user_errors, _verbose_option, _write_json)
 
 
 def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, overwrite: bool,
@@ -147,7 +147,7 @@ def _parse_blocks(value) -> tuple[int, ...]:
 @click.option("--steps", type=click.IntRange(min=0), default=DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_device_option
 @click.option("--encoder", type=click.Choice(list(ENCODERS)), default=DEFAULTS.encoder,
               show_default=True, help="Patch encoder: frozen pretrained EfficientNet-Lite0 or "
               "a small CNN trained from scratch.")

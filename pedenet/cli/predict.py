@@ -13,9 +13,9 @@ import numpy as np
 
 from ..checkpoint import atomic_write_bytes
 from ..data import find_images, load_image
-from .common import (UserError, _checked, _debug, _info, _load_model, _model_path, _progress,
-                     _rate_options, _set_verbose, _short_warnings, _thresholds_line, _unique_names,
-                     _user_errors, _verbose_option, _write_text)
+from .common import (UserError, _checked, _debug, _device_option, _info, _load_model, _model_path,
+                     _progress, _rate_options, _set_verbose, _short_warnings, _thresholds_line,
+                     _unique_names, _user_errors, _verbose_option, _write_text)
 
 REPORT_GALLERY = 60
 """Images shown in the gallery of an HTML report."""
@@ -35,7 +35,7 @@ REPORT_GALLERY = 60
 @click.option("--clusters", is_flag=True, default=False, show_default=True,
               help="Also write <stem>_clusters.png: the most likely mixture component of each "
               "region (which normal pattern it resembles), legend strip at the bottom.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Write into an --out folder that is not empty: the files of an earlier "
               "prediction there (those its scores.csv lists) are replaced or removed; other "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, _checked, _debug, _info, _load_model, _model_path,
+from .common import (UserError, _checked, _debug, _device_option, _info, _load_model, _model_path,
                      _set_verbose, _user_errors, _verbose_option, _write_json)
 
 
@@ -16,7 +16,7 @@ from .common import (UserError, _checked, _debug, _info, _load_model, _model_pat
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic defects (keep it fixed to compare runs).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an earlier RUN_DIR/validation.json.")
 @click.option("--skip-bad-files", is_flag=True, default=False, show_default=True,
