@@ -8,6 +8,11 @@ everything in the results file.
     python benchmarks/ablations.py --data ../shared/data/mtd --results runs/ablations/mtd.jsonl
     python benchmarks/ablations.py --results runs/ablations/mtd.jsonl --table-only
 
+Rows that use the default configuration (the full model, and the rows that only score its
+trained embeddings another way: EM refit, nearest neighbour) can reuse the default's
+checkpoints instead of fitting again: ``--reuse "runs/mtd_s{seed}"`` (a run folder or
+model.pt per seed, fitted with the default configuration and that seed; refused otherwise).
+
 Rows (``ROWS``) change one thing against the default configuration each.
 """
 
@@ -120,8 +125,26 @@ def _swap_scorer(model, scorer: str, train_paths: list, seed: int) -> None:
     net.energy_of_embeddings = nn_distance  # patch_energy calls it per (tile of the) image
 
 
-def run_one(data: Path, row: str, seed: int, steps: int | None = None) -> dict:
-    """Fit and evaluate one variant; return the JSON record."""
+def _reused_model(template: str, config: dict):
+    """The checkpoint ``template`` names for ``config["seed"]``; exits with a message naming
+    the file and the differing fields unless it was fitted with exactly ``config``."""
+    import pedenet
+
+    path = Path(template.format(seed=config["seed"]))
+    model = pedenet.load(path / "model.pt" if path.is_dir() else path)
+    want = pedenet.PEDENet(**config).config.to_dict()
+    got = model.config.to_dict()
+    diff = sorted(k for k in want if want[k] != got.get(k))
+    if diff:
+        raise SystemExit(f"{path}: fitted with another configuration than this row's "
+                         f"({', '.join(f'{k} {got.get(k)!r} != {want[k]!r}' for k in diff)})")
+    return model, str(path)
+
+
+def run_one(data: Path, row: str, seed: int, steps: int | None = None,
+            reuse: str | None = None) -> dict:
+    """Fit (or, with ``reuse`` and a row of the default configuration, load) and evaluate one
+    variant; return the JSON record."""
     import warnings
 
     import pedenet
@@ -135,9 +158,13 @@ def run_one(data: Path, row: str, seed: int, steps: int | None = None) -> dict:
     scorer = ROWS[row].get("_scorer")
     t0 = time.perf_counter()
     images = find_images([Path(data) / "train" / "good"])
-    with warnings.catch_warnings():  # decisions are not used here
-        warnings.filterwarnings("ignore", message=".*cannot guarantee a false-alarm rate")
-        model = pedenet.PEDENet(**config).fit(images, progress=False)
+    reused = None
+    if reuse and not set(config) - {"seed"}:
+        model, reused = _reused_model(reuse, config)
+    else:
+        with warnings.catch_warnings():  # decisions are not used here
+            warnings.filterwarnings("ignore", message=".*cannot guarantee a false-alarm rate")
+            model = pedenet.PEDENet(**config).fit(images, progress=False)
     held = set(model.history.get("calibration_images", []))
     train_paths = [p for p in images if str(p) not in held]
     if scorer:
@@ -154,7 +181,7 @@ def run_one(data: Path, row: str, seed: int, steps: int | None = None) -> dict:
     return {"row": row, "seed": seed, "config": model.config.to_dict(), "commit": _commit(),
             "data": str(Path(data).resolve()), "overall": result["overall"],
             "per_defect": result["per_defect"], "validation": validation,
-            "fit_seconds": fit_s, "eval_seconds": eval_s,
+            "fit_seconds": fit_s, "eval_seconds": eval_s, "reused_checkpoint": reused,
             "seconds_per_image": result["seconds_per_image"],
             "history_last": {k: v[-1] for k, v in model.history.items()
                              if isinstance(v, list) and v and not isinstance(v[-1], list)}}
@@ -191,6 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="override the training steps of every row (quick checks; rows that set "
                          "steps keep theirs)")
+    ap.add_argument("--reuse", default=None, metavar="TEMPLATE",
+                    help="rows of the default configuration (full, EM refit, nearest neighbour) "
+                         "load this checkpoint per seed instead of fitting, e.g. "
+                         "'runs/mtd_s{seed}'; fit_seconds is then the loading and rescoring time")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     if not args.table_only:
@@ -207,7 +238,7 @@ def main(argv=None) -> int:
                 if any(r["row"] == row and r["seed"] == seed for r in _done(args.results)):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {row}, seed {seed}", file=sys.stderr, flush=True)
-                rec = run_one(args.data, row, seed, steps=args.steps)
+                rec = run_one(args.data, row, seed, steps=args.steps, reuse=args.reuse)
                 with open(args.results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
