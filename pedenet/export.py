@@ -19,7 +19,9 @@ graph, so it stays exact for any input size; or the map's maximum when the fract
 
 Steps (identical to ``PEDENet.anomaly_map`` for an input already at the processed size):
 patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − D/2 log 2π −
-½‖L_k⁻¹(z − μ_k)‖²) in float64 (default) → bilinear interpolation from the patch centres
+½‖L_k⁻¹(z − μ_k)‖²) in the precision the model scores with (default "auto": the products
+in float32 and the log-sum-exp in float64 where the mixture's check allows it,
+:meth:`pedenet.gmm.GaussianMixture.score_energy`; else float64) → bilinear interpolation from the patch centres
 (offset + stride·i), clamped at the borders → separable Gaussian smoothing with σ =
 ``smoothing_sigma`` px, radius int(4σ + 0.5), replicated borders (scipy's mode="nearest").
 
@@ -57,13 +59,16 @@ class AnomalyMapModule(nn.Module):
     Args:
         network: a fitted :class:`pedenet.model.PEDENetNetwork` (mixture set).
         smoothing_sigma: σ of the map smoothing in pixels (the config's ``smoothing_sigma``).
-        energy_dtype: dtype of the energy computation (float64 default: the energy of an
-            anomalous patch can reach 10⁴–10⁶ and float32 then loses the small differences
-            between normal patches; the encoder always runs in float32).
+        energy_dtype: precision of the energy: ``"auto"`` (default) as ``PEDENet.anomaly_map``
+            scores: mixed (Mahalanobis products in float32, normalizers and log-sum-exp in
+            float64) when the mixture's ``scoring_dtype`` is float32, else float64;
+            ``torch.float64``; or ``torch.float32`` throughout (the energy of an anomalous
+            patch can reach 10⁴–10⁶ and float32 then loses small differences between normal
+            patches). The encoder always runs in float32.
         score_fraction: the config's ``image_score_fraction`` (0: score = map maximum).
     """
 
-    def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype = torch.float64,
+    def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype | str = "auto",
                  score_fraction: float = 0.0):
         super().__init__()
         self.score_fraction = float(score_fraction)
@@ -73,10 +78,16 @@ class AnomalyMapModule(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         mix = network.mixture
+        if energy_dtype == "auto":
+            product_dtype, sum_dtype = mix.scoring_dtype, torch.float64
+        elif energy_dtype in (torch.float32, torch.float64):
+            product_dtype = sum_dtype = energy_dtype
+        else:
+            raise ValueError(f"energy_dtype must be 'auto', torch.float32 or torch.float64, not {energy_dtype!r}")
         chol_inv = mix.chol_inv.detach().cpu().double()  # K×D×D, L⁻¹ (precomputed by the mixture)
-        self.register_buffer("mu", mix.mu.detach().cpu().to(energy_dtype))  # K×D
-        self.register_buffer("chol_inv_t", chol_inv.transpose(1, 2).contiguous().to(energy_dtype))
-        self.register_buffer("log_norm", mix.log_norm.detach().cpu().to(energy_dtype))  # K
+        self.register_buffer("mu", mix.mu.detach().cpu().to(product_dtype))  # K×D
+        self.register_buffer("chol_inv_t", chol_inv.transpose(1, 2).contiguous().to(product_dtype))
+        self.register_buffer("log_norm", mix.log_norm.detach().cpu().to(sum_dtype))  # K
         self.stride = float(network.stride)
         self.offset = float(network.offset)
         self.sigma = float(smoothing_sigma)
@@ -89,12 +100,12 @@ class AnomalyMapModule(nn.Module):
             self.radius = 0
 
     def energy(self, emb: torch.Tensor) -> torch.Tensor:
-        """B×D×h×w embeddings → B×h×w energy (``energy_dtype``)."""
+        """B×D×h×w embeddings → B×h×w energy (the dtype of ``log_norm``)."""
         b, d = emb.shape[0], emb.shape[1]
         z = emb.flatten(2).transpose(1, 2).to(self.mu.dtype)  # B×N×D
         diff = z.unsqueeze(1) - self.mu.unsqueeze(0).unsqueeze(2)  # B×K×N×D
         y = torch.matmul(diff, self.chol_inv_t.unsqueeze(0))  # B×K×N×D: (L⁻¹(z−μ))ᵀ
-        maha = (y * y).sum(-1)  # B×K×N
+        maha = (y * y).sum(-1).to(self.log_norm.dtype)  # B×K×N
         log_p = self.log_norm.reshape(1, -1, 1) - 0.5 * maha
         energy = -torch.logsumexp(log_p, dim=1)  # B×N
         return energy.reshape(emb.shape[0], emb.shape[2], emb.shape[3])
@@ -161,7 +172,7 @@ def _metadata(model) -> dict:
     }
 
 
-def build_module(model, energy_dtype: torch.dtype = torch.float64) -> AnomalyMapModule:
+def build_module(model, energy_dtype: torch.dtype | str = "auto") -> AnomalyMapModule:
     """The :class:`AnomalyMapModule` of a fitted :class:`pedenet.PEDENet` (CPU, eval mode)."""
     net = model._require_fitted()
     return AnomalyMapModule(net, model.config.smoothing_sigma, energy_dtype,
@@ -175,7 +186,7 @@ def example_input(model) -> torch.Tensor:
 
 
 def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
-                 energy_dtype: torch.dtype = torch.float64) -> Path:
+                 energy_dtype: torch.dtype | str = "auto") -> Path:
     """Write ``model`` (a fitted :class:`pedenet.PEDENet`) as an ONNX or TorchScript file.
 
     Args:

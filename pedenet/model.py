@@ -90,12 +90,13 @@ class PEDENetNetwork(nn.Module):
 
     @torch.no_grad()
     def energy_of_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """B×D×h×w embeddings → B×h×w float64 energy under the fixed mixture."""
+        """B×D×h×w embeddings → B×h×w float64 energy under the fixed mixture
+        (:meth:`GaussianMixture.score_energy`: mixed precision where it is accurate)."""
         if self.mixture is None:
             raise RuntimeError("the model has no fitted mixture yet: call fit first")
         b, d, h, w = emb.shape
         z = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        return self.mixture.energy(z).reshape(b, h, w)
+        return self.mixture.score_energy(z).reshape(b, h, w)
 
     @torch.no_grad()
     def patch_energy(self, x: torch.Tensor, max_tile: int | None = None) -> torch.Tensor:

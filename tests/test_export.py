@@ -132,6 +132,27 @@ def test_float32_energy_export_also_meets_the_tolerance(scratch64, images):
     _check(scratch64, arr, amap[0].numpy(), score[0].item())
 
 
+@pytest.mark.parametrize("scoring", [torch.float32, torch.float64])
+def test_auto_energy_precision_follows_the_models_scoring(scratch64, images, scoring):
+    """The default export ("auto") computes the Mahalanobis products in the precision the
+    mixture scores with (GaussianMixture.scoring_dtype) and sums in float64, both ways."""
+    mix = scratch64.network.mixture
+    decided = mix.scoring_dtype
+    mix._scoring_dtype = scoring  # as the mixture's own accuracy check could decide
+    try:
+        module = build_module(scratch64)
+        assert module.mu.dtype == module.chol_inv_t.dtype == scoring
+        assert module.log_norm.dtype == torch.float64
+        arr = _test_images(images, [])[-1]
+        with torch.no_grad():
+            amap, score = module(to_tensor(arr, 64))
+        _check(scratch64, arr, amap[0].numpy(), score[0].item())
+    finally:
+        mix._scoring_dtype = decided
+    with pytest.raises(ValueError, match="energy_dtype"):
+        build_module(scratch64, energy_dtype="float16")
+
+
 def test_export_cli(scratch64, tmp_path):
     pytest.importorskip("onnx")
     run_dir = tmp_path / "run"

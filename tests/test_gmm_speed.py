@@ -127,3 +127,44 @@ def test_gradients_equal_the_reference_formula(grad_to_z):
     for a, b in zip(new, old):
         assert torch.isfinite(a).all() and float(a.abs().max()) > 0
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+# ---- scoring in mixed precision (GaussianMixture.score_energy, what inference uses)
+
+EXPECTED_SCORING_DTYPE = {  # the check's decision per case: float32 only where it is accurate
+    "well-conditioned": torch.float32,
+    "far from the data": torch.float32,
+    "ill-conditioned": torch.float64,
+    "ill-conditioned, no ridge": torch.float64,
+    "ill-conditioned, offset means": torch.float64,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_score_energy_is_accurate_on_samples_the_check_did_not_see(case):
+    """Samples other than the check's (seed 1 against 0, the case's own spread): the error of
+    score_energy stays within MIXED_PRECISION_TOL of the normal energies' spread, in float32
+    where the check chose it and exactly (float64 path) where it did not."""
+    cond, offset, ridge, spread = CASES[case]
+    phi, mu, cov = random_mixture(10, 64, cond, offset, seed=len(case))
+    mix = GaussianMixture(torch.tensor(phi), torch.tensor(mu), torch.tensor(cov), ridge)
+    z = torch.tensor(samples(mu, cov, 3000, spread, seed=1), dtype=torch.float32)
+    assert mix.scoring_dtype == EXPECTED_SCORING_DTYPE[case]
+    exact, fast = mix.energy(z), mix.score_energy(z)
+    assert fast.dtype == torch.float64 and fast.shape == (3000,)
+    if mix.scoring_dtype == torch.float64:
+        assert torch.equal(fast, exact)
+    else:
+        assert not torch.equal(fast, exact)  # the float32 path really ran
+        normal = mix.energy(torch.tensor(samples(mu, cov, 3000, 1.0, seed=1), dtype=torch.float32))
+        tol = gmm.MIXED_PRECISION_TOL * float(normal.max() - normal.min())
+        assert float((fast - exact).abs().max()) <= tol
+
+
+def test_score_energy_in_chunks_and_on_empty_input():
+    phi, mu, cov = random_mixture(3, 5, 10.0, 0.0, seed=3)
+    mix = GaussianMixture(torch.tensor(phi), torch.tensor(mu), torch.tensor(cov))
+    assert mix.scoring_dtype == torch.float32
+    z = torch.tensor(samples(mu, cov, 2 * gmm.chunk_rows(3, 5, itemsize=4) + 7, 2.0, seed=4))
+    torch.testing.assert_close(mix.score_energy(z), mix.energy(z), rtol=1e-5, atol=1e-4)
+    assert mix.score_energy(z[:0]).shape == (0,)

@@ -15,9 +15,11 @@ from .common import _info, _load_model, _model_path, _user_errors, _write_json
               show_default=True, help="ONNX (onnxruntime) or TorchScript (torch.jit.load).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="File to write (e.g. model.onnx, model.ts).")
-@click.option("--energy-dtype", type=click.Choice(["float64", "float32"]), default="float64",
+@click.option("--energy-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
               show_default=True, help="Precision of the mixture energy inside the exported "
-              "model (the encoder always runs in float32).")
+              "model: auto = as pedenet scores (float32 products and float64 sums where the "
+              "mixture's accuracy check allows, else float64); float32 throughout is fastest "
+              "and least exact. The encoder always runs in float32.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
 @_user_errors
 def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
@@ -33,7 +35,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
     from ..export import export_model
 
     model = _load_model(_model_path(run_dir), "cpu")
-    dtype = torch.float64 if energy_dtype == "float64" else torch.float32
+    dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
     path = export_model(model, out_file, fmt, energy_dtype=dtype)
     size = model.config.image_size
     if not size:
