@@ -353,7 +353,7 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     assert_one_line_error(result, str(deleted), "not found", "1 of 3 missing", "moved or deleted",
                           "--skip-bad-files")
     assert not (out / "validation.json").exists()
-    result = run("validate", out, "--quiet", "--skip-bad-files")
+    result = run("validate", out, "--skip-bad-files")
     assert result.exit_code == 0, result.output
     warned = [w for w in result.output.splitlines() if w.startswith("Warning: skipped: ")]
     assert len(warned) == 2
@@ -361,6 +361,13 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     assert any(str(corrupt) in w and "cannot read image" in w for w in warned)
     v = json.loads((out / "validation.json").read_text())
     assert sorted(v["skipped_files"]) == sorted([str(corrupt), str(deleted)])
+    assert ["Warning: " + w for w in v["warnings"]] == warned  # recorded as printed
+    # --quiet: the same result and warnings in validation.json, nothing printed but the result
+    result = run("validate", out, "--quiet", "--skip-bad-files", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output and result.stderr == ""
+    quiet = json.loads((out / "validation.json").read_text())
+    assert quiet["warnings"] == v["warnings"] and quiet["image_auroc"] == v["image_auroc"]
     assert v["n_images"] == 2 and v["defect_kinds"] == {"scratch": 1, "spot": 0, "patch": 0}
     direct = validate(pedenet.load(out / "model.pt"), [good], seed=0)  # the one usable image
     for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .common import (UserError, _checked, _debug, _device_option, _info, _load_model, _model_path,
-                     _set_verbose, _user_errors, _verbose_option, _write_json)
+                     _set_verbose, _short_warnings, _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -23,7 +23,8 @@ from .common import (UserError, _checked, _debug, _device_option, _info, _load_m
               help="Leave missing, unreadable or too small held-out images out (with a warning) "
               "instead of stopping.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
-              help="No progress bars or messages (the result is still printed).")
+              help="No progress bars, messages or warnings (the result is still printed; warnings "
+              "are still recorded in validation.json).")
 @_verbose_option
 @_user_errors
 def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
@@ -32,11 +33,14 @@ def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
     Scores the normal images that fit held out of training (--calibration-fraction) and a
     copy of each carrying one synthetic defect (scratch, spot or foreign patch, exact masks).
     Compare runs of the same data by these figures; keep the test split for the final report.
-    Writes RUN_DIR/validation.json (with the count of each defect kind and any skipped files).
+    Writes RUN_DIR/validation.json (with the count of each defect kind, any skipped files and
+    the warnings, also printed unless --quiet).
     """
     from ..validation import validate as _validate
 
     _set_verbose(verbose, quiet)
+    warned: list[str] = []  # validation.json "warnings"; printed unless quiet
+    click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until validate ends
     model_path = _model_path(run_dir)
     model = _load_model(model_path, device)
     out = model_path.parent / "validation.json"
@@ -56,7 +60,7 @@ def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
     result = _validate(model, paths, seed=seed, progress=not quiet)
     used = set(paths)
     result.update(seed=seed, seconds=time.perf_counter() - t0,
-                  skipped_files=[h for h in held if Path(h) not in used])
+                  skipped_files=[h for h in held if Path(h) not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
     click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
