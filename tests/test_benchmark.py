@@ -37,6 +37,12 @@ def test_benchmark_quick_json(tmp_path):
     s = data["scratch_patch_vs_dense"]
     assert s["n_patches"] == 57 * 57 and s["ratio_patchwise_over_dense"] > 0
     assert s["max_abs_difference"] < 1e-3
+    s64 = data["scratch_patch_vs_dense_64"]
+    assert (s64["patch_size"], s64["stride"], s64["n_patches"]) == (64, 8, 25 * 25)
+    assert s64["max_abs_difference"] < 1e-3
+    for r in (s, s64):  # the measured ratio = work ratio x (dense / patch-by-patch GFLOP/s)
+        assert r["ratio_patchwise_over_dense"] == pytest.approx(
+            r["work_ratio"] * r["dense_gflops_achieved"] / r["patchwise_gflops_achieved"])
     assert [r["n_train_images"] for r in data["scoring"]] == [100, 1000]
     for r in data["scoring"]:
         for k in ("gmm_ms_per_image", "nn_ms_per_image", "nn_coreset10_ms_per_image",
@@ -68,3 +74,33 @@ def test_mixture_from_bank_recovers_separated_clusters():
     torch.testing.assert_close(mix.phi, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
     torch.testing.assert_close(mix.mu[1], bank[600:900].double().mean(0))
     torch.testing.assert_close(mix.cov[0], torch.cov(bank[:600].double().T, correction=0))
+
+
+def _scratch_macs(spec, d, side):
+    """Multiply-accumulates of the scratch encoder's valid convolutions on a side×side input,
+    counted by hand: out_side² · c_out · c_in · k² per layer, then the 1×1 projection to D."""
+    macs, cin = 0, 3
+    for cout, k, stride in spec:
+        side = (side - k) // stride + 1
+        macs += side * side * cout * cin * k * k
+        cin = cout
+    return macs + side * side * d * cin
+
+
+@pytest.mark.parametrize("patch, spec", [
+    (32, [(32, 4, 2), (64, 3, 2), (128, 3, 1), (128, 3, 1), (128, 3, 1)]),
+    (64, [(32, 4, 2), (64, 3, 2), (128, 3, 2), (128, 3, 1), (128, 3, 1), (128, 3, 1)]),
+])
+def test_scratch_work_ratio_is_the_hand_count(patch, spec):
+    from pedenet.benchmark import EMBEDDING_DIM, bench_scratch_patchwise
+
+    r = bench_scratch_patchwise(quick=True, patch_size=patch)
+    stride = 4 if patch == 32 else 8
+    n = ((256 - patch) // stride + 1) ** 2
+    dense = _scratch_macs(spec, EMBEDDING_DIM, 256)
+    per_patch = _scratch_macs(spec, EMBEDDING_DIM, patch)
+    assert r["n_patches"] == n
+    assert r["dense_gflop"] == pytest.approx(2 * dense / 1e9)
+    assert r["patchwise_gflop"] == pytest.approx(2 * per_patch * n / 1e9)
+    assert r["work_ratio"] == pytest.approx({32: 10.50, 64: 17.92}[patch], abs=0.01)
+    assert r["max_abs_difference"] < 1e-3
