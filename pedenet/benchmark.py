@@ -634,8 +634,10 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
     r = bench_flatness(mixtures, quick)
     result["scoring_flatness"] = r
     log(f"scoring time against training-set size ({r['rounds']} interleaved rounds, medians): "
-        + ", ".join(f"{n} images {t:.2f} ms" for n, t in zip(r["n_train_images"], r["gmm_ms_per_image_median"]))
-        + f"; ratio {r['ratio_largest_over_smallest']:.3f} (per-round median {r['ratio_per_round_median']:.3f})")
+        + ", ".join(f"{n} images {t:.2f} ms"
+                    for n, t in zip(r["n_train_images"], r["gmm_ms_per_image_median"]))
+        + f"; ratio {r['ratio_largest_over_smallest']:.3f} "
+          f"(per-round median {r['ratio_per_round_median']:.3f})")
 
     r = bench_training(quick)
     result["training"] = r

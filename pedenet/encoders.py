@@ -309,8 +309,9 @@ class PretrainedEncoder(nn.Module):
     ``forward`` computes ``head(frozen_features(x))`` in a cheaper order (to float32
     rounding): standardization and the 1×1 reduction are linear and the upsampling and 3×3
     averaging are convex combinations, so the reduction is applied to the stride-8 and
-    deeper features separately, before upsampling and averaging (D instead of C channels). ``use_folded_backbone`` (default True) selects the folded backbone
-    (module docstring) instead of the reference modules; the reference path serves ONNX
+    deeper features separately, before upsampling and averaging (D instead of C channels).
+    ``use_folded_backbone`` (default True) selects the folded backbone (module docstring)
+    instead of the reference modules; the reference path serves ONNX
     export (onnxruntime does its own folding) and hook-based counting.
 
     Input: float32 tensor B×3×H×W, values in [0, 1] (any H, W >= 32).

@@ -9,8 +9,9 @@ scores.csv)::
     <name>_clusters.png  most likely mixture component per region (``--clusters`` only)
 
 and once per run ``scores.csv`` (the manifest: one row per image), ``warnings.txt`` (the run's
-warnings, one per line; only when there were any) and, with ``--report``, ``report.html``. ``predict --overwrite`` replaces an earlier run's files and removes those the
-new run does not write: only files named in the earlier scores.csv, never other files.
+warnings, one per line; only when there were any) and, with ``--report``, ``report.html``.
+``predict --overwrite`` replaces an earlier run's files and removes those the new run does
+not write: only files named in the earlier scores.csv, never other files.
 """
 
 from __future__ import annotations
