@@ -194,6 +194,27 @@ def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
     return total
 
 
+def em_with_progress() -> type:
+    """scikit-learn's ``GaussianMixture`` with a ``progress`` attribute: a tqdm bar (or None)
+    advanced by one after every EM iteration, with the change of the lower bound shown.
+
+    It uses the per-iteration hook scikit-learn calls for its verbose output
+    (``_print_verbose_msg_iter_end``, private; with a version that no longer calls it the bar
+    just stays still). The fit itself is unchanged: same parameters, same result."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    class GaussianMixtureWithProgress(SkGaussianMixture):
+        progress = None
+
+        def _print_verbose_msg_iter_end(self, n_iter, diff_ll):
+            super()._print_verbose_msg_iter_end(n_iter, diff_ll)
+            if self.progress is not None:
+                self.progress.update(1)
+                self.progress.set_postfix(change=f"{diff_ll:.2g}", refresh=False)
+
+    return GaussianMixtureWithProgress
+
+
 def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bool = True,
                     n_samples: int = 100_000, steps: int = 300) -> dict:
     """Start the DE network from a mixture fitted by EM (k-means++ init) on the initial embeddings.
@@ -208,8 +229,6 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
         dict with the EM fit's log-likelihood per sample, its iterations and the agreement
         (fraction of equal arg-max cluster) between the network and the EM posteriors.
     """
-    from sklearn.mixture import GaussianMixture as SkGaussianMixture
-
     from sklearn.exceptions import ConvergenceWarning
 
     cfg = network.config
@@ -225,11 +244,16 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
     # the ridge of pedenet.gmm.ridge_of: relative, with a floor so that constant embeddings
     # (e.g. all-black training images) still give positive-definite covariances
     reg = cfg.ridge * max(float(zd.var(0).mean()), 1e-12) + 1e-9
-    with warnings.catch_warnings():
+    em = em_with_progress()(cfg.n_components, covariance_type="full", reg_covar=reg, max_iter=100,
+                            init_params="k-means++", random_state=cfg.seed)
+    with warnings.catch_warnings(), progress_bar(
+            total=em.max_iter, desc=f"EM initialization (K {cfg.n_components}, {len(zd)} embeddings)",
+            unit="iteration", disable=not progress) as bar:
         # duplicates (few distinct embeddings) make k-means++ find fewer clusters: harmless
         warnings.simplefilter("ignore", ConvergenceWarning)
-        em = SkGaussianMixture(cfg.n_components, covariance_type="full", reg_covar=reg, max_iter=100,
-                               init_params="k-means++", random_state=cfg.seed).fit(zd)
+        em.progress = bar
+        em.fit(zd)
+        em.progress = None
     target = torch.from_numpy(em.predict_proba(zd)).float()
     device = next(network.parameters()).device
     z, target = z.to(device), target.to(device)

@@ -98,3 +98,34 @@ def test_same_seed_same_model(gravel):
 def test_fit_refuses_empty_input():
     with pytest.raises(ValueError, match="at least one"):
         pedenet.PEDENet().fit([])
+
+
+def test_em_progress_counts_iterations_and_changes_nothing():
+    """The EM initialization's progress bar advances once per EM iteration, and the fit is
+    scikit-learn's own (same means, same iteration count)."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    from pedenet.training import em_with_progress
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(6, 1, (200, 3)), rng.normal(-6, 2, (100, 3))])
+    kwargs = dict(n_components=3, covariance_type="full", max_iter=100, init_params="k-means++",
+                  random_state=0, tol=1e-6)
+
+    class Counter:
+        n, postfix = 0, None
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = kw
+
+    em = em_with_progress()(**kwargs)
+    em.progress = bar = Counter()
+    em.fit(x)
+    ref = SkGaussianMixture(**kwargs).fit(x)
+    assert bar.n == em.n_iter_ == ref.n_iter_ and em.n_iter_ > 1
+    assert "change" in bar.postfix
+    np.testing.assert_allclose(em.means_, ref.means_)
+    np.testing.assert_allclose(sorted(em.means_[:, 0]), [-6, 0, 6], atol=0.5)
