@@ -254,6 +254,9 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
         em.progress = bar
         em.fit(zd)
         em.progress = None
+        if progress and bar.n:  # converged before max_iter: show the bar complete
+            bar.total = bar.n
+            bar.refresh()
     target = torch.from_numpy(em.predict_proba(zd)).float()
     device = next(network.parameters()).device
     z, target = z.to(device), target.to(device)
