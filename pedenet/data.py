@@ -161,6 +161,12 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if _wide_colour(img):
+                    if path.suffix.lower() in _TIFF_EXTENSIONS:
+                        return _read_tiff(path)  # tifffile keeps the 16 bits
+                    warnings.warn(f"{path}: 16-bit colour image read at 8 bits per channel (the image "
+                                  "library has no 16-bit colour mode: each value is v // 256, then / 255); "
+                                  "save it as a 16-bit TIFF to keep the full precision", stacklevel=3)
                 img.load()
                 out = _transpose(img, path)
                 if out is img:
@@ -184,6 +190,19 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
             except Exception:
                 pass  # report Pillow's reason, it is usually the clearer one
         raise _cannot_read(path, exc) from exc
+
+
+def _wide_colour(img: Image.Image) -> bool:
+    """True for a colour image stored with more than 8 bits per channel (e.g. a 16-bit RGB
+    PNG or TIFF), which Pillow decodes to 8-bit ``RGB``; checked on the undecoded tiles."""
+    if img.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
 
 
 def _read_tiff(path: Path) -> np.ndarray:

@@ -533,3 +533,34 @@ def test_mvtec_bottle():
     assert image.shape == (900, 900, 3) and mask.any()
     with pytest.raises(DataError, match="bottle"):
         data.resolve_category(MVTEC, "cable")
+
+
+def _write_png_rgb16(path, arr):
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one): filter 0, one IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_tiff_keeps_16_bits(tmp_path):
+    import tifffile
+
+    arr = np.random.default_rng(0).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c16.tif", arr, photometric="rgb")
+    out = load_image(tmp_path / "c16.tif")
+    np.testing.assert_allclose(out, arr / 65535.0, rtol=0, atol=1e-7)
+
+
+def test_16_bit_colour_png_is_read_at_8_bits_with_a_warning(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    _write_png_rgb16(tmp_path / "c16.png", arr)
+    with pytest.warns(UserWarning, match="c16.png: 16-bit colour image read at 8 bits"):
+        out = load_image(tmp_path / "c16.png")
+    np.testing.assert_allclose(out, (arr // 256) / 255.0, rtol=0, atol=1e-7)
