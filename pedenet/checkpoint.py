@@ -98,6 +98,9 @@ def _load_error(path: Path, kind: str, exc: Exception) -> CheckpointError:
                "unsafe to load, nothing was run)")
     else:
         why = f"not a loadable pedenet checkpoint (corrupt or truncated: {first[:120]})"
+        if kind == "model":  # a damaged model.pt: the file, not the choice of file, is wrong
+            return CheckpointError(f"{path}: {why}; copy it again from where it was written, "
+                                   "or fit the model again with `pedenet fit`")
     return CheckpointError(f"{path}: {why}; {INSTEAD[kind]}")
 
 

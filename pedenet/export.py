@@ -199,11 +199,17 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # fail early, naming the file the user gave (not the temporary one)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write the exported model there ({exc.strerror or exc}); "
+                      "choose another --out") from exc
     module = build_module(model, energy_dtype)
     x = example_input(model)
     meta = _metadata(model)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and legacy-exporter notices

@@ -166,3 +166,12 @@ def test_export_cli(scratch64, tmp_path):
     assert json.dumps(meta)
     result = CliRunner().invoke(main, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")])
     assert result.exit_code != 0 and "Error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_to_an_unwritable_place_names_the_file(tmp_path, scratch64, fmt):
+    blocker = tmp_path / "a_file"  # --out under a file: no folder can be made there
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="m.out: cannot write the exported model there"):
+        export_model(scratch64, blocker / "m.out", fmt)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

@@ -81,7 +81,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, fitted):
     fitted.save(good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.pt"):
+    with pytest.raises(CheckpointError, match="truncated.pt: .*corrupt or truncated.*copy it again"):
         pedenet.load(truncated)
 
 
