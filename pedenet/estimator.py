@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import time
 import warnings
@@ -263,6 +265,18 @@ class PEDENet:
 
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
+    def no_calibration_reason(self) -> str:
+        """Why the fitted model holds out no normal images (no thresholds, p-values or
+        decisions), with what to do: ``calibration_fraction`` 0, or too few images to hold
+        any out (``round(fraction · n)`` is 0, or only one image)."""
+        fraction = self.config.calibration_fraction
+        if fraction == 0:
+            return "fitted with calibration_fraction 0; refit with --calibration-fraction 0.2"
+        n = int(self.history.get("n_train_images", 0)) + int(self.history.get("n_calibration_images", 0))
+        need = max(2, math.floor(0.5 / fraction) + 1)  # fraction · need > 0.5: round() gives >= 1
+        return (f"fitted on {n} normal image(s), too few to hold any out at calibration_fraction "
+                f"{fraction:g}; fit on at least {need} normal images")
+
     def anomaly_map(self, image: ImageLike, max_tile: int | None = 1024) -> np.ndarray:
         """Anomaly map of one image: float32 H×W at the image's own resolution (energy units).
 
@@ -370,9 +384,9 @@ class PEDENet:
             maps[i], scores[i] = amap, score
         if self.calibration is None:
             if fpr is not None or pixel_fpr is not None:
-                warnings.warn("this model has no calibration (fitted with calibration_fraction 0): "
+                warnings.warn(f"this model has no calibration ({self.no_calibration_reason()}): "
                               "fpr / pixel_fpr are ignored and there are no p-values, decisions or "
-                              "masks; refit with calibration_fraction > 0", stacklevel=2)
+                              "masks", stacklevel=2)
             return Predictions(maps=maps, scores=scores)
         if fpr is not None:  # a new target: warn if out of reach (fit warned for the default)
             self.calibration.image_threshold(fpr, stacklevel=3)

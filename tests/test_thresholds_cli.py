@@ -116,7 +116,7 @@ def test_api_warnings_and_input_rules(dataset):
 
     images = sorted((dataset / "train" / "good").glob("*.png"))[:3]
     plain = pedenet.PEDENet(steps=0, image_size=64, calibration_fraction=0.0).fit(images, progress=False)
-    with pytest.warns(UserWarning, match="no calibration"):
+    with pytest.warns(UserWarning, match="no calibration .fitted with calibration_fraction 0"):
         plain.predict(images[:1], fpr=0.1)
     with pytest.raises(TypeError, match="model.predict"):
         pedenet.evaluate(plain, images)
@@ -127,3 +127,25 @@ def test_api_warnings_and_input_rules(dataset):
         plain.predict([img * 255])
     with pytest.raises(ValueError, match="steps must be an integer"):
         pedenet.PEDENet(steps=2.5)
+
+
+def test_too_few_images_to_hold_out_says_so(dataset, tmp_path):
+    """One training image at the default fraction 0.2: no thresholds, and every message says
+    why (too few images, how many are needed), not "fitted with --calibration-fraction 0"."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes(sorted((dataset / "train" / "good").glob("*.png"))[0].read_bytes())
+    r = run("fit", one, "--out", tmp_path / "r", "--steps", "0", "--image-size", "64",
+            "--n-components", "2")
+    assert r.exit_code == 0, r.output
+    assert "Warning: 1 training image(s): too few to hold any out" in r.output
+    why = "fitted on 1 normal image(s), too few to hold any out at calibration_fraction 0.2; " \
+          "fit on at least 3 normal images"
+    assert f"no thresholds ({why}): scores only" in r.output
+    r = run("predict", tmp_path / "r", one / "a.png", "--out", tmp_path / "p")
+    assert r.exit_code == 0 and why in r.output, r.output
+    r = run("validate", tmp_path / "r")
+    assert r.exit_code != 0 and f"holds out no normal images to validate on ({why})" in r.output
+    from pedenet.calibration import split_calibration
+
+    assert len(split_calibration(3, 0.2, 0)[1]) == 1 and len(split_calibration(2, 0.2, 0)[1]) == 0

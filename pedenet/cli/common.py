@@ -133,9 +133,10 @@ def _rate_options(fn):
                         "was fitted with].")(fn)
 
 
-def _thresholds_line(th: dict | None) -> str:
+def _thresholds_line(th: dict | None, model=None) -> str:
     if not th:
-        return "no thresholds (fitted with --calibration-fraction 0): scores only"
+        why = model.no_calibration_reason() if model is not None else "no held-out normal images"
+        return f"no thresholds ({why}): scores only"
     line = (f"thresholds from {th['n_calibration']} held-out normal images: target false-alarm rate "
             f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}; "
             f"pixel threshold {th['pixel_threshold']:.4g} (about {th['pixel_fpr']:g} of normal pixels above)")

@@ -66,7 +66,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
                             "replace them", exit_code=2)
         cat_dir = _resolve_eval_data(run_dir, data, category)
         _debug(f"model {model_path}; test data {cat_dir}; device {device}")
-        _debug(_thresholds_line(model.thresholds(fpr, pixel_fpr)))
+        _debug(_thresholds_line(model.thresholds(fpr, pixel_fpr), model))
         result, maps = evaluate(model, cat_dir, progress=not quiet, return_maps=True,
                                 skip_bad_files=skip_bad_files, fpr=fpr, pixel_fpr=pixel_fpr)
         _debug(f"scored {result['n_images']} images in {result['seconds_total']:.1f} s "

@@ -120,7 +120,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     model.save(model_path)  # last: model.pt marks a complete run
     resume_path.unlink(missing_ok=True)  # only now: the model is safely on disk
     _info(quiet, f"fitted in {train_seconds:.1f} s -> {run_dir}")
-    _info(quiet, _thresholds_line(model.thresholds()))
+    _info(quiet, _thresholds_line(model.thresholds(), model))
     _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))
     last = {k: v[-1] for k, v in model.history.items() if isinstance(v, list) and v
             and isinstance(v[-1], (int, float))}

@@ -88,7 +88,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         if fpr is not None:
             cal.image_threshold(fpr)  # warns when the target is out of reach
         th = model.thresholds(fpr, pixel_fpr)
-    _info(quiet, _thresholds_line(th))
+    _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
     _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "

@@ -48,8 +48,8 @@ def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
         raise UserError(f"{out}: exists; pass --overwrite to replace it", exit_code=2)
     held = model.history.get("calibration_images") or []
     if not held:
-        raise UserError(f"{run_dir}: the model holds out no normal images (fitted with "
-                        "--calibration-fraction 0); refit with --calibration-fraction 0.2 to validate")
+        raise UserError(f"{run_dir}: the model holds out no normal images to validate on "
+                        f"({model.no_calibration_reason()})")
     unnamed = [h for h in held if h.startswith("<input")]
     if unnamed:
         raise UserError(f"{run_dir}: the held-out images were passed as arrays, not files, so they "
