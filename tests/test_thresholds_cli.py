@@ -149,3 +149,15 @@ def test_too_few_images_to_hold_out_says_so(dataset, tmp_path):
     from pedenet.calibration import split_calibration
 
     assert len(split_calibration(3, 0.2, 0)[1]) == 1 and len(split_calibration(2, 0.2, 0)[1]) == 0
+
+
+def test_evaluate_names_the_recorded_data_when_it_has_moved(tmp_path):
+    from pedenet.cli.common import UserError
+    from pedenet.cli.evaluate import _resolve_eval_data
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    moved = tmp_path / "moved_away" / "brick"
+    (run_dir / "config.json").write_text(json.dumps({"category_dir": str(moved), "data": str(moved)}))
+    with pytest.raises(UserError, match=r"moved_away.*recorded in .*config.json at fit time.*--data"):
+        _resolve_eval_data(run_dir, None, None)

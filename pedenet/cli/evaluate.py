@@ -23,10 +23,14 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
         if not recorded.get("category_dir") and not recorded.get("data"):
             raise UserError(f"{cfg_path}: not found or records no data; pass --data DATA "
                             "(a category folder or dataset root)")
-        if category is None and recorded.get("category_dir"):
-            return resolve_category(recorded["category_dir"])
-        return resolve_category(recorded.get("data") or recorded["category_dir"],
-                                category if category is not None else recorded.get("category"))
+        try:
+            if category is None and recorded.get("category_dir"):
+                return resolve_category(recorded["category_dir"])
+            return resolve_category(recorded.get("data") or recorded["category_dir"],
+                                    category if category is not None else recorded.get("category"))
+        except DataError as exc:  # the data was moved or deleted since fit
+            raise UserError(f"{exc} (the test data recorded in {cfg_path} at fit time); pass "
+                            "--data DATA if it has moved") from None
     if category is not None:
         return resolve_category(data, category)
     try:
