@@ -119,7 +119,7 @@ class Calibration:
         k = math.ceil((self.n + 1) * (1.0 - fpr) - 1e-9)
         if k > self.n:
             warnings.warn(
-                f"{self.n} held-out normal images cannot guarantee a false-alarm rate of {fpr:g}: "
+                f"{self.n} held-out normal image(s) cannot guarantee a false-alarm rate of {fpr:g}: "
                 f"the smallest guaranteed rate is 1/(n+1) = {self.achievable_fpr:.3g}; images are "
                 f"flagged when they score above every held-out image. Hold out at least "
                 f"{math.ceil(1 / fpr - 1)} normal images (more training images or a larger "

@@ -54,6 +54,8 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise ValueError(f"image array must be H×W or H×W×C with C in 1, 3, 4; got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"image array is empty (shape {arr.shape}); pass an image of at least one pixel")
     if arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if arr.shape[2] == 1:

@@ -283,7 +283,7 @@ def test_fit_quiet_prints_nothing_but_records_its_warnings(dataset, tmp_path):
     assert quiet.output == ""  # no Warning: line, no message, no progress bar
     warned = json.loads((tmp_path / "quiet" / "config.json").read_text())["warnings"]
     assert len(warned) == 1
-    assert warned[0].startswith("1 held-out normal images cannot guarantee a false-alarm rate of 0.01")
+    assert warned[0].startswith("1 held-out normal image(s) cannot guarantee a false-alarm rate of 0.01")
     loud = run(*args, "--out", tmp_path / "loud")
     assert loud.exit_code == 0, loud.output
     assert [w for w in loud.output.splitlines() if w.startswith("Warning:")] == [f"Warning: {warned[0]}"]

@@ -189,3 +189,17 @@ def test_reprs_summarize_instead_of_printing_arrays():
     text = repr(pred)
     assert text.startswith("Predictions(3 images, scores ") and "array" not in text
     assert f"{int(pred.anomalous.sum())} flagged anomalous at image threshold" in text
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.zeros((0, 0)), "image array is empty"),
+    (np.zeros((0, 5, 3), np.uint8), "image array is empty"),
+    (np.zeros((4, 4, 2)), "H×W or H×W×C with C in 1, 3, 4"),
+    (np.full((4, 4), np.nan, np.float32), "NaN or Inf"),
+    (np.full((4, 4), 2.0, np.float32), r"must lie in \[0, 1\]"),
+])
+def test_bad_arrays_get_a_clear_error(array, match):
+    from pedenet.estimator import as_rgb_array
+
+    with pytest.raises(ValueError, match=match):
+        as_rgb_array(array)

@@ -54,7 +54,8 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
 @click.option("--json", "json_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the figures to this JSON file.")
 @click.option("--quick", is_flag=True, default=False, show_default=True,
-              help="About 30 s: fewer repeats, scoring for 100 and 1000 training images only.")
+              help="Fewer repeats, scoring for 100 and 1000 training images only: a smoke test, "
+              "not figures to report.")
 @_user_errors
 def benchmark_command(run_dir, json_file, quick):
     """Speed and memory of inference, scoring and training on this machine.
