@@ -305,7 +305,7 @@ TABLE_COLUMNS = (
 
 def table_lines(rows: list[tuple[str, dict]], first: str = "defect") -> list[str]:
     """Aligned text lines: a header and one row per ``(name, metrics dict)``."""
-    header = [first] + [c for c, _ in TABLE_COLUMNS] + ["n images"]
+    header = [first] + [c for c, _ in TABLE_COLUMNS] + ["n images (with good)"]
     body = [[name] + [_fmt(m.get(k)) for _, k in TABLE_COLUMNS] + [str(m.get("n_images", ""))]
             for name, m in rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
