@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 STAGES = ("preprocess", "encoder", "energy", "map", "anomaly_map")
 
@@ -30,7 +29,7 @@ def child(calls: int) -> dict:
     import numpy as np
     import torch
 
-    from pedenet.benchmark import _warm_up, default_model
+    from pedenet.benchmark import _times, _warm_up, default_model
     from pedenet.scoring import grid_to_map, to_tensor
 
     model = default_model()
@@ -53,14 +52,7 @@ def child(calls: int) -> dict:
     out = {}
     with torch.inference_mode():
         for name in STAGES:
-            fn = stages[name]
-            fn()
-            times = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name] = 1e3 * statistics.median(times)
+            out[name] = 1e3 * float(np.median(_times(stages[name], calls, warmup=1)))
     out["torch_threads"] = torch.get_num_threads()
     return out
 
