@@ -66,6 +66,13 @@ def split_calibration(n_images: int, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[n_cal:]).astype(np.int64), np.sort(order[:n_cal]).astype(np.int64)
 
 
+def min_images_to_hold_out(fraction: float) -> int:
+    """The fewest normal images from which :func:`split_calibration` holds out at least one at
+    ``fraction`` > 0: ``round(fraction · n)`` >= 1 needs fraction · n > 0.5, and one image
+    always stays for training."""
+    return max(2, math.floor(0.5 / fraction) + 1)
+
+
 def _check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
     fpr = float(fpr)
     if not 0.0 < fpr < 1.0:

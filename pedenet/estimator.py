@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import os
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibration import Calibration, calibrate, split_calibration
+from .calibration import Calibration, calibrate, min_images_to_hold_out, split_calibration
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PEDENetConfig
 from .gmm import GaussianMixture
@@ -275,7 +274,7 @@ class PEDENet:
         if fraction == 0:
             return "fitted with calibration_fraction 0; refit with --calibration-fraction 0.2"
         n = int(self.history.get("n_train_images", 0)) + int(self.history.get("n_calibration_images", 0))
-        need = max(2, math.floor(0.5 / fraction) + 1)  # fraction · need > 0.5: round() gives >= 1
+        need = min_images_to_hold_out(fraction)
         return (f"fitted on {n} normal image(s), too few to hold any out at calibration_fraction "
                 f"{fraction:g}; fit on at least {need} normal images")
 

@@ -133,10 +133,9 @@ def _rate_options(fn):
                         "was fitted with].")(fn)
 
 
-def _thresholds_line(th: dict | None, model=None) -> str:
+def _thresholds_line(th: dict | None, model) -> str:
     if not th:
-        why = model.no_calibration_reason() if model is not None else "no held-out normal images"
-        return f"no thresholds ({why}): scores only"
+        return f"no thresholds ({model.no_calibration_reason()}): scores only"
     line = (f"thresholds from {th['n_calibration']} held-out normal images: target false-alarm rate "
             f"{th['target_fpr']:g} -> image threshold {th['image_threshold']:.4g}; "
             f"pixel threshold {th['pixel_threshold']:.4g} (about {th['pixel_fpr']:g} of normal pixels above)")
