@@ -11,11 +11,23 @@ figures (real defects differ from synthetic ones).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .builtin import _DEFECTS, DEFECT_TYPES, TEXTURES
 
-__all__ = ["add_synthetic_defect", "defect_kinds", "synthetic_validation_set", "validate"]
+__all__ = ["FewImagesWarning", "add_synthetic_defect", "defect_kinds", "synthetic_validation_set",
+           "validate"]
+
+MIN_RELIABLE_IMAGES = 10
+"""Fewer held-out normal images than this get a :class:`FewImagesWarning` from :func:`validate`:
+with N normal and N defective images the image AUROC moves in steps of 1/N² and is 0, 0.5 or 1
+for N = 1, too coarse to choose settings by."""
+
+
+class FewImagesWarning(UserWarning):
+    """Validation figures from so few held-out images that they are too coarse to compare runs."""
 
 MAX_WINDOW = 256
 """Side (pixels) of the square window of the image that receives the defect, at most."""
@@ -108,12 +120,19 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
         ``n_images`` = 2N (int); ``defect_kinds``: how many copies got each kind, an int for
         every kind of :data:`pedenet.builtin.DEFECT_TYPES` (``{"scratch": 2, "spot": 1,
         "patch": 1}`` for N = 4; they sum to N). Raises ValueError if ``images`` is empty.
+        Warns (:class:`FewImagesWarning`) when N < :data:`MIN_RELIABLE_IMAGES`.
     """
     from .metrics import image_auroc, pixel_metrics
 
     arrays, masks, labels = synthetic_validation_set(list(images), seed)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")
+    n = len(arrays) // 2
+    if n < MIN_RELIABLE_IMAGES:
+        warnings.warn(f"validation on only {n} held-out normal image(s): its image AUROC moves in "
+                      f"steps of 1/{n}² = {1 / n ** 2:.3g}, too coarse to compare settings by; "
+                      f"hold out at least {MIN_RELIABLE_IMAGES} (more training images or a larger "
+                      "calibration fraction)", FewImagesWarning, stacklevel=2)
     pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
     kinds = defect_kinds(len(arrays) // 2)

@@ -161,6 +161,25 @@ def test_bad_inputs_give_one_line_errors(run_dir, dataset, tmp_path):
     assert_one_line_error(run("demo", "--categories", "marble", "--out", tmp_path / "d"), "marble")
 
 
+def test_out_under_a_file_fails_before_any_work(run_dir, dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    images = dataset / "grass" / "test" / "good"
+    for args in (("fit", dataset, "--category", "grass", "--out", blocker / "run"),
+                 ("predict", run_dir, images, "--out", blocker / "pred"),
+                 ("demo", "--out", blocker / "demo"),
+                 ("export", run_dir, "--out", blocker / "sub" / "m.onnx"),
+                 ("benchmark", "--quick", "--json", blocker / "b.json")):
+        result = run(*args, *(("--quiet",) if args[0] in ("fit", "predict", "demo") else ()))
+        assert_one_line_error(result, f"because {blocker} is a file, not a folder")
+        assert result.exit_code == 2
+        assert "checking" not in result.output and "fitting" not in result.output
+    assert_one_line_error(run("predict", run_dir, images, "--out", blocker, "--quiet"),
+                          f"'{blocker}' is a file")
+    assert_one_line_error(run("export", run_dir, "--out", tmp_path), "is a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # nothing was created
+
+
 def test_help_shows_defaults():
     for verb, expected in [
         ("fit", ["default: 1000", "--n-components", "default: pretrained", "--overwrite"]),
@@ -320,14 +339,17 @@ def test_evaluate_and_predict_quiet_print_nothing_but_record_their_warnings(run_
     assert quiet.exit_code == 0, quiet.output
     assert quiet.output == ""
     warned = (out / "warnings.txt").read_text().splitlines()
-    assert len(warned) == 1 and warned[0].startswith(f"skipped: {inputs / '000.png'}")
+    assert len(warned) == 2 and warned[0].startswith(f"skipped: {inputs / '000.png'}")
+    # run_dir held out 1 image: the default 1 % false-alarm rate is out of reach
+    assert warned[1].startswith("1 held-out normal image(s) cannot guarantee a false-alarm rate of 0.01")
     loud = run("predict", run_dir, inputs, "--out", tmp_path / "pred2", "--skip-bad-files")
     assert loud.exit_code == 0, loud.output
-    assert [w for w in loud.stderr.splitlines() if w.startswith("Warning:")] == [f"Warning: {warned[0]}"]
+    assert [w for w in loud.stderr.splitlines() if w.startswith("Warning:")] == [f"Warning: {w}" for w in warned]
     assert (tmp_path / "pred2" / "warnings.txt").read_text().splitlines() == warned
-    # a prediction without warnings writes no warnings.txt, and removes an earlier one
+    # a prediction without warnings (a rate 1 held-out image can guarantee: 1/(1+1)) writes no
+    # warnings.txt, and removes an earlier one
     (inputs / "000.png").unlink()
-    again = run("predict", run_dir, inputs, "--out", out, "--overwrite", "--quiet")
+    again = run("predict", run_dir, inputs, "--out", out, "--overwrite", "--quiet", "--fpr", "0.5")
     assert again.exit_code == 0, again.output
     assert not (out / "warnings.txt").exists() and (out / "001_overlay.png").is_file()
 
@@ -361,7 +383,10 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     assert any(str(corrupt) in w and "cannot read image" in w for w in warned)
     v = json.loads((out / "validation.json").read_text())
     assert sorted(v["skipped_files"]) == sorted([str(corrupt), str(deleted)])
-    assert ["Warning: " + w for w in v["warnings"]] == warned  # recorded as printed
+    printed = [w for w in result.output.splitlines() if w.startswith("Warning: ")]
+    assert printed[:2] == warned and len(printed) == 3  # and: 1 image is too few to validate on
+    assert printed[2].startswith("Warning: validation on only 1 held-out normal image(s)")
+    assert ["Warning: " + w for w in v["warnings"]] == printed  # recorded as printed
     # --quiet: the same result and warnings in validation.json, nothing printed but the result
     result = run("validate", out, "--quiet", "--skip-bad-files", "--overwrite")
     assert result.exit_code == 0, result.output
@@ -373,3 +398,27 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):
         assert v[key] == direct[key]
     assert "1 held-out normal images + 1 synthetic-defect copies" in result.stdout
+
+
+def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monkeypatch, capsys):
+    import subprocess
+    import sys
+    import types
+
+    from pedenet import console
+
+    code = ("import sys, pedenet; assert 'torch' not in sys.modules, 'import pedenet loaded torch'; "
+            "pedenet.PEDENet; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    done = subprocess.run([sys.executable, "-m", "pedenet.console", "--version"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"pedenet, version {__version__}"
+
+    class Interrupted(types.ModuleType):  # a Ctrl-C that lands while the CLI (torch) loads
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "pedenet.cli", Interrupted("pedenet.cli"))
+    assert console.main() == 130
+    err = capsys.readouterr().err
+    assert err == "Interrupted while starting; nothing was done.\n"

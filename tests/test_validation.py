@@ -1,11 +1,13 @@
 """Synthetic-defect validation for model selection without the test split."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 import pedenet
 from pedenet.builtin import normal_crops
-from pedenet.validation import add_synthetic_defect, synthetic_validation_set, validate
+from pedenet.validation import FewImagesWarning, add_synthetic_defect, synthetic_validation_set, validate
 
 
 @pytest.mark.parametrize("kind", ["scratch", "spot", "patch"])
@@ -42,7 +44,9 @@ def test_validation_set_is_paired_and_seeded():
 def test_validate_ranks_a_model_above_chance():
     crops = normal_crops("brick", 30, size=96, seed=4)
     model = pedenet.PEDENet(steps=0, image_size=96, calibration_fraction=0.0).fit(crops[:20], progress=False)
-    v = validate(model, crops[20:], seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewImagesWarning)  # 10 held-out images: enough
+        v = validate(model, crops[20:], seed=0)
     assert v["n_images"] == 20
     # the same numbers computed by hand from the paired set
     from pedenet.metrics import au_pro, image_auroc, pixel_auroc
@@ -62,7 +66,8 @@ def test_validate_counts_the_defect_kinds():
     crops = normal_crops("grass", 9, size=64, seed=5)
     model = pedenet.PEDENet(steps=0, image_size=64, n_components=2,
                             calibration_fraction=0.0).fit(crops[:4], progress=False)
-    v = validate(model, crops[4:], seed=2)  # 5 images: kinds scratch, spot, patch, scratch, spot
+    with pytest.warns(FewImagesWarning, match=r"only 5 held-out normal image\(s\).* 1/5² = 0.04"):
+        v = validate(model, crops[4:], seed=2)  # 5 images: kinds scratch, spot, patch, scratch, spot
     assert defect_kinds(5) == ["scratch", "spot", "patch", "scratch", "spot"]
     assert v["defect_kinds"] == {"scratch": 2, "spot": 2, "patch": 1}
     assert sum(v["defect_kinds"].values()) == v["n_images"] // 2 == 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -249,10 +250,45 @@ def _is_run_dir(run_dir: Path) -> bool:
         return False
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_out_folder(folder: Path, option: str = "--out") -> None:
+    """Fail at once, in one line, when ``folder`` can't be used as an output folder: it is a
+    file, a file stands where one of its parent folders would be created, or its nearest
+    existing parent is not writable. Creates nothing. Raises UserError (exit code 2)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; choose another {option}", exit_code=2)
+    _check_parents(folder, folder, option, "created")
+
+
+def _check_out_file(path: Path, option: str = "--out") -> None:
+    """As :func:`_check_out_folder`, for an output file (click's ``dir_okay=False`` already
+    refuses a folder): refuse a path whose folder can't be created or written. Creates
+    nothing. Raises UserError (exit code 2)."""
+    path = Path(path)
+    _check_parents(path, path.parent, option, "written")
+
+
+def _check_parents(named: Path, folder: Path, option: str, verb: str) -> None:
+    existing = _nearest_existing(folder)
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{named}: cannot be {verb} because {existing} is a file, not a folder; "
+                        f"choose another {option}", exit_code=2)
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{named}: no permission to write in {existing}; choose another {option}",
+                        exit_code=2)
+
+
 def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to replace anything in ``run_dir`` unless asked (--overwrite / --resume)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    """Refuse to replace anything in ``run_dir`` unless asked (--overwrite / --resume), and
+    refuse a ``run_dir`` that can't be created or written (:func:`_check_out_folder`)."""
+    _check_out_folder(run_dir)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     if not _is_run_dir(run_dir):

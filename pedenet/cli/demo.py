@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .. import __version__
-from .common import (DEFAULTS, UserError, _device_option, _info, _one_line, _set_verbose,
+from .common import (DEFAULTS, UserError, _check_out_folder, _device_option, _info, _one_line, _set_verbose,
                      _user_errors, _verbose_option, _write_json, _write_text)
 from .evaluate import _evaluate_run
 from .fit import _fit_run
@@ -99,6 +99,7 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
         raise UserError(f"--categories: unknown {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(TEXTURES)}", exit_code=2)
     out_dir = Path(out_dir)
+    _check_out_folder(out_dir)
     t_start = time.perf_counter()
     try:
         root = make_builtin_dataset(builtin_dataset_root(), categories=cats, seed=0)

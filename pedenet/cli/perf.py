@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import _info, _load_model, _model_path, _user_errors, _write_json
+from .common import _check_out_file, _info, _load_model, _model_path, _user_errors, _write_json
 
 
 @click.command("export")
@@ -34,6 +34,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
 
     from ..export import export_model
 
+    _check_out_file(out_file)
     model = _load_model(_model_path(run_dir), "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
     path = export_model(model, out_file, fmt, energy_dtype=dtype)
@@ -66,6 +67,8 @@ def benchmark_command(run_dir, json_file, quick):
     """
     from ..benchmark import run_benchmark
 
+    if json_file is not None:  # before minutes of measuring, not after
+        _check_out_file(json_file, "--json")
     if run_dir is not None:
         run_dir = _model_path(run_dir)
     result = run_benchmark(run_dir, quick=quick, log=click.echo)

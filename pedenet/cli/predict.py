@@ -13,9 +13,10 @@ import numpy as np
 
 from ..checkpoint import atomic_write_bytes
 from ..data import find_images, load_image
-from .common import (UserError, _checked, _debug, _device_option, _info, _load_model, _model_path,
-                     _progress, _rate_options, _set_verbose, _short_warnings, _thresholds_line,
-                     _unique_names, _user_errors, _verbose_option, _write_text)
+from .common import (UserError, _check_out_folder, _checked, _debug, _device_option, _info,
+                     _load_model, _model_path, _progress, _rate_options, _set_verbose,
+                     _short_warnings, _thresholds_line, _unique_names, _user_errors,
+                     _verbose_option, _write_text)
 
 REPORT_GALLERY = 60
 """Images shown in the gallery of an HTML report."""
@@ -67,8 +68,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     warned: list[str] = []  # OUT/warnings.txt; printed unless quiet
     click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until predict ends
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out", exit_code=2)
+    _check_out_folder(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
                         "or choose another --out", exit_code=2)
@@ -85,8 +85,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     cal = model.calibration
     th = None
     if cal is not None:
-        if fpr is not None:
-            cal.image_threshold(fpr)  # warns when the target is out of reach
+        cal.image_threshold(fpr)  # warns (and OUT/warnings.txt records) when out of reach
         th = model.thresholds(fpr, pixel_fpr)
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
