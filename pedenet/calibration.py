@@ -171,8 +171,18 @@ class Calibration:
             raise ValueError("calibration scores must be non-empty 1-D arrays")
         if not (np.isfinite(scores).all() and np.isfinite(pixels).all()):
             raise ValueError("calibration scores contain NaN or Inf")
-        return cls(scores=scores, pixel_scores=pixels, target_fpr=_check_fpr(float(state["target_fpr"])),
-                   pixel_fpr=_check_fpr(float(state.get("pixel_fpr", 0.01))))
+        return cls(scores=scores, pixel_scores=pixels, target_fpr=_check_fpr(_rate(state["target_fpr"])),
+                   pixel_fpr=_check_fpr(_rate(state.get("pixel_fpr", 0.01))))
+
+
+def _rate(value) -> float:
+    """A stored rate as a float. Checkpoints written before rates were stored in float64 hold
+    float32 (0.01 became 0.009999999776, one hold-out image more in the warnings): those are
+    read back as the shortest decimal that gives the same float32 (0.01)."""
+    a = np.asarray(value)
+    if a.dtype == np.float32:
+        return float(str(a.reshape(())[()]))
+    return float(a)
 
 
 def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,

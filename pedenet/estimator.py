@@ -32,6 +32,9 @@ from .training import (
 )
 from .resume import ResumeWriter, deferred_interrupts, read_resume_state
 
+OVERFIT_SPANS = 5.0
+"""See :meth:`PEDENet._warn_if_held_out_scores_far_above_training`."""
+
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 
@@ -40,14 +43,19 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
 
     Accepts a file path (read with ``pedenet.data.load_image``), a PIL image, or a numpy array
     H×W or H×W×C (C = 1, 3 or 4; alpha dropped) of dtype uint8 (0-255), uint16 (0-65535) or
-    float in [0, 1]. Raises ``pedenet.data.DataError`` / ValueError for anything else.
+    float in [0, 1]. A PIL image in float mode ``"F"`` is checked as a float array (values
+    in [0, 1]). A uint16 array whose values all lie in 0-255 warns (UserWarning): it is read
+    as 16-bit, nearly black; 8-bit values belong in a uint8 array. Raises
+    ``pedenet.data.DataError`` / ValueError for anything else (floats outside [0, 1] too).
     """
     from . import data
 
     if isinstance(image, (str, os.PathLike)):
         return data.load_image(image)
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
-        return data.pil_to_array(image)
+        if image.mode != "F":
+            return data.pil_to_array(image)
+        image = np.asarray(image, dtype=np.float32)  # checked below, as float arrays are
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -62,6 +70,10 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:
+        if arr.max() <= 255:
+            warnings.warn(f"uint16 image array with values only in 0-{int(arr.max())}: read as "
+                          "16-bit (divided by 65535), so it is nearly black; if it holds 8-bit "
+                          "values, pass it as uint8 (arr.astype(np.uint8))", stacklevel=3)
         arr = arr.astype(np.float32) / 65535.0
     elif np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
@@ -245,6 +257,7 @@ class PEDENet:
                                          pixel_fpr=self.config.pixel_fpr,
                                          score_fraction=self.config.image_score_fraction)
             self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
+            self._warn_if_held_out_scores_far_above_training()
             history.timings["calibration_seconds"] = time.perf_counter() - t0
         self.history = history.to_dict()
         self.history["de_init"] = init
@@ -264,8 +277,28 @@ class PEDENet:
             raise RuntimeError("this PEDENet is not fitted: call fit() or pedenet.load() first")
         return self.network
 
-    # ---- inference ------------------------------------------------------------------------
-    @torch.inference_mode()
+    def _warn_if_held_out_scores_far_above_training(self) -> None:
+        """Warn (UserWarning) when the median held-out normal image scores far above the
+        overlay colour scale (:func:`pedenet.visualization.color_range`, set from the training
+        energies): more than ``OVERFIT_SPANS`` times the scale's span above its hottest colour.
+        The model then fits its training images far better than new normal ones (it
+        memorized them: too few images for the mixture), and overlays of normal images come
+        out saturated. (Mildly above the scale is common with small training sets: an
+        untrained model on 80 built-in 128 px grass crops sits between 0 and 2.5 spans:
+        tests/test_calibration.py.)"""
+        from .visualization import color_range
+
+        vmin, vmax = color_range(self)
+        median = float(np.median(self.calibration.scores))
+        if vmax is not None and median > vmax + OVERFIT_SPANS * (vmax - vmin):
+            warnings.warn(
+                f"the held-out normal images score far above the training images (median image "
+                f"score {median:.4g}; the hottest overlay colour starts at {vmax:.4g}, above every "
+                f"training patch): the model fits its training images much better than new normal "
+                f"ones - use more training images (or fewer --n-components). Thresholds and "
+                "p-values stay valid (they come from the held-out images); overlays of normal "
+                "images will look saturated", stacklevel=4)
+
     def no_calibration_reason(self) -> str:
         """Why the fitted model holds out no normal images (no thresholds, p-values or
         decisions), with what to do: ``calibration_fraction`` 0, or too few images to hold
@@ -278,6 +311,8 @@ class PEDENet:
         return (f"fitted on {n} normal image(s), too few to hold any out at calibration_fraction "
                 f"{fraction:g}; fit on at least {need} normal images")
 
+    # ---- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
     def anomaly_map(self, image: ImageLike, max_tile: int | None = 1024) -> np.ndarray:
         """Anomaly map of one image: float32 H×W at the image's own resolution (energy units).
 
@@ -399,7 +434,8 @@ class PEDENet:
                            anomalous=anomalous, masks=masks, thresholds=th)
 
     def score_samples(self, images) -> np.ndarray:
-        """Image anomaly scores (N,) float64 (higher = more anomalous)."""
+        """Image anomaly scores (N,) float64: higher = more anomalous (the opposite sign of
+        scikit-learn's ``score_samples``, where lower = more abnormal)."""
         return self.predict(images).scores
 
     # ---- persistence ----------------------------------------------------------------------
@@ -414,12 +450,16 @@ class PEDENet:
             "history": self.history,
             "normal_quantiles": self.normal_quantiles,
             "calibration": None if self.calibration is None else {  # tensors: weights_only load
-                k: torch.as_tensor(v) for k, v in self.calibration.state_dict().items()},
+                k: torch.as_tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.as_tensor(v)
+                for k, v in self.calibration.state_dict().items()},  # rates in float64: 0.01 stays 0.01
         })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> "PEDENet":
-        """Read a model written by :meth:`save`. Raises CheckpointError for invalid files."""
+        """Read a model written by :meth:`save`: its ``model.pt``, or the run folder holding
+        it (as the command line accepts). Raises CheckpointError for invalid files."""
+        if Path(path).is_dir() and (Path(path) / "model.pt").is_file():
+            path = Path(path) / "model.pt"
         data = load_checkpoint(path)
         try:
             config = PEDENetConfig.from_dict(data["config"])
@@ -441,7 +481,8 @@ class PEDENet:
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> PEDENet:
-    """Load a saved :class:`PEDENet` (``pedenet.load(path)``).
+    """Load a saved :class:`PEDENet` (``pedenet.load(path)``): a ``model.pt`` or the run folder
+    holding it.
 
     Raises:
         CheckpointError: not a pedenet model file, a damaged one, or one from an incompatible

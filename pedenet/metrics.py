@@ -20,7 +20,9 @@ Pixel-level metrics pool all pixels of all images (images may differ in size):
 Conventions
 -----------
 Higher scores mean "more anomalous". In masks and labels any nonzero value (``1``, ``255``,
-``True``) marks an anomalous pixel or image; zero marks a normal one.
+``True``) marks an anomalous pixel or image; zero marks a normal one. Image labels must be
+whole numbers (a fractional label raises ValueError: it usually means the scores and labels
+were swapped; the order here is scores first, the reverse of scikit-learn's).
 
 When a metric is undefined for the given data (e.g. no anomalous or no normal pixels for a
 ROC AUC, no anomalous region for AU-PRO) the function returns ``float('nan')`` and emits an
@@ -183,7 +185,18 @@ def _validate_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
         )
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
         raise ValueError("labels contain NaN or Inf values")
+    _check_whole(y, "labels", "(scores, labels): the reverse of scikit-learn's (y_true, y_score)")
     return s, y != 0
+
+
+def _check_whole(a: np.ndarray, name: str, order: str) -> None:
+    """Image labels are 0 (normal) or nonzero whole numbers / booleans (anomalous): a
+    fractional value means scores were passed in their place (arguments swapped). (Masks
+    may be soft: any nonzero pixel is anomalous, so they are not checked.)"""
+    if np.issubdtype(a.dtype, np.floating) and (a != np.round(a)).any():
+        value = float(a[a != np.round(a)].flat[0])
+        raise ValueError(f"{name} must be 0 (normal) or whole numbers / booleans (anomalous); got "
+                         f"{value:g} - were scores passed in their place? The order is {order}")
 
 
 def _validate_fpr_limit(fpr_limit) -> float:
@@ -440,7 +453,8 @@ def image_auroc(scores, labels) -> float:
         One finite real score per image, higher = more anomalous (e.g. from
         :func:`image_scores_from_maps`).
     labels : array-like, shape (N,)
-        Any numeric or boolean dtype; nonzero (e.g. 1) = anomalous image, 0 = normal.
+        Any numeric or boolean dtype with whole values; nonzero (e.g. 1) = anomalous image,
+        0 = normal. (The order is scores first, the reverse of scikit-learn's.)
 
     Returns
     -------
@@ -452,8 +466,9 @@ def image_auroc(scores, labels) -> float:
     Raises
     ------
     ValueError
-        Length mismatch, empty input, inputs that are not 1-D, non-numeric dtypes, or
-        NaN/Inf scores (the message names the first bad index).
+        Length mismatch, empty input, inputs that are not 1-D, non-numeric dtypes,
+        fractional labels (scores passed as labels), or NaN/Inf scores (the message names
+        the first bad index).
     """
     from sklearn.metrics import roc_auc_score
 

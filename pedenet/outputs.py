@@ -62,3 +62,22 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
     except OSError:
         pass
     return [f for f in files if f.is_file()]
+
+
+def earlier_prediction_outputs(images: list[Path]) -> dict[Path, list[Path]]:
+    """Those of ``images`` that an earlier ``pedenet predict`` wrote, by folder.
+
+    A file counts when the pedenet scores.csv in its folder lists it
+    (:func:`earlier_prediction_files`): overlays, masks, cluster maps of an earlier --out
+    folder that lies inside the folders given to predict. Returns ``{folder: [image, ...]}``
+    in input order, only folders with such files.
+    """
+    found: dict[Path, list[Path]] = {}
+    written: dict[Path, set[Path]] = {}
+    for p in images:
+        folder = p.parent
+        if folder not in written:
+            written[folder] = {f.resolve() for f in earlier_prediction_files(folder)}
+        if p.resolve() in written[folder]:
+            found.setdefault(folder, []).append(p)
+    return found

@@ -94,6 +94,20 @@ def test_state_round_trip():
         Calibration.from_state_dict({"scores": [], "pixel_scores": [1.0], "target_fpr": 0.1})
 
 
+def test_rates_of_older_checkpoints_read_back_as_written():
+    # older checkpoints stored the rates as float32 tensors: 0.01 came back as 0.009999999776,
+    # and 99 held-out images (exactly enough for 0.01) then warned "hold out at least 100"
+    cal = Calibration(scores=np.arange(99.0), pixel_scores=np.arange(10, dtype=np.float32))
+    older = {k: np.asarray(v, dtype=np.float32) if isinstance(v, float) else v
+             for k, v in cal.state_dict().items()}
+    back = Calibration.from_state_dict(older)
+    assert back.target_fpr == 0.01 and back.pixel_fpr == 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        assert back.image_threshold() == 98.0  # k = ceil(100 * 0.99) = 99: the largest score
+    assert Calibration.from_state_dict({**older, "target_fpr": np.float64(0.0123)}).target_fpr == 0.0123
+
+
 def test_split_is_a_seeded_partition():
     tr, ca = split_calibration(50, 0.2, seed=3)
     assert len(ca) == 10 and sorted(np.concatenate([tr, ca]).tolist()) == list(range(50))
@@ -150,6 +164,7 @@ def test_calibrated_model_round_trip_and_uncalibrated(calibrated, grass, tmp_pat
     calibrated.save(path)
     back = pedenet.load(path)
     assert back.thresholds() == calibrated.thresholds()
+    assert back.calibration.target_fpr == calibrated.calibration.target_fpr  # float64 in the file
     images = sorted((grass / "test").rglob("*.png"))[:6]
     a, b = calibrated.predict(images), back.predict(images)
     np.testing.assert_array_equal(a.p_values, b.p_values)
@@ -160,3 +175,26 @@ def test_calibrated_model_round_trip_and_uncalibrated(calibrated, grass, tmp_pat
     pred = plain.predict(images[:2])
     assert plain.thresholds() is None and pred.p_values is None and pred.masks is None
     assert pred.scores.shape == (2,)
+
+
+def test_held_out_images_far_above_training_warn_of_overfitting(calibrated):
+    import copy
+    import dataclasses
+
+    from pedenet.visualization import color_range
+
+    from pedenet.estimator import OVERFIT_SPANS
+
+    vmin, vmax = color_range(calibrated)
+    spans = (np.median(calibrated.calibration.scores) - vmax) / (vmax - vmin)
+    assert 0 < spans < OVERFIT_SPANS / 2  # above the colour scale, as small fits are: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrated._warn_if_held_out_scores_far_above_training()
+    over = copy.copy(calibrated)  # the held-out normal images now score past the hottest colour
+    over.calibration = dataclasses.replace(calibrated.calibration,
+                                           scores=np.sort(calibrated.calibration.scores)
+                                           + (OVERFIT_SPANS + 1) * (vmax - vmin))
+    with pytest.warns(UserWarning, match=r"held-out normal images score far above the training "
+                                         r"images .* more training images \(or fewer --n-components\)"):
+        over._warn_if_held_out_scores_far_above_training()

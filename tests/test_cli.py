@@ -180,6 +180,30 @@ def test_out_under_a_file_fails_before_any_work(run_dir, dataset, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # nothing was created
 
 
+def test_predict_skips_the_outputs_of_an_earlier_prediction_in_its_input_folder(run_dir, dataset,
+                                                                                 tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(dataset / "grass" / "test" / "good", inputs)
+    originals = sorted(p.name for p in inputs.iterdir())
+    first = run("predict", run_dir, inputs, "--out", inputs / "preds", "--quiet", "--clusters")
+    assert first.exit_code == 0, first.output
+    n_written = len([p for p in (inputs / "preds").iterdir() if p.suffix == ".png"])
+    assert n_written == 3 * len(originals)  # overlay, mask, clusters: images an unwary walk finds
+    (inputs / "preds" / "mine.png").write_bytes((inputs / originals[0]).read_bytes())  # not pedenet's
+    again = run("predict", run_dir, inputs, "--out", tmp_path / "second", "--quiet")
+    assert again.exit_code == 0, again.output
+    with open(tmp_path / "second" / "scores.csv", newline="") as fh:
+        scored = sorted(Path(r["path"]).name for r in csv.DictReader(fh))
+    assert scored == sorted(originals + ["mine.png"])
+    warned = (tmp_path / "second" / "warnings.txt").read_text()
+    assert f"skipped: {n_written} file(s) in {inputs / 'preds'}: written by an earlier pedenet predict" in warned
+    # a file named on the command line is scored even so
+    overlay = next((inputs / "preds").glob("*_overlay.png"))
+    named = run("predict", run_dir, overlay, "--out", tmp_path / "third", "--quiet")
+    assert named.exit_code == 0, named.output
+    assert "written by an earlier" not in (tmp_path / "third" / "warnings.txt").read_text()
+
+
 def test_help_shows_defaults():
     for verb, expected in [
         ("fit", ["default: 1000", "--n-components", "default: pretrained", "--overwrite"]),

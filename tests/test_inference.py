@@ -1,5 +1,7 @@
 """Batched, streamed inference and tiling agree with the one-image path."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,21 @@ def test_bad_arrays_get_a_clear_error(array, match):
 
     with pytest.raises(ValueError, match=match):
         as_rgb_array(array)
+
+
+def test_float_pil_images_are_checked_like_float_arrays_and_8_bit_uint16_warns():
+    from PIL import Image
+
+    from pedenet.estimator import as_rgb_array
+
+    values = np.linspace(0, 255, 12, dtype=np.float32).reshape(3, 4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*divide 8-bit values by 255"):
+        as_rgb_array(Image.fromarray(values, mode="F"))  # was clipped to [0, 1]: nearly white
+    unit = as_rgb_array(Image.fromarray(values / 255, mode="F"))
+    np.testing.assert_allclose(unit[..., 0], values / 255, rtol=1e-6)
+    with pytest.warns(UserWarning, match="uint16 image array with values only in 0-255.*uint8"):
+        dark = as_rgb_array(values.astype(np.uint16))
+    assert dark.max() == pytest.approx(255 / 65535)  # still read as 16-bit, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_rgb_array((values * 257).astype(np.uint16))  # real 16-bit values: no warning

@@ -447,3 +447,13 @@ def test_validation_image_level():
         image_auroc([0.1, np.nan, 0.3], [0, 1, 1])
     with pytest.raises(ValueError, match="non-finite"):
         f1_max([0.1, np.inf], [0, 1])
+
+
+def test_swapped_scores_and_labels_are_refused():
+    scores, labels = [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]
+    assert M.image_auroc(scores, labels) == 1.0
+    assert M.image_auroc(scores, np.array(labels, dtype=np.float64)) == 1.0  # whole floats: fine
+    for fn in (M.image_auroc, M.f1_max):
+        with pytest.raises(ValueError, match=r"labels must be 0 .* got 0.1 - were scores passed in "
+                                             r"their place\? The order is \(scores, labels\)"):
+            fn(labels, scores)  # scikit-learn's order (y_true, y_score)

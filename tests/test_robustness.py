@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
 import stat
@@ -680,8 +679,10 @@ def test_files_that_are_not_checkpoints_give_a_short_error(run_dir, dataset, tmp
     folder.mkdir()
     with pytest.raises(CheckpointError, match="is a folder without model.pt, not a pedenet checkpoint"):
         pedenet.load(folder)
-    with pytest.raises(CheckpointError, match=re.escape(f"pass {run_dir / 'model.pt'}")):
-        pedenet.load(run_dir)
+    from_folder, from_file = pedenet.load(run_dir), pedenet.load(run_dir / "model.pt")  # as the CLI
+    assert from_folder.config == from_file.config
+    assert all(torch.equal(a, b) for a, b in zip(from_folder.network.state_dict().values(),
+                                                  from_file.network.state_dict().values()))
     for args in (("predict", folder, images, "--out", tmp_path / "o"), ("evaluate", folder),
                  ("validate", folder)):
         one_line_error(run(*args, "--quiet"), f"{folder}: not a pedenet run folder (no model.pt)",

@@ -161,3 +161,13 @@ def test_evaluate_names_the_recorded_data_when_it_has_moved(tmp_path):
     (run_dir / "config.json").write_text(json.dumps({"category_dir": str(moved), "data": str(moved)}))
     with pytest.raises(UserError, match=r"moved_away.*recorded in .*config.json at fit time.*--data"):
         _resolve_eval_data(run_dir, None, None)
+
+
+def test_verbose_lines_are_not_printed_onto_a_progress_bar(run_dir, dataset, tmp_path):
+    r = run("predict", run_dir, dataset / "test", "--out", tmp_path / "p", "--verbose")
+    assert r.exit_code == 0, r.output
+    stamped = [line for line in r.output.split("\n") if ": score " in line]
+    assert len(stamped) == 15  # one per image (6 good, 9 defective)
+    for line in stamped:  # what a terminal shows: the text after the last carriage return
+        visible = line.split("\r")[-1]
+        assert visible.startswith("[") and "%|" not in visible, repr(line)

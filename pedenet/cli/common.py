@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -110,8 +111,10 @@ def _set_verbose(verbose: bool, quiet: bool) -> None:
 
 
 def _debug(message: str) -> None:
-    if _VERBOSE["on"]:
-        click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+    if _VERBOSE["on"]:  # through tqdm: a line printed while a progress bar runs goes above it
+        from tqdm import tqdm
+
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr)
 
 
 _device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",

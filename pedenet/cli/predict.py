@@ -6,6 +6,7 @@ import csv
 import heapq
 import io
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -61,7 +62,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     --calibration-fraction 0 gives scores only. Warnings (skipped files, very large images,
     ...) are also written to OUT/warnings.txt, one per line, when there are any.
     """
-    from ..outputs import SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files
+    from ..data import SkippedFileWarning
+    from ..outputs import (SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files,
+                           earlier_prediction_outputs)
     from ..visualization import cluster_overlay, color_range, heatmap_overlay, save_png
 
     _set_verbose(verbose, quiet)
@@ -78,6 +81,18 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
               if out_resolved not in p.resolve().parents]  # never read our own outputs
     if not images:
         raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out")
+    named = {Path(i).resolve() for i in inputs if Path(i).is_file()}  # named files are kept
+    for folder, files in earlier_prediction_outputs(images).items():
+        files = [p for p in files if p.resolve() not in named]
+        if files:  # an earlier --out folder inside the input folders: its overlays are no inputs
+            warnings.warn(f"skipped: {len(files)} file(s) in {folder}: written by an earlier "
+                          "pedenet predict (its scores.csv lists them); name a file to score it",
+                          SkippedFileWarning, stacklevel=2)
+            drop = set(files)
+            images = [p for p in images if p not in drop]
+    if not images:
+        raise UserError("all images found are outputs of earlier pedenet predictions (see the "
+                        "warnings); pass the folders of the images to score")
     model = _load_model(run_dir, device)
     images = _checked(images, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
                       quiet=quiet, desc="checking images")
