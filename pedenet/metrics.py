@@ -185,18 +185,19 @@ def _validate_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
         )
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
         raise ValueError("labels contain NaN or Inf values")
-    _check_whole(y, "labels", "(scores, labels): the reverse of scikit-learn's (y_true, y_score)")
+    _check_whole_labels(y)
     return s, y != 0
 
 
-def _check_whole(a: np.ndarray, name: str, order: str) -> None:
+def _check_whole_labels(y: np.ndarray) -> None:
     """Image labels are 0 (normal) or nonzero whole numbers / booleans (anomalous): a
     fractional value means scores were passed in their place (arguments swapped). (Masks
     may be soft: any nonzero pixel is anomalous, so they are not checked.)"""
-    if np.issubdtype(a.dtype, np.floating) and (a != np.round(a)).any():
-        value = float(a[a != np.round(a)].flat[0])
-        raise ValueError(f"{name} must be 0 (normal) or whole numbers / booleans (anomalous); got "
-                         f"{value:g} - were scores passed in their place? The order is {order}")
+    fractional = np.issubdtype(y.dtype, np.floating) and y != np.round(y)
+    if np.any(fractional):
+        raise ValueError(f"labels must be 0 (normal) or whole numbers / booleans (anomalous); got "
+                         f"{float(y[fractional][0]):g} - were scores passed in their place? The "
+                         "order is (scores, labels): the reverse of scikit-learn's (y_true, y_score)")
 
 
 def _validate_fpr_limit(fpr_limit) -> float:

@@ -135,7 +135,7 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
                       "calibration fraction)", FewImagesWarning, stacklevel=2)
     pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
-    kinds = defect_kinds(len(arrays) // 2)
+    kinds = defect_kinds(n)
     return {"image_auroc": image_auroc(pred.scores, labels), "pixel_auroc": pm["pixel_auroc"],
             "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays),
             "defect_kinds": {k: kinds.count(k) for k in DEFECT_TYPES}}

@@ -9,8 +9,8 @@ import click
 import numpy as np
 
 from .. import __version__
-from .common import (DEFAULTS, UserError, _check_out_folder, _device_option, _info, _one_line, _set_verbose,
-                     _user_errors, _verbose_option, _write_json, _write_text)
+from .common import (DEFAULTS, UserError, _check_out_folder, _device_option, _info, _one_line,
+                     _set_verbose, _user_errors, _verbose_option, _write_json, _write_text)
 from .evaluate import _evaluate_run
 from .fit import _fit_run
 

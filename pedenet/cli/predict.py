@@ -82,14 +82,15 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     if not images:
         raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out")
     named = {Path(i).resolve() for i in inputs if Path(i).is_file()}  # named files are kept
+    drop: set[Path] = set()
     for folder, files in earlier_prediction_outputs(images).items():
         files = [p for p in files if p.resolve() not in named]
         if files:  # an earlier --out folder inside the input folders: its overlays are no inputs
             warnings.warn(f"skipped: {len(files)} file(s) in {folder}: written by an earlier "
                           "pedenet predict (its scores.csv lists them); name a file to score it",
                           SkippedFileWarning, stacklevel=2)
-            drop = set(files)
-            images = [p for p in images if p not in drop]
+            drop.update(files)
+    images = [p for p in images if p not in drop]
     if not images:
         raise UserError("all images found are outputs of earlier pedenet predictions (see the "
                         "warnings); pass the folders of the images to score")
