@@ -76,6 +76,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UNREAD_IMAGE_EXTENSIONS",
     "BadFilesError",
     "DataError",
     "MissingMaskWarning",
@@ -94,6 +95,14 @@ __all__ = [
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 """File extensions read as images (compared in lower case)."""
+
+UNREAD_IMAGE_EXTENSIONS = frozenset({
+    ".gif", ".webp", ".jp2", ".j2k", ".jxl", ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".tga", ".ico", ".dng", ".raw", ".exr", ".hdr",
+})
+"""Image formats that pedenet does not read.  A folder listing that skips such files warns
+(:class:`SkippedFileWarning`, with their count), so they are not dropped silently; convert them
+to PNG to use them."""
 
 _TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
 _PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
@@ -124,6 +133,22 @@ class SkippedFileWarning(UserWarning):
 
 def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _warn_unread_images(folder: Path, names: list[str]) -> None:
+    """Warn once about the files of ``folder`` whose format pedenet does not read."""
+    unread = sorted(n for n in names
+                    if Path(n).suffix.lower() in UNREAD_IMAGE_EXTENSIONS and not n.startswith("."))
+    if unread:
+        kinds = ", ".join(sorted({Path(n).suffix.lower() for n in unread}))
+        example = ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else "")
+        warnings.warn(
+            f"{folder}: skipped {len(unread)} image file(s) in a format pedenet does not read "
+            f"({kinds}: {example}); convert them to PNG to use them "
+            f"(read: {', '.join(sorted(IMAGE_EXTENSIONS))})",
+            SkippedFileWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -493,7 +518,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
     Only direct children whose extension is in :data:`IMAGE_EXTENSIONS` (case-insensitive)
     are returned; subfolders, hidden files (``.DS_Store``, ``._x.png``) and other files
-    (``Thumbs.db``, ``notes.txt``) are ignored.  Files are not opened.
+    (``Thumbs.db``, ``notes.txt``) are ignored.  Files in an image format pedenet does not
+    read (:data:`UNREAD_IMAGE_EXTENSIONS`: ``.gif``, ``.webp``, ...) are skipped with one
+    :class:`SkippedFileWarning` that counts them.  Files are not opened.
 
     Returns:
         list of ``Path`` (possibly empty).
@@ -505,8 +532,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise DataError(f"{folder}: {what}; pass a folder that contains the images")
-    return sorted((p for p in folder.iterdir() if p.is_file() and _is_image_file(p)),
-                  key=lambda p: p.name)
+    files = [p for p in folder.iterdir() if p.is_file()]
+    _warn_unread_images(folder, [p.name for p in files])
+    return sorted((p for p in files if _is_image_file(p)), key=lambda p: p.name)
 
 
 @dataclass(frozen=True)
@@ -677,6 +705,7 @@ def _walk_images(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
+        _warn_unread_images(base, filenames)
         found.extend(base / f for f in filenames if _is_image_file(base / f))
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
@@ -687,7 +716,9 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     Args:
         inputs: a path or an iterable of paths.  A file must have an image extension
             (:data:`IMAGE_EXTENSIONS`); a folder contributes its image files, recursively,
-            sorted by relative path (hidden files and folders skipped).
+            sorted by relative path (hidden files and folders skipped; files in a format
+            pedenet does not read, such as ``.webp``, skipped with a
+            :class:`SkippedFileWarning` per folder).
 
     Returns:
         list of ``Path`` in input order, duplicates removed.  Files are not opened.

@@ -359,6 +359,30 @@ def test_list_images_ignores_non_images(tmp_path):
     assert [p.name for p in data.list_images(tmp_path)] == ["a.png", "b.png", "c.JPEG"]
 
 
+def test_list_images_counts_unread_image_formats(tmp_path):
+    write_png(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.gif")
+    Image.new("RGB", (4, 4)).save(tmp_path / "c.WEBP", format="WEBP")
+    (tmp_path / "._d.webp").write_bytes(b"\0")  # hidden: ignored without a word
+    (tmp_path / "notes.txt").write_text("not an image format: no warning")
+    with pytest.warns(data.SkippedFileWarning) as record:
+        assert [p.name for p in data.list_images(tmp_path)] == ["a.png"]
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert str(tmp_path) in message and "skipped 2 image file(s)" in message
+    assert ".gif, .webp" in message and "b.gif, c.WEBP" in message and "PNG" in message
+
+
+def test_find_images_warns_per_folder_with_unread_formats(tmp_path):
+    write_png(tmp_path / "top" / "a.png")
+    write_png(tmp_path / "top" / "sub" / "b.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "top" / "sub" / "c.gif")
+    with pytest.warns(data.SkippedFileWarning, match="skipped 1 image file") as record:
+        found = data.find_images(tmp_path / "top")
+    assert [p.name for p in found] == ["a.png", "b.png"]
+    assert len(record) == 1 and str(tmp_path / "top" / "sub") in str(record[0].message)
+
+
 def test_list_images_missing_folder(tmp_path):
     with pytest.raises(DataError, match="missing"):
         data.list_images(tmp_path / "missing")

@@ -168,6 +168,23 @@ def test_export_cli(scratch64, tmp_path):
     assert result.exit_code != 0 and "Error:" in result.output and "Traceback" not in result.output
 
 
+def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    scratch64.save(run_dir / "model.pt")
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "m.ts")])
+    assert result.exit_code == 0, result.output
+    assert "exported torchscript" in result.output
+    torch.jit.load(str(tmp_path / "m.ts"))  # a TorchScript file, not ONNX
+    # an explicit format that contradicts the extension is refused before any work
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "torchscript",
+                                       "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2
+    assert "names an onnx file but --format is torchscript" in result.output
+    assert "x.ts" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_to_an_unwritable_place_names_the_file(tmp_path, scratch64, fmt):
     blocker = tmp_path / "a_file"  # --out under a file: no folder can be made there

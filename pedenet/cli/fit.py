@@ -48,10 +48,11 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
             samples = train_samples(cat_dir)
         except DataError:
             # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
-            if category is not None or not Path(data).is_dir() or not list_images(data):
+            plain = list_images(data) if category is None and Path(data).is_dir() else []
+            if not plain:
                 raise
             cat_dir = Path(data)
-            samples = [Sample(p, 0, "good", None) for p in list_images(data)]
+            samples = [Sample(p, 0, "good", None) for p in plain]
         model = PEDENet(device=device, **config)
         all_paths = [s.path for s in samples]
         paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,

@@ -11,8 +11,9 @@ from .common import _check_out_file, _info, _load_model, _model_path, _user_erro
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx",
-              show_default=True, help="ONNX (onnxruntime) or TorchScript (torch.jit.load).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default=None,
+              help="ONNX (onnxruntime) or TorchScript (torch.jit.load). Default: from the "
+              "--out extension (.ts, .pt, .pth: torchscript; otherwise onnx).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="File to write (e.g. model.onnx, model.ts).")
 @click.option("--energy-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
@@ -34,6 +35,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
 
     from ..export import export_model
 
+    fmt = _export_format(fmt, out_file)
     _check_out_file(out_file)
     model = _load_model(_model_path(run_dir), "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
@@ -48,6 +50,31 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
         shape = f"Bx3x{size}x{size}"
     _info(quiet, f"exported {fmt} -> {path}: input 'image' float32 {shape} RGB in [0, 1]; "
                  "outputs 'anomaly_map' BxHxW, 'score' B")
+
+
+_TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".pth", ".torchscript")
+
+
+def _export_format(fmt: str | None, out_file: Path) -> str:
+    """The export format: ``fmt``, or the one ``out_file``'s extension names.
+
+    Raises:
+        click.UsageError: ``fmt`` contradicts the extension (a TorchScript file named
+            ``.onnx``, or an ONNX file named ``.ts``/``.pt``/``.pth``), which the other
+            runtime would then fail to load.
+    """
+    suffix = out_file.suffix.lower()
+    implied = ("torchscript" if suffix in _TORCHSCRIPT_SUFFIXES
+               else "onnx" if suffix == ".onnx" else None)
+    if fmt is None:
+        return implied or "onnx"
+    if implied is not None and implied != fmt:
+        article = "an" if implied == "onnx" else "a"
+        raise click.UsageError(
+            f"--out {out_file} names {article} {implied} file but --format is {fmt}; name it "
+            f"{out_file.with_suffix('.onnx' if fmt == 'onnx' else '.ts').name} or pass "
+            f"--format {implied}")
+    return fmt
 
 
 @click.command("benchmark")
