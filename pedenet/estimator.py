@@ -278,25 +278,28 @@ class PEDENet:
 
     def _warn_if_held_out_scores_far_above_training(self) -> None:
         """Warn (UserWarning) when the median held-out normal image scores far above the
-        overlay colour scale (:func:`pedenet.visualization.color_range`, set from the training
-        energies): more than ``OVERFIT_SPANS`` times the scale's span above its hottest colour.
+        training images' colour scale (:func:`pedenet.visualization.color_range` with
+        ``source="training"``): more than ``OVERFIT_SPANS`` times the scale's span above its hottest colour.
         The model then fits its training images far better than new normal ones (it
         memorized them: too few images for the mixture), and overlays of normal images come
         out saturated. (Mildly above the scale is common with small training sets: an
         untrained model on 80 built-in 128 px grass crops sits between 0 and 2.5 spans:
         tests/test_calibration.py.)"""
-        from .visualization import color_range
+        from .visualization import MIN_HELD_OUT_FOR_SCALE, color_range
 
-        vmin, vmax = color_range(self)
+        vmin, vmax = color_range(self, source="training")
         median = float(np.median(self.calibration.scores))
         if vmax is not None and median > vmax + OVERFIT_SPANS * (vmax - vmin):
+            overlays = ("overlay colours stay valid too (they come from the held-out images)"
+                        if self.calibration.n >= MIN_HELD_OUT_FOR_SCALE else
+                        f"overlays of normal images will look saturated (their colours come "
+                        f"from the training images below {MIN_HELD_OUT_FOR_SCALE} held-out ones)")
             warnings.warn(
                 f"the held-out normal images score far above the training images (median image "
-                f"score {median:.4g}; the hottest overlay colour starts at {vmax:.4g}, above every "
-                f"training patch): the model fits its training images much better than new normal "
-                f"ones - use more training images (or fewer --n-components). Thresholds and "
-                "p-values stay valid (they come from the held-out images); overlays of normal "
-                "images will look saturated", stacklevel=4)
+                f"score {median:.4g}; the training patches' hottest colour starts at {vmax:.4g}): "
+                f"the model fits its training images much better than new normal ones - use "
+                f"more training images (or fewer --n-components). Thresholds and p-values stay "
+                f"valid (they come from the held-out images); {overlays}", stacklevel=4)
 
     def no_calibration_reason(self) -> str:
         """Why the fitted model holds out no normal images (no thresholds, p-values or

@@ -2,8 +2,9 @@
 
 * :func:`heatmap_overlay` blends a colour-mapped anomaly map over the image and draws the
   ground-truth contour.
-* :func:`color_range` gives one colour scale per model (from the energy quantiles of its
-  training images), so that overlays of different images are comparable.
+* :func:`color_range` gives one colour scale per model (from the anomaly maps of its held-out
+  normal images, or the energies of its training images), so that overlays of different
+  images are comparable.
 * :func:`save_png` writes a PNG atomically.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CONTOUR_COLOR", "HEADROOM", "cluster_overlay", "color_range", "heatmap_overlay", "save_png"]
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "cluster_overlay", "color_range", "heatmap_overlay", "save_png"]
 
 CONTOUR_COLOR = (255, 255, 255)
 """RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
@@ -25,27 +26,54 @@ with ``alpha > 0`` never produces, so the contour is always distinguishable."""
 
 HEADROOM = 0.25
 """``vmax`` of :func:`color_range` lies this fraction of the normal spread (max − median of the
-training energies) above the largest training energy."""
+normal scores) above the largest normal score."""
 
 
-def color_range(model, amap: np.ndarray | None = None,
-                headroom: float = HEADROOM) -> tuple[float | None, float | None]:
+MIN_HELD_OUT_FOR_SCALE = 10
+"""Held-out normal images needed before :func:`color_range` takes its scale from them."""
+
+
+def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROOM,
+                source: str = "auto") -> tuple[float | None, float | None]:
     """Colour scale ``(vmin, vmax)`` in energy units for the overlays of ``model``.
 
-    From ``model.normal_quantiles`` (patch energy quantiles over the training images):
-    ``vmin`` = the median ``"0.5"`` (a typical normal patch gets the coldest colour) and
-    ``vmax = q1 + headroom * (q1 - q0.5)`` with ``q1`` = the largest training energy ``"1.0"``,
-    so only patches above everything seen in training reach the hottest colours. (With
-    ``headroom = 2`` the defects of the built-in demo stayed in the blue third of the scale;
-    0.25 shows them orange to red.) If the quantiles are missing (an older checkpoint), falls
-    back to ``amap``'s own min/max, or ``(None, None)`` when no map is given (meaning: per
-    image, see :func:`heatmap_overlay`).
+    The scale runs from a typical normal pixel (coldest colour) to ``vmax = top + headroom ·
+    (top − typical)``, so only pixels above everything the normal images reached get the
+    hottest colours. (With ``headroom = 2`` the defects of the built-in demo stayed in the blue
+    third of the scale; 0.25 shows them orange to red.) Where these come from (``source``):
+
+    * ``"held_out"``: the pixel scores of the held-out normal images' anomaly maps
+      (``model.calibration.pixel_scores``): typical = their median, top = their maximum. These
+      maps were made exactly as the overlays are, on images the model did not train on, so a
+      new normal image looks like the held-out ones: cold.
+    * ``"training"``: the patch energy quantiles over the training images
+      (``model.normal_quantiles``): typical = ``"0.5"``, top = ``"1.0"``. A model that fits
+      its training images better than new ones (small training sets) gives a scale that new
+      normal images already exceed, so their overlays look warm.
+    * ``"auto"`` (default): ``"held_out"`` when the model holds out at least
+      :data:`MIN_HELD_OUT_FOR_SCALE` normal images, else ``"training"``.
+
+    Without the chosen statistics (a model without held-out images, an older checkpoint) it
+    falls back to the training quantiles, then to ``amap``'s own min/max, then to
+    ``(None, None)`` (meaning: per image, see :func:`heatmap_overlay`).
+
+    Raises:
+        ValueError: ``source`` is not one of the three above.
     """
-    q = getattr(model, "normal_quantiles", None) or {}
-    try:
-        lo, hi = float(q["0.5"]), float(q["1.0"])
-    except (KeyError, TypeError, ValueError):
-        lo = hi = float("nan")
+    if source not in ("auto", "held_out", "training"):
+        raise ValueError(f"source must be 'auto', 'held_out' or 'training'; got {source!r}")
+    lo = hi = float("nan")
+    cal = getattr(model, "calibration", None)
+    pixels = getattr(cal, "pixel_scores", None)
+    if (source != "training" and pixels is not None and len(pixels)
+            and (source == "held_out" or len(cal.scores) >= MIN_HELD_OUT_FOR_SCALE)):
+        lo, hi = float(np.median(pixels)), float(np.max(pixels))
+    else:
+        q = getattr(model, "normal_quantiles", None) or {}
+        try:
+            lo, hi = float(q["0.5"]), float(q["1.0"])
+        except (KeyError, TypeError, ValueError):
+            pass
     if np.isfinite(lo) and np.isfinite(hi):
         vmax = hi + headroom * (hi - lo)
         if vmax <= lo:

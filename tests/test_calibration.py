@@ -1,6 +1,8 @@
 """Thresholds from normal images only: conformal p-values, thresholds, and the realized
 false-alarm rate on fresh normal images of the built-in dataset."""
 
+import copy
+import dataclasses
 import math
 import warnings
 
@@ -177,15 +179,37 @@ def test_calibrated_model_round_trip_and_uncalibrated(calibrated, grass, tmp_pat
     assert pred.scores.shape == (2,)
 
 
-def test_held_out_images_far_above_training_warn_of_overfitting(calibrated):
-    import copy
-    import dataclasses
+@pytest.mark.slow
+def test_overlay_colours_of_fresh_normal_images_come_from_the_held_out_images(calibrated):
+    """With >= MIN_HELD_OUT_FOR_SCALE held-out images the colour scale is theirs, so fresh
+    normal images (drawn like train/good) stay below the hottest colour, as the held-out ones
+    do; the training images' scale, which this small fit exceeds, would paint them hot."""
+    from pedenet.visualization import MIN_HELD_OUT_FOR_SCALE, color_range
 
+    assert calibrated.calibration.n >= MIN_HELD_OUT_FOR_SCALE
+    pixels = calibrated.calibration.pixel_scores
+    assert color_range(calibrated) == color_range(calibrated, source="held_out")
+    vmin, vmax = color_range(calibrated)
+    assert vmin == pytest.approx(np.median(pixels)) and vmax > pixels.max()
+    t_min, t_max = color_range(calibrated, source="training")
+    assert (t_min, t_max) != (vmin, vmax)
+    maps = np.stack(calibrated.predict(normal_crops("grass", 40, size=160, seed=12)).maps)
+    hot_held_out, hot_training = (maps > vmax).mean(), (maps > t_max).mean()
+    assert hot_held_out < 0.005
+    assert hot_training > 10 * max(hot_held_out, 1e-4)
+    few = copy.copy(calibrated)  # below MIN_HELD_OUT_FOR_SCALE: the training scale
+    few.calibration = dataclasses.replace(calibrated.calibration,
+                                          scores=calibrated.calibration.scores[:MIN_HELD_OUT_FOR_SCALE - 1])
+    assert color_range(few) == (t_min, t_max)
+    assert color_range(few, source="held_out") == (vmin, vmax)
+
+
+def test_held_out_images_far_above_training_warn_of_overfitting(calibrated):
     from pedenet.visualization import color_range
 
     from pedenet.estimator import OVERFIT_SPANS
 
-    vmin, vmax = color_range(calibrated)
+    vmin, vmax = color_range(calibrated, source="training")
     spans = (np.median(calibrated.calibration.scores) - vmax) / (vmax - vmin)
     assert 0 < spans < OVERFIT_SPANS / 2  # above the colour scale, as small fits are: no warning
     with warnings.catch_warnings():

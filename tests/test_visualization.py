@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from pedenet.visualization import CONTOUR_COLOR, HEADROOM, color_range, heatmap_overlay, save_png
+from pedenet.visualization import (CONTOUR_COLOR, HEADROOM, MIN_HELD_OUT_FOR_SCALE, color_range,
+                                   heatmap_overlay, save_png)
 
 
 def _inputs(h=40, w=56, seed=0):
@@ -78,6 +81,27 @@ def test_save_png_round_trip(tmp_path):
 class _Model:
     def __init__(self, q):
         self.normal_quantiles = q
+
+
+class _Calibrated(_Model):
+    def __init__(self, q, n_held_out, pixels):
+        super().__init__(q)
+        self.calibration = types.SimpleNamespace(scores=np.zeros(n_held_out),
+                                                 pixel_scores=np.asarray(pixels, np.float32))
+
+
+def test_color_range_from_held_out_pixels():
+    q = {"0.5": 10.0, "1.0": 20.0}
+    pixels = [30.0, 31.0, 32.0, 40.0]  # median 31.5, max 40
+    held_out = (31.5, 40.0 + HEADROOM * (40.0 - 31.5))
+    assert color_range(_Calibrated(q, MIN_HELD_OUT_FOR_SCALE, pixels)) == pytest.approx(held_out)
+    few = _Calibrated(q, MIN_HELD_OUT_FOR_SCALE - 1, pixels)
+    assert color_range(few) == (10.0, 20.0 + HEADROOM * 10.0)  # too few held out: training
+    assert color_range(few, source="held_out") == pytest.approx(held_out)
+    assert color_range(_Calibrated(q, 50, pixels), source="training") == (10.0, 12.5 + 10.0)
+    assert color_range(_Calibrated({}, 0, []), source="held_out") == (None, None)
+    with pytest.raises(ValueError, match="source"):
+        color_range(few, source="test")
 
 
 def test_color_range():
