@@ -128,7 +128,8 @@ def test_corrupt_training_images_refused_up_front_or_skipped(dataset, tmp_path):
     assert any(str(bad1) in w and "skipped" in w for w in warned)
     assert any(str(bad2) in w for w in warned)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["n_train_images"] == 4 and sorted(cfg["skipped_files"]) == sorted([str(bad1), str(bad2)])
+    assert cfg["n_normal_images"] == 4 == cfg["n_train_images"] + cfg["n_calibration_images"]
+    assert cfg["n_calibration_images"] == 1 and sorted(cfg["skipped_files"]) == sorted([str(bad1), str(bad2)])
     assert [f"Warning: {w}" for w in cfg["warnings"]] == warned  # --quiet prints none, keeps these
 
 
@@ -180,7 +181,7 @@ def test_non_image_files_are_ignored(run_dir, dataset, tmp_path):
     (cat / "test" / ".hidden").mkdir()
     out = tmp_path / "run"
     ok(run("fit", cat, "--out", out, *FIT))
-    assert json.loads((out / "config.json").read_text())["n_train_images"] == 4
+    assert json.loads((out / "config.json").read_text())["n_normal_images"] == 4
     ok(run("evaluate", out, "--quiet", "--no-overlays"))
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 5
     ok(run("predict", out, cat / "test" / "spot", "--out", tmp_path / "o", "--quiet"))

@@ -108,7 +108,8 @@ def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
     r = run("fit", dataset / "train" / "good", "--out", tmp_path / "r", "--steps", "0",
             "--image-size", "64", "--quiet")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["n_train_images"] == 40
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["n_normal_images"], cfg["n_train_images"], cfg["n_calibration_images"]) == (40, 32, 8)
 
 
 def test_api_warnings_and_input_rules(dataset):

@@ -104,7 +104,9 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         "category": category,
         "category_dir": str(cat_dir.resolve()),
         "device": device,
-        "n_train_images": len(paths),
+        # the usable normal images: trained on (n_train_images) or held out for thresholds
+        "n_normal_images": len(paths),
+        "n_train_images": model.history.get("n_train_images", len(paths)),
         "skipped_files": skipped,
         "warnings": warned,
         "config": model.config.to_dict(),
