@@ -98,7 +98,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 UNREAD_IMAGE_EXTENSIONS = frozenset({
     ".gif", ".webp", ".jp2", ".j2k", ".jxl", ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm",
-    ".pnm", ".tga", ".ico", ".dng", ".raw", ".exr", ".hdr",
+    ".pnm", ".tga", ".ico", ".dng", ".raw", ".exr", ".hdr", ".jfif", ".jpe", ".psd", ".svg",
 })
 """Image formats that pedenet does not read.  A folder listing that skips such files warns
 (:class:`SkippedFileWarning`, with their count), so they are not dropped silently; convert them
@@ -705,7 +705,7 @@ def _walk_images(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
-        _warn_unread_images(base, filenames)
+        _warn_unread_images(base, [f for f in filenames if (base / f).is_file()])
         found.extend(base / f for f in filenames if _is_image_file(base / f))
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 

@@ -151,7 +151,8 @@ class PEDENet:
         self.network: PEDENetNetwork | None = None
         self.history: dict = {}
         # quantiles ("0.5", "0.99", "0.999", "1.0") of the patch energy of the training images:
-        # the scale of normal scores, used to colour heatmaps consistently across images
+        # the training colour scale (pedenet.visualization.color_range falls back to it when
+        # fewer than 10 images are held out)
         self.normal_quantiles: dict[str, float] = {}
         self.calibration: Calibration | None = None
 

@@ -192,7 +192,7 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         warnings.simplefilter("always", MissingMaskWarning)
         samples = test_samples(cat_dir)
     for w in caught:
-        if not issubclass(w.category, MissingMaskWarning):  # pragma: no cover
+        if not issubclass(w.category, MissingMaskWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     keep = check_images([s.path for s in samples], masks=[s.mask_path for s in samples],
                         min_side=int(getattr(model, "min_image_side", 0)), skip_bad=skip_bad_files,

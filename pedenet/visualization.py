@@ -38,12 +38,15 @@ def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROO
     """Colour scale ``(vmin, vmax)`` in energy units for the overlays of ``model``.
 
     The scale runs from a typical normal pixel (coldest colour) to ``vmax = top + headroom ·
-    (top − typical)``, so only pixels above everything the normal images reached get the
-    hottest colours. (With ``headroom = 2`` the defects of the built-in demo stayed in the blue
-    third of the scale; 0.25 shows them orange to red.) Where these come from (``source``):
+    (top − typical)``, so only pixels above (nearly) everything the normal images reached get
+    the hottest colours. (Measured with the training scale: with ``headroom = 2`` the defects
+    of the built-in demo stayed in the blue third of the scale; 0.25 showed them orange to
+    red.) Where these come from (``source``):
 
     * ``"held_out"``: the pixel scores of the held-out normal images' anomaly maps
-      (``model.calibration.pixel_scores``): typical = their median, top = their maximum. These
+      (``model.calibration.pixel_scores``, a random sample of at most 200 000 of them):
+      typical = its median, top = its maximum (a held-out pixel outside the sample can lie
+      slightly above). These
       maps were made exactly as the overlays are, on images the model did not train on, so a
       new normal image looks like the held-out ones: cold.
     * ``"training"``: the patch energy quantiles over the training images

@@ -381,6 +381,10 @@ def test_find_images_warns_per_folder_with_unread_formats(tmp_path):
         found = data.find_images(tmp_path / "top")
     assert [p.name for p in found] == ["a.png", "b.png"]
     assert len(record) == 1 and str(tmp_path / "top" / "sub") in str(record[0].message)
+    (tmp_path / "top" / "gone.webp").symlink_to(tmp_path / "missing.webp")  # broken: not counted
+    with pytest.warns(data.SkippedFileWarning) as record:
+        data.find_images(tmp_path / "top")
+    assert len(record) == 1 and "skipped 1 image file" in str(record[0].message)
 
 
 def test_list_images_missing_folder(tmp_path):

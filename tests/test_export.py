@@ -183,6 +183,14 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
     assert "names an onnx file but --format is torchscript" in result.output
     assert "x.ts" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.onnx").exists()
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "onnx",
+                                       "--out", str(tmp_path / "Y.PTH")])
+    assert result.exit_code == 2 and "names a torchscript file but --format is onnx" in result.output
+    # .pt is a TorchScript name, but never the run's own checkpoint
+    before = (run_dir / "model.pt").read_bytes()
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(run_dir / "model.pt")])
+    assert result.exit_code == 2 and "would overwrite the run's own checkpoint" in result.output
+    assert (run_dir / "model.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -104,6 +104,26 @@ def test_unreachable_target_is_flagged_in_the_table(run_dir):
     assert "Warning:" in r.output and "cannot guarantee" in r.output
 
 
+def test_fit_counts_unread_image_formats_once_and_refuses_a_folder_of_only_those(dataset,
+                                                                                 tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(dataset / "train" / "good", plain)
+    Image.new("RGB", (64, 64)).save(plain / "extra.gif")
+    r = run("fit", plain, "--out", tmp_path / "r", "--steps", "0", "--image-size", "64", "--quiet")
+    assert r.exit_code == 0, r.output
+    warned = json.loads((tmp_path / "r" / "config.json").read_text())["warnings"]
+    assert sum("skipped 1 image file" in w and "extra.gif" in w for w in warned) == 1
+    webp = tmp_path / "webp"
+    webp.mkdir()
+    Image.new("RGB", (64, 64)).save(webp / "a.webp", format="WEBP")
+    r = run("fit", webp, "--out", tmp_path / "r2", "--quiet")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "holds images only in formats pedenet does not read" in r.output
+    assert not (tmp_path / "r2").exists()
+
+
 def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
     r = run("fit", dataset / "train" / "good", "--out", tmp_path / "r", "--steps", "0",
             "--image-size", "64", "--quiet")

@@ -14,7 +14,8 @@ import click
 
 from .. import __version__
 from ..config import ENCODERS, PEDENetConfig
-from ..data import DataError, Sample, list_images, resolve_category, train_samples
+from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, list_images, resolve_category,
+                    train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
                      _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
                      _user_errors, _verbose_option, _write_json)
@@ -50,6 +51,11 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
             # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
             plain = list_images(data) if category is None and Path(data).is_dir() else []
             if not plain:
+                if category is None and Path(data).is_dir() and _has_unread_images(Path(data)):
+                    raise DataError(
+                        f"{data}: holds images only in formats pedenet does not read (see the "
+                        "warning above); convert them to PNG, or pass a folder in the MVTec AD "
+                        "layout (train/good, test/<defect>)") from None
                 raise
             cat_dir = Path(data)
             samples = [Sample(p, 0, "good", None) for p in plain]
@@ -227,3 +233,9 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
         raise UserError(str(exc), exit_code=2) from None
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
              resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
+
+
+def _has_unread_images(folder: Path) -> bool:
+    """Whether ``folder`` directly holds files in an image format pedenet does not read."""
+    return any(p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file()
+               for p in folder.iterdir())

@@ -37,7 +37,11 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
 
     fmt = _export_format(fmt, out_file)
     _check_out_file(out_file)
-    model = _load_model(_model_path(run_dir), "cpu")
+    model_path = _model_path(run_dir)
+    if out_file.resolve() in {model_path.resolve(), (model_path.parent / "resume.pt").resolve()}:
+        raise click.UsageError(f"--out {out_file} would overwrite the run's own checkpoint; "
+                               "pass another file name (e.g. model.ts or model.onnx)")
+    model = _load_model(model_path, "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
     path = export_model(model, out_file, fmt, energy_dtype=dtype)
     size = model.config.image_size
