@@ -48,6 +48,7 @@ from torch import nn
 
 from . import __version__
 from .scoring import gaussian_kernel
+from .visualization import color_range
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -166,6 +167,9 @@ def _metadata(model) -> dict:
                    "image_score_fraction of pixels; its maximum when 0)",
         "image_score_fraction": float(model.config.image_score_fraction),
         "normal_quantiles": dict(model.normal_quantiles),
+        # pedenet's overlay colour scale (energy at the coldest and hottest colour):
+        # pedenet.visualization.color_range, from the held-out maps when there are enough
+        "color_range": list(color_range(model)),
         # decisions outside Python: flag an image when score > image_threshold, mark pixels
         # with anomaly_map > pixel_threshold in flagged images (None: no calibration)
         "thresholds": model.thresholds(),

@@ -20,6 +20,7 @@ from pedenet.builtin import make_builtin_dataset
 from pedenet.cli import main
 from pedenet.export import build_module, export_model, read_metadata
 from pedenet.scoring import image_score, to_tensor
+from pedenet.visualization import color_range
 
 TOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -111,6 +112,8 @@ def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt)
     meta = read_metadata(path)
     assert meta["image_size"] == 64 and meta["smoothing_sigma"] == 4.0
     assert meta["thresholds"] == scratch64.thresholds() and meta["thresholds"]["n_calibration"] == 1
+    vmin, vmax = color_range(scratch64)  # 1 held-out image: the training scale
+    assert meta["color_range"] == [vmin, vmax] and vmin == scratch64.normal_quantiles["0.5"]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

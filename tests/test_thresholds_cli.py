@@ -187,6 +187,7 @@ def test_evaluate_names_the_recorded_data_when_it_has_moved(tmp_path):
 def test_verbose_lines_are_not_printed_onto_a_progress_bar(run_dir, dataset, tmp_path):
     r = run("predict", run_dir, dataset / "test", "--out", tmp_path / "p", "--verbose")
     assert r.exit_code == 0, r.output
+    assert "(energy; from the held-out normal images)" in r.output  # 20 held out: their scale
     stamped = [line for line in r.output.split("\n") if ": score " in line]
     assert len(stamped) == 15  # one per image (6 good, 9 defective)
     for line in stamped:  # what a terminal shows: the text after the last carriage return

@@ -65,7 +65,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     from ..data import SkippedFileWarning
     from ..outputs import (SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files,
                            earlier_prediction_outputs)
-    from ..visualization import cluster_overlay, color_range, heatmap_overlay, save_png
+    from ..visualization import (MIN_HELD_OUT_FOR_SCALE, cluster_overlay, color_range,
+                                 heatmap_overlay, save_png)
 
     _set_verbose(verbose, quiet)
     warned: list[str] = []  # OUT/warnings.txt; printed unless quiet
@@ -106,8 +107,10 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
+    held_out = cal is not None and cal.n >= MIN_HELD_OUT_FOR_SCALE
     _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "
-           f"overlay colour range {vmin} to {vmax} (energy)")
+           f"overlay colour range {vmin} to {vmax} (energy; from the "
+           f"{'held-out normal images' if held_out else 'training images'})")
     t_start = time.perf_counter()
     rows, kept_maps, top = [], [], []
     loaded: dict[int, np.ndarray] = {}  # decoded once: for the model and for the overlay
