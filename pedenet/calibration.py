@@ -88,7 +88,9 @@ class Calibration:
         scores: float64 (n,), image scores (map maxima, energy units) of the held-out normal
             images, sorted ascending.
         pixel_scores: float32 (m,), a random subsample (m <= ``MAX_PIXEL_SAMPLES``) of the
-            pooled pixel scores of their anomaly maps, sorted ascending.
+            pooled pixel scores of their anomaly maps, sorted ascending; it always holds their
+            maximum (one sampled pixel is swapped for it; checkpoints written before
+            2026-12-01 hold a plain sample).
         target_fpr: default target false-alarm rate alpha (fraction of normal images flagged).
         pixel_fpr: default fraction beta of normal pixels above the pixel threshold.
     """
@@ -196,7 +198,8 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
         target_fpr: default target false-alarm rate of images, in (0, 1).
         pixel_fpr: default fraction of normal pixels above the pixel threshold, in (0, 1).
         seed: seed of the pixel subsample.
-        max_pixels: pixel scores kept (uniform subsample over all pixels).
+        max_pixels: pixel scores kept (uniform subsample over all pixels, with the largest
+            pixel score swapped in when the sample missed it).
         score_fraction: the image score of :func:`pedenet.scoring.image_score` (0 = map
             maximum); pass the model's ``config.image_score_fraction`` so the held-out scores
             are the ones ``PEDENet.predict`` gives.
@@ -214,6 +217,10 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
     pixels = np.concatenate([m.ravel() for m in maps])
     if len(pixels) > max_pixels:
         rng = np.random.default_rng([int(seed), 104729])
-        pixels = pixels[rng.choice(len(pixels), size=max_pixels, replace=False)]
+        keep = rng.choice(len(pixels), size=max_pixels, replace=False)
+        top = int(np.argmax(pixels))
+        if top not in keep:  # the sample's maximum is the held-out maximum (the overlay scale's top)
+            keep[0] = top
+        pixels = pixels[keep]
     return Calibration(scores=scores, pixel_scores=np.sort(pixels), target_fpr=target_fpr,
                        pixel_fpr=pixel_fpr)

@@ -45,8 +45,9 @@ def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROO
 
     * ``"held_out"``: the pixel scores of the held-out normal images' anomaly maps
       (``model.calibration.pixel_scores``, a random sample of at most 200 000 of them):
-      typical = its median, top = its maximum (a held-out pixel outside the sample can lie
-      slightly above). These
+      typical = its median, top = its maximum, which is the largest held-out pixel score
+      (the sample always keeps it; in checkpoints saved before 2026-12-01 it is the sample's
+      maximum, and a held-out pixel outside the sample can lie slightly above). These
       maps were made exactly as the overlays are, on images the model did not train on, so a
       new normal image looks like the held-out ones: cold.
     * ``"training"``: the patch energy quantiles over the training images
