@@ -105,6 +105,24 @@ def test_missing_mask_excluded_from_pixel_metrics(tmp_path):
     assert result["per_defect"]["spot"]["image_auroc"] is not None
 
 
+def test_unread_image_formats_under_test_are_reported_not_swallowed(tmp_path):
+    # evaluate records the missing-mask warnings of test_samples itself; any other warning of
+    # that step (here: a .gif it cannot read) must still reach the user, once
+    from PIL import Image
+
+    from pedenet.data import SkippedFileWarning
+
+    cat = _dataset(tmp_path / "ds") / "grass"
+    Image.new("RGB", (64, 64)).save(cat / "test" / "spot" / "extra.gif")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(BrightnessModel(), cat, progress=False)
+    skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
+    assert len(skipped) == 1 and "extra.gif" in skipped[0]
+    assert not [w for w in caught if issubclass(w.category, MissingMaskWarning)]
+    assert result["n_images"] == 8  # the .gif is not scored
+
+
 def test_format_table(dataset):
     result = evaluate(BrightnessModel(), dataset, "grass", progress=False)
     table = format_table(result)
