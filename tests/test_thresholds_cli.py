@@ -132,6 +132,32 @@ def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
     assert (cfg["n_normal_images"], cfg["n_train_images"], cfg["n_calibration_images"]) == (40, 32, 8)
 
 
+def test_fit_does_not_train_on_subfolders_and_says_so(dataset, tmp_path):
+    import shutil
+
+    # images only in subfolders: a one-line error naming them, nothing trained
+    nested = tmp_path / "nested"
+    shutil.copytree(dataset / "train" / "good", nested / "day1")
+    (nested / "day2").mkdir()
+    for p in sorted((dataset / "train" / "good").glob("*.png"))[:3]:
+        shutil.copy(p, nested / "day2" / p.name)
+    r = run("fit", nested, "--out", tmp_path / "r", "--quiet")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "day1/ (40), day2/ (3)" in r.output and str(nested / "day1") in r.output
+    assert not (tmp_path / "r").exists()
+    # images directly inside and in a subfolder: the subfolder's are left out, with a warning
+    shutil.copytree(dataset / "train" / "good", tmp_path / "mixed")
+    shutil.copytree(dataset / "test" / "spot", tmp_path / "mixed" / "spot")
+    r = run("fit", tmp_path / "mixed", "--out", tmp_path / "r2", "--steps", "0", "--image-size",
+            "64", "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "r2" / "config.json").read_text())
+    assert cfg["n_normal_images"] == 40
+    n_spot = len(list((dataset / "test" / "spot").glob("*.png")))
+    assert sum(f"{n_spot} images in its subfolders (spot) are not used" in w
+               for w in cfg["warnings"]) == 1
+
+
 def test_api_warnings_and_input_rules(dataset):
     import pedenet
 

@@ -8,14 +8,15 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import click
 
 from .. import __version__
 from ..config import ENCODERS, PEDENetConfig
-from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, list_images, resolve_category,
-                    train_samples)
+from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning, list_images,
+                    resolve_category, train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
                      _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
                      _user_errors, _verbose_option, _write_json)
@@ -56,9 +57,27 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
                         f"{data}: holds images only in formats pedenet does not read (see the "
                         "warning above); convert them to PNG, or pass a folder in the MVTec AD "
                         "layout (train/good, test/<defect>)") from None
+                nested = _images_in_subfolders(Path(data)) if category is None and Path(data).is_dir() else {}
+                if nested:
+                    listed = ", ".join(f"{name}/ ({n})" for name, n in list(nested.items())[:5])
+                    more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""
+                    raise DataError(
+                        f"{data}: no images directly inside, but its subfolders hold some: "
+                        f"{listed}{more}. fit does not look into subfolders, so that a folder "
+                        "of defective images beside the normal ones is never trained on: pass "
+                        "the folder of normal images itself (e.g. "
+                        f"{Path(data) / next(iter(nested))}), or put all normal images in one "
+                        "folder, or use the MVTec AD layout (train/good, test/<defect>)") from None
                 raise
             cat_dir = Path(data)
             samples = [Sample(p, 0, "good", None) for p in plain]
+            nested = _images_in_subfolders(cat_dir)
+            if nested:
+                warnings.warn(
+                    f"{data}: training on the {len(plain)} images directly inside; "
+                    f"{sum(nested.values())} images in its subfolders "
+                    f"({', '.join(list(nested)[:5])}{', ...' if len(nested) > 5 else ''}) are "
+                    "not used (fit does not look into subfolders)", SkippedFileWarning)
         model = PEDENet(device=device, **config)
         all_paths = [s.path for s in samples]
         paths = _checked(all_paths, min_side=model.min_image_side, skip_bad_files=skip_bad_files,
@@ -233,6 +252,27 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
         raise UserError(str(exc), exit_code=2) from None
     _fit_run(data, category, run_dir, device=device, overwrite=overwrite, quiet=quiet, config=config,
              resume=resume, skip_bad_files=skip_bad_files, checkpoint_every=checkpoint_every)
+
+
+def _images_in_subfolders(folder: Path) -> dict[str, int]:
+    """Readable image files under each direct, non-hidden subfolder of ``folder`` that holds
+    any (recursively, hidden folders skipped): {subfolder name: count}, sorted by name; empty
+    when ``folder`` or one of its subfolders is in the MVTec AD layout."""
+    from ..data import _walk_images
+
+    from ..data import _is_category_dir
+
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if _is_category_dir(folder) or any(_is_category_dir(p) for p in subs):
+        return {}  # an MVTec AD layout: resolve_category's own message says what is wrong
+    counts = {}
+    for sub in subs:
+        with warnings.catch_warnings():  # unread formats are not the point of this message
+            warnings.simplefilter("ignore")
+            n = len(_walk_images(sub))
+        if n:
+            counts[sub.name] = n
+    return counts
 
 
 def _has_unread_images(folder: Path) -> bool:
