@@ -1,7 +1,7 @@
 """The files ``pedenet predict`` writes into its ``--out`` folder, and those of an earlier run.
 
-For each image, named ``<name>`` (its file stem, made unique; the ``name`` column of
-scores.csv)::
+For each image, named ``<name>`` (its file stem, made unique by its folder's name or a
+``_<k>`` suffix; the ``name`` column of scores.csv)::
 
     <name>_overlay.png   heatmap overlay
     <name>_map.npy       raw float32 anomaly map (``--format tiff``: <name>_map.tiff)

@@ -570,7 +570,7 @@ def test_predict_overwrite_removes_the_earlier_predictions_files_only(run_dir, d
     pred = tmp_path / "pred"
     images = [dataset / "test" / d / "000.png" for d in ("good", "spot", "scratch")]
     ok(run("predict", run_dir, *images, "--out", pred, "--clusters", "--report", "--quiet"))
-    names = ["000_1", "000_2", "000_3"]  # three files named 000.png
+    names = ["good_000", "spot_000", "scratch_000"]  # three files named 000.png
     suffixes = ("_overlay.png", "_map.npy", "_mask.png", "_clusters.png")
     first = {f"{n}{s}" for n in names for s in suffixes}
     # warnings.txt: the run holds out too few images for the 1 % false-alarm rate
@@ -735,3 +735,18 @@ def test_atomic_writes_get_normal_file_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o644
+
+
+def test_output_names_of_images_sharing_a_stem():
+    from pedenet.cli.common import _unique_names
+
+    P = Path
+    assert _unique_names([P("a/x.png"), P("b/y.png")]) == ["x", "y"]
+    # the folder tells them apart
+    assert _unique_names([P("t/crack/000.png"), P("t/good/000.png"), P("t/good/001.png")]) == \
+        ["crack_000", "good_000", "001"]
+    # same folder name twice (or a clash with another image's stem): numbered in input order
+    assert _unique_names([P("1/good/000.png"), P("2/good/000.png")]) == ["000_1", "000_2"]
+    assert _unique_names([P("a/000.png"), P("b/000.png"), P("c/a_000.png")]) == \
+        ["000_1", "000_2", "a_000"]
+    assert _unique_names([P("a/x.png"), P("a/x.jpg"), P("x_1.png")]) == ["x_2", "x_3", "x_1"]

@@ -198,18 +198,26 @@ def _load_model(run_dir: Path, device: str):
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """Output names for ``paths``: the file stem; stems that occur more than once get
-    ``_<k>`` (k = 1, 2, ... in input order), skipping names that are already taken."""
+    """Output names for ``paths``: the file stem. Stems that occur more than once are prefixed
+    with their folder's name (``test/crack/000.png`` -> ``crack_000``) when that makes every
+    name unique; otherwise they get ``_<k>`` (k = 1, 2, ... in input order), skipping names
+    that are already taken."""
     counts: dict[str, int] = {}
     for p in paths:
         counts[p.stem] = counts.get(p.stem, 0) + 1
     taken = {s for s, c in counts.items() if c == 1}
+    prefixed = [f"{p.parent.name}_{p.stem}" for p in paths if counts[p.stem] > 1]
+    by_folder = (all(p.parent.name for p in paths if counts[p.stem] > 1)
+                 and len(set(prefixed)) == len(prefixed) and not taken.intersection(prefixed))
     names = []
     next_k: dict[str, int] = {}
     for p in paths:
         stem = p.stem
         if counts[stem] == 1:
             names.append(stem)
+            continue
+        if by_folder:
+            names.append(f"{p.parent.name}_{stem}")
             continue
         k = next_k.get(stem, 1)
         while f"{stem}_{k}" in taken:

@@ -54,7 +54,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
-    first. Images sharing a file stem get _1, _2, ... suffixes (input order). scores.csv
+    first. Images sharing a file stem are named <folder>_<stem> (crack_000), or get _1, _2,
+    ... suffixes (input order) where folder names do not tell them apart. scores.csv
     lists path, score (the image score: mean of the map's top --image-score-fraction of
     pixels, energy units), p_value, anomalous (the decision at the target false-alarm rate)
     and the output name; <stem>_mask.png (0/255) marks the
