@@ -4,7 +4,10 @@ Settings and checkpoints must be chosen without the test split. :func:`validate`
 fitted model on held-out normal images (for example the calibration images that ``fit`` kept
 out of training, ``model.history["calibration_images"]``) and on copies of them carrying one
 synthetic defect each: a scratch, a spot of shifted intensity, or a patch of foreign texture,
-drawn as in the built-in dataset (:mod:`pedenet.builtin`), so the masks are exact. Its image
+drawn as in the built-in dataset (:mod:`pedenet.builtin`), so the masks are exact; on request
+also a ``region``: a band over 15-45 % of the image whose texture is the image's own, magnified
+(a large, low-contrast defect whose size follows the image, like a differently ground
+surface). Its image
 AUROC, pixel AUROC and AU-PRO rank configurations; they are not an estimate of the test
 figures (real defects differ from synthetic ones).
 """
@@ -17,8 +20,22 @@ import numpy as np
 
 from .builtin import _DEFECTS, DEFECT_TYPES, TEXTURES
 
-__all__ = ["FewImagesWarning", "add_synthetic_defect", "defect_kinds", "synthetic_validation_set",
-           "validate"]
+__all__ = ["FewImagesWarning", "VALIDATION_KINDS", "add_synthetic_defect", "defect_kinds",
+           "synthetic_validation_set", "validate"]
+
+VALIDATION_KINDS = (*DEFECT_TYPES, "region")
+"""Every synthetic defect kind :func:`validate` can draw. The default set is
+:data:`pedenet.builtin.DEFECT_TYPES` (scratch, spot, patch); ``region`` is opt-in."""
+
+REGION_FRACTION = (0.15, 0.45)
+"""Range of the share of the image's pixels that a ``region`` defect covers."""
+
+REGION_ZOOM = (1.5, 2.5)
+"""Range of the magnification of the image's own texture inside a ``region`` defect."""
+
+REGION_MIN_CHANGE = 0.03
+"""Mean absolute intensity change (0-1 scale) below which a ``region`` is also shifted in
+intensity, so a flat area (a black background) still carries a visible defect."""
 
 MIN_RELIABLE_IMAGES = 10
 """Fewer held-out normal images than this get a :class:`FewImagesWarning` from :func:`validate`:
@@ -38,30 +55,34 @@ MIN_SIDE = 48
 
 def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
                          kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic defect in a random square window of an image.
+    """One synthetic defect in an image.
 
     Args:
         image: float32 H×W×3 in [0, 1] (``pedenet.data.load_image``), both sides >= 48 px.
         rng: numpy random Generator (all randomness comes from it).
-        kind: "scratch", "spot" or "patch" (:data:`pedenet.builtin.DEFECT_TYPES`); None draws one.
+        kind: "scratch", "spot" or "patch" (:data:`pedenet.builtin.DEFECT_TYPES`), or
+            "region"; None draws one of the first three.
 
     Returns:
-        ``(defective, mask)``: float32 H×W×3 copy with the defect, bool H×W mask that is True
-        exactly where the defect changed the (gray) intensity. The defect is drawn on the gray
-        image (channel mean) in a window of side min(H, W, 256) pixels and added to every
-        channel as the same intensity change.
+        ``(defective, mask)``: float32 H×W×3 copy with the defect, bool H×W mask.
+        scratch, spot, patch: the defect is drawn on the gray image (channel mean) in a random
+        square window of side min(H, W, 256) pixels and added to every channel as the same
+        intensity change; the mask is True exactly where the (gray) intensity changed.
+        region: see :func:`_region`; the mask is the region.
 
     Raises:
         ValueError: unknown ``kind``, or an image side below 48 px.
     """
     kind = DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))] if kind is None else kind
-    if kind not in _DEFECTS:
-        raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(DEFECT_TYPES)}")
+    if kind not in _DEFECTS and kind != "region":
+        raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(VALIDATION_KINDS)}")
     img = np.asarray(image, dtype=np.float32)
     h, w = img.shape[:2]
     s = min(h, w, MAX_WINDOW)
     if s < MIN_SIDE:
         raise ValueError(f"image is {w}x{h} px; synthetic defects need both sides >= {MIN_SIDE} px")
+    if kind == "region":
+        return _region(img, rng)
     r0, c0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
     gray = np.clip(np.rint(img[r0:r0 + s, c0:c0 + s].mean(axis=2) * 255), 0, 255).astype(np.uint8)
     others = [np.asarray(f(), dtype=np.uint8) for f in TEXTURES.values()]
@@ -75,29 +96,81 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
     return out, mask
 
 
-def defect_kinds(n_images: int) -> list[str]:
-    """The synthetic defect kind of each of ``n_images`` held-out images, in order: the kinds
-    of :data:`pedenet.builtin.DEFECT_TYPES` in turn (scratch, spot, patch, scratch, ...)."""
-    return [DEFECT_TYPES[i % len(DEFECT_TYPES)] for i in range(n_images)]
+def _region(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A large, low-contrast defect whose size follows the image: a band between two parallel
+    lines at a random angle, covering a share of the pixels drawn from :data:`REGION_FRACTION`
+    (it may touch the image border, then it is a half-plane), filled with the image's own
+    texture magnified by a factor from :data:`REGION_ZOOM` (a random window of side 1/zoom,
+    resized bilinearly), shifted and scaled per channel to the band's original mean and
+    standard deviation: the texture's scale changes, its brightness does not. Where that
+    changes the band by less than :data:`REGION_MIN_CHANGE` on average (flat areas), the band
+    is also shifted by 0.1 in intensity. Returns ``(defective, mask)``, mask = the band."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    share = rng.uniform(*REGION_FRACTION)
+    theta = rng.uniform(0.0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    proj = xx * np.cos(theta) + yy * np.sin(theta)
+    start = rng.uniform(0.0, 1.0 - share)
+    lo, hi = np.quantile(proj, [start, start + share])
+    band = (proj >= lo) & (proj <= hi)
+    zoom = rng.uniform(*REGION_ZOOM)
+    ch, cw = max(2, int(round(h / zoom))), max(2, int(round(w / zoom)))
+    r0, c0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    texture = np.stack([np.asarray(Image.fromarray(img[r0:r0 + ch, c0:c0 + cw, c]).resize(
+        (w, h), Image.BILINEAR), dtype=np.float32) for c in range(img.shape[2])], axis=2)
+    out = img.copy()
+    for c in range(img.shape[2]):
+        orig, new = img[..., c][band], texture[..., c][band]
+        sd = new.std()
+        scaled = (new - new.mean()) * (orig.std() / sd if sd > 1e-6 else 1.0) + orig.mean()
+        out[..., c][band] = scaled
+    out = np.clip(out, 0.0, 1.0)
+    if np.abs(out[band] - img[band]).mean() < REGION_MIN_CHANGE:
+        mean = float(img[band].mean())
+        out[band] = np.clip(img[band] + (0.1 if mean < 0.5 else -0.1), 0.0, 1.0)
+    return out, band
 
 
-def synthetic_validation_set(images, seed: int = 0) -> tuple[list, list, np.ndarray]:
+def defect_kinds(n_images: int, kinds=DEFECT_TYPES) -> list[str]:
+    """The synthetic defect kind of each of ``n_images`` held-out images, in order: ``kinds``
+    in turn (default scratch, spot, patch, scratch, ...)."""
+    return [kinds[i % len(kinds)] for i in range(n_images)]
+
+
+def _check_kinds(kinds) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in VALIDATION_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"defect kinds must be distinct names from {', '.join(VALIDATION_KINDS)}; "
+                         f"got {', '.join(kinds) or 'none'}")
+    return kinds
+
+
+def synthetic_validation_set(images, seed: int = 0,
+                             kinds=DEFECT_TYPES) -> tuple[list, list, np.ndarray]:
     """Each normal image once as it is and once with a synthetic defect.
 
     Args:
         images: paths, PIL images or arrays of normal images (see ``pedenet.estimator.as_rgb_array``).
-        seed: seed of the defects (kinds cycle through scratch, spot, patch).
+        seed: seed of the defects.
+        kinds: the defect kinds, given to the images in turn (:data:`VALIDATION_KINDS`).
 
     Returns:
         ``(arrays, masks, labels)``: 2N float32 H×W×3 images, their bool H×W masks (all False
         for the normal copies) and int64 labels (0 normal, 1 defective).
+
+    Raises:
+        ValueError: an unknown or repeated kind, or an image side below 48 px.
     """
     from .estimator import as_rgb_array
 
+    kinds = _check_kinds(kinds)
     images = list(images)
     rng = np.random.default_rng([int(seed), 31337])
     arrays, masks, labels = [], [], []
-    for item, kind in zip(images, defect_kinds(len(images))):
+    for item, kind in zip(images, defect_kinds(len(images), kinds)):
         img = as_rgb_array(item)
         bad, mask = add_synthetic_defect(img, rng, kind)
         arrays += [img, bad]
@@ -106,7 +179,8 @@ def synthetic_validation_set(images, seed: int = 0) -> tuple[list, list, np.ndar
     return arrays, masks, np.array(labels, dtype=np.int64)
 
 
-def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
+def validate(model, images, seed: int = 0, progress: bool = False,
+             kinds=DEFECT_TYPES) -> dict:
     """Validation metrics of a fitted model on normal images and synthetic-defect copies.
 
     Args:
@@ -114,17 +188,21 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
         images: held-out normal images, not used for training (paths, PIL images or arrays).
         seed: seed of the synthetic defects (use the same one to compare configurations).
         progress: show a progress bar while the 2N images are scored.
+        kinds: the synthetic defect kinds, given to the images in turn (default scratch, spot,
+            patch; add ``"region"`` for large defects whose size follows the image). Compare
+            runs only on the same kinds and seed.
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}``: floats;
         ``n_images`` = 2N (int); ``defect_kinds``: how many copies got each kind, an int for
-        every kind of :data:`pedenet.builtin.DEFECT_TYPES` (``{"scratch": 2, "spot": 1,
-        "patch": 1}`` for N = 4; they sum to N). Raises ValueError if ``images`` is empty.
-        Warns (:class:`FewImagesWarning`) when N < :data:`MIN_RELIABLE_IMAGES`.
+        every kind asked for (``{"scratch": 2, "spot": 1, "patch": 1}`` for N = 4; they sum to
+        N). Raises ValueError if ``images`` is empty or a kind is unknown. Warns
+        (:class:`FewImagesWarning`) when N < :data:`MIN_RELIABLE_IMAGES`.
     """
     from .metrics import image_auroc, pixel_metrics
 
-    arrays, masks, labels = synthetic_validation_set(list(images), seed)
+    kinds = _check_kinds(kinds)
+    arrays, masks, labels = synthetic_validation_set(list(images), seed, kinds)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")
     n = len(arrays) // 2
@@ -135,7 +213,7 @@ def validate(model, images, seed: int = 0, progress: bool = False) -> dict:
                       "calibration fraction)", FewImagesWarning, stacklevel=2)
     pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
-    kinds = defect_kinds(n)
+    given = defect_kinds(n, kinds)
     return {"image_auroc": image_auroc(pred.scores, labels), "pixel_auroc": pm["pixel_auroc"],
             "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays),
-            "defect_kinds": {k: kinds.count(k) for k in DEFECT_TYPES}}
+            "defect_kinds": {k: given.count(k) for k in kinds}}

@@ -270,6 +270,17 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
         assert f"{direct[key]:.3f}" in result.stdout
     result = run("validate", target, "--quiet")
     assert_one_line_error(result, "validation.json", "--overwrite")
+    # --kinds: the library function with those kinds; a bad list is refused before any work
+    result = run("validate", target, "--quiet", "--overwrite", "--kinds", "spot,region")
+    assert result.exit_code == 0, result.output
+    v = json.loads((target / "validation.json").read_text())
+    direct = validate(model, held, seed=0, kinds=("spot", "region"))
+    assert v["image_auroc"] == pytest.approx(direct["image_auroc"], abs=1e-9)
+    assert v["defect_kinds"] == direct["defect_kinds"] and set(v["defect_kinds"]) == {"spot", "region"}
+    assert "spot, region" in result.stdout
+    for bad in ("spot,dent", "spot,spot", ","):
+        result = run("validate", target, "--quiet", "--overwrite", "--kinds", bad)
+        assert result.exit_code == 2 and "--kinds" in result.output and "Traceback" not in result.output
     Path(held[0]).rename(tmp_path / "moved.png")
     try:
         result = run("validate", target, "--quiet", "--overwrite")
@@ -446,3 +457,13 @@ def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monk
     assert console.main() == 130
     err = capsys.readouterr().err
     assert err == "Interrupted while starting; nothing was done.\n"
+
+
+def test_python_dash_m_pedenet_is_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pedenet", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Usage: python -m pedenet" in r.stdout and "fit" in r.stdout and "predict" in r.stdout

@@ -80,3 +80,57 @@ def test_validate_counts_the_defect_kinds():
     assert v["pixel_auroc"] == pytest.approx(pixel_auroc(pred.maps, masks), abs=1e-12)
     assert v["au_pro_0.3"] == pytest.approx(au_pro(pred.maps, masks, 0.3), abs=1e-12)
     assert set(v) == {"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}
+
+
+@pytest.mark.parametrize("shape", [(100, 300, 3), (400, 120, 3), (64, 64, 3)])
+def test_region_defect_is_a_large_band_of_the_image_own_texture_magnified(shape):
+    from pedenet.validation import REGION_FRACTION
+
+    rng = np.random.default_rng(0)
+    # a vertical sine grating: magnifying it changes its period, not its brightness
+    x = np.arange(shape[1], dtype=np.float32)
+    img = np.repeat((0.5 + 0.3 * np.sin(x / 2.0))[None, :, None], shape[0], 0).repeat(3, 2)
+    img = (img + rng.normal(0, 0.01, shape)).astype(np.float32)
+    for seed in range(5):
+        bad, mask = add_synthetic_defect(img, np.random.default_rng(seed), "region")
+        assert bad.shape == img.shape and bad.dtype == np.float32 and mask.dtype == bool
+        share = mask.mean()
+        assert REGION_FRACTION[0] - 0.02 <= share <= REGION_FRACTION[1] + 0.02
+        assert np.array_equal(bad[~mask], img[~mask])  # nothing outside the band moved
+        assert np.abs(bad - img).max(axis=2)[mask].mean() > 0.05  # the band did
+        # brightness and contrast of the band kept (per channel), up to clipping
+        for c in range(3):
+            assert bad[..., c][mask].mean() == pytest.approx(img[..., c][mask].mean(), abs=0.02)
+            assert bad[..., c][mask].std() == pytest.approx(img[..., c][mask].std(), rel=0.1)
+        assert 0 <= bad.min() and bad.max() <= 1
+
+
+def test_region_defect_on_a_flat_image_is_still_visible():
+    from pedenet.validation import REGION_MIN_CHANGE
+
+    for value in (0.0, 0.7):
+        img = np.full((120, 90, 3), value, np.float32)
+        bad, mask = add_synthetic_defect(img, np.random.default_rng(3), "region")
+        assert mask.any() and np.array_equal(bad[~mask], img[~mask])
+        assert np.abs(bad - img)[mask].mean() == pytest.approx(0.1, abs=1e-6)
+        assert 0.1 > REGION_MIN_CHANGE
+
+
+def test_validation_kinds_are_chosen_and_checked():
+    from pedenet.validation import defect_kinds
+
+    crops = normal_crops("brick", 4, size=96, seed=3)
+    default, m_default, _ = synthetic_validation_set(crops, seed=1)
+    explicit, m_explicit, _ = synthetic_validation_set(crops, seed=1, kinds=("scratch", "spot", "patch"))
+    assert all(np.array_equal(p, q) for p, q in zip(default, explicit))  # the default is unchanged
+    assert defect_kinds(5, ("spot", "region")) == ["spot", "region", "spot", "region", "spot"]
+    arrays, masks, labels = synthetic_validation_set(crops, seed=1, kinds=("region",))
+    assert [mk.mean() > 0.1 for mk in masks[1::2]] == [True] * 4
+    for bad in (("dent",), (), ("spot", "spot")):
+        with pytest.raises(ValueError, match="defect kinds must be distinct names from scratch, spot"):
+            synthetic_validation_set(crops, kinds=bad)
+    model = pedenet.PEDENet(steps=0, image_size=64, n_components=2,
+                            calibration_fraction=0.0).fit(crops[:2], progress=False)
+    with pytest.warns(FewImagesWarning):
+        v = validate(model, crops, seed=1, kinds=("patch", "region"))
+    assert v["defect_kinds"] == {"patch": 2, "region": 2}

@@ -16,6 +16,10 @@ from .common import (UserError, _checked, _debug, _device_option, _info, _load_m
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic defects (keep it fixed to compare runs).")
+@click.option("--kinds", default="scratch,spot,patch", show_default=True, metavar="KIND,...",
+              help="Synthetic defect kinds, given to the held-out images in turn: scratch, spot, "
+              "patch, and region (a band over 15-45 % of the image whose texture is the image's "
+              "own, magnified: large, low-contrast defects). Compare runs on the same kinds.")
 @_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an earlier RUN_DIR/validation.json.")
@@ -27,18 +31,27 @@ from .common import (UserError, _checked, _debug, _device_option, _info, _load_m
               "are still recorded in validation.json).")
 @_verbose_option
 @_user_errors
-def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
+def validate(run_dir, seed, kinds, device, overwrite, skip_bad_files, quiet, verbose):
     """Validation score of RUN_DIR's model, for choosing settings without the test split.
 
     Scores the normal images that fit held out of training (--calibration-fraction) and a
-    copy of each carrying one synthetic defect (scratch, spot or foreign patch, exact masks).
+    copy of each carrying one synthetic defect (scratch, spot or foreign patch by default;
+    --kinds adds region), with exact masks.
     Compare runs of the same data by these figures; keep the test split for the final report.
     Writes RUN_DIR/validation.json (with the count of each defect kind, any skipped files and
     the warnings, also printed unless --quiet).
     """
     from ..validation import validate as _validate
 
+    from ..validation import VALIDATION_KINDS
+
     _set_verbose(verbose, quiet)
+    kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in VALIDATION_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise click.BadParameter(f"{','.join(kinds) or 'nothing'}: give distinct kinds from "
+                                 f"{', '.join(VALIDATION_KINDS)}, comma-separated",
+                                 param_hint="--kinds")
     warned: list[str] = []  # validation.json "warnings"; printed unless quiet
     click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until validate ends
     model_path = _model_path(run_dir)
@@ -57,14 +70,14 @@ def validate(run_dir, seed, device, overwrite, skip_bad_files, quiet, verbose):
     paths = _held_out_images([Path(h) for h in held], model.min_image_side,
                              skip_bad_files=skip_bad_files, quiet=quiet)
     t0 = time.perf_counter()
-    result = _validate(model, paths, seed=seed, progress=not quiet)
+    result = _validate(model, paths, seed=seed, progress=not quiet, kinds=kinds)
     used = set(paths)
     result.update(seed=seed, seconds=time.perf_counter() - t0,
                   skipped_files=[h for h in held if Path(h) not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
     click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
-               f"copies, seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
+               f"copies: {', '.join(kinds)}; seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
                f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
     _info(quiet, f"-> {out}")
 

@@ -1,0 +1,73 @@
+"""Does a validation set with large ``region`` defects rank settings the way the test split does?
+
+One fitted model; its held-out normal images get synthetic defects of each kind set (the
+default scratch / spot / patch, and ``region``: a band of the image's own texture, magnified,
+over 15-45 % of the image; :mod:`pedenet.validation`). The maps are computed once per scorer
+and kind set, then scored for every image-score fraction q. With ``--nn`` the same model is
+also scored by nearest-neighbour distance (``benchmarks/ablations.py``'s memory bank), the
+setting whose test ranking (better localization than the mixture) the default validation set
+gets the other way round (docs/ablations.md).
+
+    python benchmarks/explore_validation_kinds.py runs/mtd_s0/model.pt --nn
+
+Prints one JSON line per (scorer, kind set): image AUROC for each q, pixel AUROC, AU-PRO@0.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+QS = (0.0, 0.003, 0.01, 0.03)
+KIND_SETS = {"default": ("scratch", "spot", "patch"), "region": ("region",)}
+
+
+def _score(model, kinds: tuple, qs) -> dict:
+    from pedenet.metrics import image_auroc, pixel_metrics
+    from pedenet.scoring import image_score
+    from pedenet.validation import synthetic_validation_set
+
+    arrays, masks, labels = synthetic_validation_set(model.history["calibration_images"], 0, kinds)
+    maps = model.predict(arrays).maps
+    out = {f"image_auroc_q{q:g}": round(image_auroc([image_score(m, q) for m in maps], labels), 4)
+           for q in qs}
+    pm = pixel_metrics(maps, masks, (0.3,))
+    out.update(pixel_auroc=round(pm["pixel_auroc"], 4), au_pro_03=round(pm["aupro_0.3"], 4))
+    return out
+
+
+def main() -> None:
+    import pedenet
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ablations import _swap_scorer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="RUN_DIR/model.pt")
+    ap.add_argument("--nn", action="store_true", help="also score by nearest-neighbour distance")
+    ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    qs = [float(v) for v in args.q.split(",")]
+    scorers = ["mixture"] + (["nn"] if args.nn else [])
+    for scorer in scorers:
+        model = pedenet.load(args.model)
+        if scorer == "nn":  # the bank: the other images of the held-out images' folder
+            from pedenet.data import list_images
+
+            held = model.history["calibration_images"]
+            train = [p for p in list_images(Path(held[0]).parent) if str(p) not in set(held)]
+            _swap_scorer(model, "nn", train, model.config.seed)
+        for name, kinds in KIND_SETS.items():
+            t0 = time.perf_counter()
+            rec = {"model": args.model, "scorer": scorer, "kinds": name, **_score(model, kinds, qs),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
