@@ -123,7 +123,7 @@ def test_predict_maps_overlays_scores(run_dir, dataset, tmp_path):
     with open(out / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["path"] for r in rows] == [str(inputs / "a" / "x.png"), str(inputs / "b" / "x.png")]
-    assert [r["name"] for r in rows] == ["x_1", "x_2"]
+    assert [r["name"] for r in rows] == ["a_x", "b_x"]
     for row, shape in zip(rows, [(50, 61), (40, 64)]):
         amap = np.load(out / f"{row['name']}_map.npy")
         assert amap.dtype == np.float32 and amap.shape == shape
@@ -136,7 +136,7 @@ def test_predict_maps_overlays_scores(run_dir, dataset, tmp_path):
     assert result.exit_code == 0, result.output
     amap = tifffile.imread(out2 / "x_map.tiff")
     assert amap.dtype == np.float32 and amap.shape == (50, 61)
-    np.testing.assert_array_equal(amap, np.load(out / "x_1_map.npy"))
+    np.testing.assert_array_equal(amap, np.load(out / "a_x_map.npy"))
 
 
 def test_bad_inputs_give_one_line_errors(run_dir, dataset, tmp_path):
