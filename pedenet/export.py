@@ -222,8 +222,8 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
                     traced = torch.jit.trace(module, (x,), check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"pedenet.json": json.dumps(meta)})
             else:
-                _export_onnx(module, x, tmp, dynamic_hw=not model.config.image_size or model.config.keep_aspect,
-                             meta=meta)
+                dynamic_hw = not model.config.image_size or model.config.keep_aspect
+                _export_onnx(module, x, tmp, dynamic_hw=dynamic_hw, meta=meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -244,6 +244,19 @@ def _export_onnx(module: nn.Module, x: torch.Tensor, path: Path, dynamic_hw: boo
                           input_names=["image"], output_names=["anomaly_map", "score"],
                           dynamic_axes=axes, do_constant_folding=True)
     proto = onnx.load(str(path))
+    # the declared output shapes: with a fixed input size the exporter's shape inference names
+    # the map's axes after internal nodes ('batch', 'batch', 'Squeeze...'); state them
+    h, w = (("height", "width") if dynamic_hw else (int(x.shape[2]), int(x.shape[3])))
+    declared = {"anomaly_map": ("batch", h, w), "score": ("batch",)}
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for size in declared[output.name]:
+            dim = dims.add()
+            if isinstance(size, int):
+                dim.dim_value = size
+            else:
+                dim.dim_param = size
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key = key

@@ -66,6 +66,13 @@ def _run_onnx(path, x: np.ndarray):
     return sess.run(["anomaly_map", "score"], {"image": x})
 
 
+def _declared_shapes(path):
+    """{name: shape} of the ONNX file's inputs and outputs as onnxruntime reads them."""
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {io.name: io.shape for io in sess.get_inputs() + sess.get_outputs()}
+
+
 def _run_torchscript(path, x: np.ndarray):
     ts = torch.jit.load(str(path))
     with torch.no_grad():
@@ -114,6 +121,9 @@ def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt)
     assert meta["thresholds"] == scratch64.thresholds() and meta["thresholds"]["n_calibration"] == 1
     vmin, vmax = color_range(scratch64)  # 1 held-out image: the training scale
     assert meta["color_range"] == [vmin, vmax] and vmin == scratch64.normal_quantiles["0.5"]
+    if fmt == "onnx":  # what a deployment tool reads off the file: a fixed 64 x 64 map
+        assert _declared_shapes(path) == {"image": ["batch", 3, 64, 64],
+                                          "anomaly_map": ["batch", 64, 64], "score": ["batch"]}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -125,6 +135,10 @@ def test_export_any_size_when_image_size_is_zero(pretrained_native, images, tmp_
         amap, score = run(path, x)
         below_max.append(_check(pretrained_native, arr, amap[0], score[0]))
     assert min(below_max) > 100 * TOL  # the top-5 % mean, not the maximum
+    if fmt == "onnx":
+        assert _declared_shapes(path) == {"image": ["batch", 3, "height", "width"],
+                                          "anomaly_map": ["batch", "height", "width"],
+                                          "score": ["batch"]}
 
 
 def test_float32_energy_export_also_meets_the_tolerance(scratch64, images):
@@ -194,6 +208,24 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
     result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(run_dir / "model.pt")])
     assert result.exit_code == 2 and "would overwrite the run's own checkpoint" in result.output
     assert (run_dir / "model.pt").read_bytes() == before
+    # an extension that names no model format is refused rather than written as ONNX
+    (run_dir / "config.json").write_text("{}")
+    for name in ("config.json", "model"):
+        result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(run_dir / name)])
+        assert result.exit_code == 2 and "cannot tell the format" in result.output, result.output
+        stem = name.split(".")[0]
+        assert f"{stem}.onnx" in result.output and f"{stem}.ts" in result.output
+    assert (run_dir / "config.json").read_text() == "{}" and not (run_dir / "model").exists()
+    # an existing file is replaced only with --overwrite
+    before = (tmp_path / "m.ts").read_bytes()
+    (tmp_path / "m.ts").write_bytes(b"an older export")
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "m.ts")])
+    assert result.exit_code == 2 and "exists; pass --overwrite" in result.output
+    assert (tmp_path / "m.ts").read_bytes() == b"an older export"
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "m.ts"),
+                                       "--overwrite", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.ts").read_bytes()[:2] == before[:2]  # a TorchScript (zip) file again
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

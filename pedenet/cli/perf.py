@@ -13,7 +13,8 @@ from .common import _check_out_file, _info, _load_model, _model_path, _user_erro
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default=None,
               help="ONNX (onnxruntime) or TorchScript (torch.jit.load). Default: from the "
-              "--out extension (.ts, .pt, .pth: torchscript; otherwise onnx).")
+              "--out extension (.onnx: onnx; .ts, .pt, .pth, .torchscript: torchscript; any "
+              "other extension needs --format).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="File to write (e.g. model.onnx, model.ts).")
 @click.option("--energy-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
@@ -21,9 +22,11 @@ from .common import _check_out_file, _info, _load_model, _model_path, _user_erro
               "model: auto = as pedenet scores (float32 products and float64 sums where the "
               "mixture's accuracy check allows, else float64); float32 throughout is fastest "
               "and least exact. The encoder always runs in float32.")
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace an existing --out file (never the run's own model.pt or resume.pt).")
 @click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
 @_user_errors
-def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
+def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     """Export RUN_DIR's model as one network: image → anomaly map and score.
 
     Input: float32 B×3×H×W, RGB in [0, 1] (normalization is inside), H = W = the
@@ -41,6 +44,9 @@ def export_command(run_dir, fmt, out_file, energy_dtype, quiet):
     if out_file.resolve() in {model_path.resolve(), (model_path.parent / "resume.pt").resolve()}:
         raise click.UsageError(f"--out {out_file} would overwrite the run's own checkpoint; "
                                "pass another file name (e.g. model.ts or model.onnx)")
+    if out_file.exists() and not overwrite:
+        raise click.UsageError(f"--out {out_file} exists; pass --overwrite to replace it, or "
+                               "choose another file name")
     model = _load_model(model_path, "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
     path = export_model(model, out_file, fmt, energy_dtype=dtype)
@@ -65,13 +71,19 @@ def _export_format(fmt: str | None, out_file: Path) -> str:
     Raises:
         click.UsageError: ``fmt`` contradicts the extension (a TorchScript file named
             ``.onnx``, or an ONNX file named ``.ts``/``.pt``/``.pth``), which the other
-            runtime would then fail to load.
+            runtime would then fail to load; or no ``fmt`` and an extension that names
+            neither format (``model.json``, ``out.bmp``: probably a mistyped --out).
     """
     suffix = out_file.suffix.lower()
     implied = ("torchscript" if suffix in _TORCHSCRIPT_SUFFIXES
                else "onnx" if suffix == ".onnx" else None)
     if fmt is None:
-        return implied or "onnx"
+        if implied is None:
+            raise click.UsageError(
+                f"--out {out_file}: cannot tell the format from {suffix or 'a name without an extension'}; "
+                f"name it {out_file.with_suffix('.onnx').name} (ONNX) or "
+                f"{out_file.with_suffix('.ts').name} (TorchScript), or pass --format")
+        return implied
     if implied is not None and implied != fmt:
         article = "an" if implied == "onnx" else "a"
         raise click.UsageError(
