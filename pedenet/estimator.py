@@ -286,15 +286,20 @@ class PEDENet:
         out saturated. (Mildly above the scale is common with small training sets: an
         untrained model on 80 built-in 128 px grass crops sits between 0 and 2.5 spans:
         tests/test_calibration.py.)"""
-        from .visualization import MIN_HELD_OUT_FOR_SCALE, color_range
+        from .visualization import MIN_HELD_OUT_FOR_SCALE, color_range, color_source
 
         vmin, vmax = color_range(self, source="training")
         median = float(np.median(self.calibration.scores))
         if vmax is not None and median > vmax + OVERFIT_SPANS * (vmax - vmin):
-            overlays = ("overlay colours stay valid too (they come from the held-out images)"
-                        if self.calibration.n >= MIN_HELD_OUT_FOR_SCALE else
-                        f"overlays of normal images will look saturated (their colours come "
-                        f"from the training images below {MIN_HELD_OUT_FOR_SCALE} held-out ones)")
+            if self.calibration.n >= MIN_HELD_OUT_FOR_SCALE:
+                overlays = "overlay colours stay valid too (they come from the held-out images)"
+            elif color_source(self) == "held_out":
+                overlays = (f"overlay colours come from the {self.calibration.n} held-out "
+                            f"image(s) (the training scale would paint every normal pixel the "
+                            f"hottest colour), a rough scale below {MIN_HELD_OUT_FOR_SCALE}")
+            else:
+                overlays = (f"overlays of normal images will look hot (their colours come from "
+                            f"the training images below {MIN_HELD_OUT_FOR_SCALE} held-out ones)")
             warnings.warn(
                 f"the held-out normal images score far above the training images (median image "
                 f"score {median:.4g}; the training patches' hottest colour starts at {vmax:.4g}): "

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "cluster_overlay", "color_range", "heatmap_overlay", "save_png"]
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "cluster_overlay", "color_range", "color_source", "heatmap_overlay", "save_png"]
 
 CONTOUR_COLOR = (255, 255, 255)
 """RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
@@ -54,8 +54,9 @@ def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROO
       (``model.normal_quantiles``): typical = ``"0.5"``, top = ``"1.0"``. A model that fits
       its training images better than new ones (small training sets) gives a scale that new
       normal images already exceed, so their overlays look warm.
-    * ``"auto"`` (default): ``"held_out"`` when the model holds out at least
-      :data:`MIN_HELD_OUT_FOR_SCALE` normal images, else ``"training"``.
+    * ``"auto"`` (default): :func:`color_source`: ``"held_out"`` when the model holds out at
+      least :data:`MIN_HELD_OUT_FOR_SCALE` normal images, or fewer whose median pixel the
+      training scale would already paint the hottest colour; else ``"training"``.
 
     Without the chosen statistics (a model without held-out images, an older checkpoint) it
     falls back to the training quantiles, then to ``amap``'s own min/max, then to
@@ -66,26 +67,58 @@ def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROO
     """
     if source not in ("auto", "held_out", "training"):
         raise ValueError(f"source must be 'auto', 'held_out' or 'training'; got {source!r}")
+    if source == "auto":
+        source = color_source(model, headroom)
     lo = hi = float("nan")
-    cal = getattr(model, "calibration", None)
-    pixels = getattr(cal, "pixel_scores", None)
-    if (source != "training" and pixels is not None and len(pixels)
-            and (source == "held_out" or len(cal.scores) >= MIN_HELD_OUT_FOR_SCALE)):
+    pixels = _held_out_pixels(model)
+    if source == "held_out" and pixels is not None:
         lo, hi = float(np.median(pixels)), float(np.max(pixels))
     else:
-        q = getattr(model, "normal_quantiles", None) or {}
-        try:
-            lo, hi = float(q["0.5"]), float(q["1.0"])
-        except (KeyError, TypeError, ValueError):
-            pass
+        lo, hi = _training_typical_top(model)
     if np.isfinite(lo) and np.isfinite(hi):
-        vmax = hi + headroom * (hi - lo)
-        if vmax <= lo:
-            vmax = lo + max(1e-6, abs(lo) * 1e-6)
-        return lo, vmax
+        return lo, _scale_top(lo, hi, headroom)
     if amap is not None:
         return float(np.min(amap)), float(np.max(amap))
     return None, None
+
+
+def color_source(model, headroom: float = HEADROOM) -> str:
+    """Which statistics :func:`color_range` takes by default: ``"held_out"`` or ``"training"``.
+
+    ``"held_out"`` when the model has held-out pixel scores and either holds out at least
+    :data:`MIN_HELD_OUT_FOR_SCALE` normal images, or holds out fewer but the training scale
+    is plainly wrong for new images: the held-out pixels' median lies above the training
+    scale's hottest colour (the model memorized its training images, so every new normal
+    image would be painted solid red). Otherwise (few held-out images, none, or an older
+    checkpoint without their pixel scores) ``"training"``.
+    """
+    pixels = _held_out_pixels(model)
+    if pixels is None:
+        return "training"
+    if len(model.calibration.scores) >= MIN_HELD_OUT_FOR_SCALE:
+        return "held_out"
+    lo, hi = _training_typical_top(model)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "held_out"
+    return "held_out" if float(np.median(pixels)) > _scale_top(lo, hi, headroom) else "training"
+
+
+def _held_out_pixels(model) -> np.ndarray | None:
+    pixels = getattr(getattr(model, "calibration", None), "pixel_scores", None)
+    return pixels if pixels is not None and len(pixels) else None
+
+
+def _training_typical_top(model) -> tuple[float, float]:
+    q = getattr(model, "normal_quantiles", None) or {}
+    try:
+        return float(q["0.5"]), float(q["1.0"])
+    except (KeyError, TypeError, ValueError):
+        return float("nan"), float("nan")
+
+
+def _scale_top(lo: float, hi: float, headroom: float) -> float:
+    vmax = hi + headroom * (hi - lo)
+    return vmax if vmax > lo else lo + max(1e-6, abs(lo) * 1e-6)
 
 
 def _as_rgb_float(image: np.ndarray) -> np.ndarray:

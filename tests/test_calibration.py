@@ -197,7 +197,7 @@ def test_overlay_colours_of_fresh_normal_images_come_from_the_held_out_images(ca
     """With >= MIN_HELD_OUT_FOR_SCALE held-out images the colour scale is theirs, so fresh
     normal images (drawn like train/good) stay below the hottest colour, as the held-out ones
     do; the training images' scale, which this small fit exceeds, would paint them hot."""
-    from pedenet.visualization import MIN_HELD_OUT_FOR_SCALE, color_range
+    from pedenet.visualization import MIN_HELD_OUT_FOR_SCALE, color_range, color_source
 
     assert calibrated.calibration.n >= MIN_HELD_OUT_FOR_SCALE
     pixels = calibrated.calibration.pixel_scores
@@ -210,11 +210,14 @@ def test_overlay_colours_of_fresh_normal_images_come_from_the_held_out_images(ca
     hot_held_out, hot_training = (maps > vmax).mean(), (maps > t_max).mean()
     assert hot_held_out < 0.005
     assert hot_training > 10 * max(hot_held_out, 1e-4)
-    few = copy.copy(calibrated)  # below MIN_HELD_OUT_FOR_SCALE: the training scale
+    # below MIN_HELD_OUT_FOR_SCALE the training scale serves only where it does not already
+    # paint the held-out median pixel red; this small fit's does, so the held-out scale stays
+    few = copy.copy(calibrated)
     few.calibration = dataclasses.replace(calibrated.calibration,
                                           scores=calibrated.calibration.scores[:MIN_HELD_OUT_FOR_SCALE - 1])
-    assert color_range(few) == (t_min, t_max)
-    assert color_range(few, source="held_out") == (vmin, vmax)
+    assert np.median(pixels) > t_max
+    assert color_source(few) == "held_out" and color_range(few) == (vmin, vmax)
+    assert color_range(few, source="training") == (t_min, t_max)
 
 
 def test_held_out_images_far_above_training_warn_of_overfitting(calibrated):
@@ -235,3 +238,26 @@ def test_held_out_images_far_above_training_warn_of_overfitting(calibrated):
     with pytest.warns(UserWarning, match=r"held-out normal images score far above the training "
                                          r"images .* more training images \(or fewer --n-components\)"):
         over._warn_if_held_out_scores_far_above_training()
+
+
+def test_few_held_out_images_of_a_memorizing_model_give_the_colour_scale(tmp_path):
+    """A mixture fitted (untrained encoder, random initialization) on the 3 training images
+    of 4 (1 held out) scores new normal images far above all its training patches: the
+    training scale would paint them solid red. The one held-out map then gives the scale,
+    and the warning says so."""
+    from pedenet.visualization import color_range, color_source
+
+    root = make_builtin_dataset(tmp_path / "ds", categories=("grass",), n_train=4, n_test_good=3,
+                                n_test_defect=1, size=64)
+    train = sorted((root / "grass" / "train" / "good").glob("*.png"))
+    with pytest.warns(UserWarning) as record:
+        model = pedenet.PEDENet(steps=0, de_init="random", image_size=64).fit(train, progress=False)
+    assert model.calibration.n == 1
+    overfit = [str(w.message) for w in record if "score far above" in str(w.message)]
+    assert len(overfit) == 1 and "overlay colours come from the 1 held-out image(s)" in overfit[0]
+    assert color_source(model) == "held_out"
+    maps = np.stack(model.predict(sorted((root / "grass" / "test" / "good").glob("*.png"))).maps)
+    _, t_max = color_range(model, source="training")
+    vmin, vmax = color_range(model)
+    assert (maps > t_max).mean() > 0.9  # the training scale: solid red
+    assert (maps > vmax).mean() < 0.1 and np.median(maps) < vmax  # the held-out scale

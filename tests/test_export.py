@@ -20,7 +20,7 @@ from pedenet.builtin import make_builtin_dataset
 from pedenet.cli import main
 from pedenet.export import build_module, export_model, read_metadata
 from pedenet.scoring import image_score, to_tensor
-from pedenet.visualization import color_range
+from pedenet.visualization import color_range, color_source
 
 TOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -119,8 +119,12 @@ def test_export_matches_anomaly_map_fixed_size(scratch64, images, tmp_path, fmt)
     meta = read_metadata(path)
     assert meta["image_size"] == 64 and meta["smoothing_sigma"] == 4.0
     assert meta["thresholds"] == scratch64.thresholds() and meta["thresholds"]["n_calibration"] == 1
-    vmin, vmax = color_range(scratch64)  # 1 held-out image: the training scale
-    assert meta["color_range"] == [vmin, vmax] and vmin == scratch64.normal_quantiles["0.5"]
+    # 1 held-out image, whose median pixel this untrained mixture's training scale would
+    # already paint red: the held-out scale
+    vmin, vmax = color_range(scratch64)
+    assert color_source(scratch64) == "held_out"
+    assert meta["color_range"] == [vmin, vmax]
+    assert vmin == float(np.median(scratch64.calibration.pixel_scores))
     if fmt == "onnx":  # what a deployment tool reads off the file: a fixed 64 x 64 map
         assert _declared_shapes(path) == {"image": ["batch", 3, 64, 64],
                                           "anomaly_map": ["batch", 64, 64], "score": ["batch"]}

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from pedenet.visualization import (CONTOUR_COLOR, HEADROOM, MIN_HELD_OUT_FOR_SCALE, color_range,
+from pedenet.visualization import (CONTOUR_COLOR, HEADROOM, MIN_HELD_OUT_FOR_SCALE, color_range, color_source,
                                    heatmap_overlay, save_png)
 
 
@@ -95,9 +95,18 @@ def test_color_range_from_held_out_pixels():
     pixels = [30.0, 31.0, 32.0, 40.0]  # median 31.5, max 40
     held_out = (31.5, 40.0 + HEADROOM * (40.0 - 31.5))
     assert color_range(_Calibrated(q, MIN_HELD_OUT_FOR_SCALE, pixels)) == pytest.approx(held_out)
-    few = _Calibrated(q, MIN_HELD_OUT_FOR_SCALE - 1, pixels)
-    assert color_range(few) == (10.0, 20.0 + HEADROOM * 10.0)  # too few held out: training
+    # too few held out, and the training scale (28 to 36 + 0.25 * 8 = 38) covers their
+    # median pixel (31.5): the training scale
+    few = _Calibrated({"0.5": 28.0, "1.0": 36.0}, MIN_HELD_OUT_FOR_SCALE - 1, pixels)
+    assert color_source(few) == "training"
+    assert color_range(few) == (28.0, 36.0 + HEADROOM * 8.0)
     assert color_range(few, source="held_out") == pytest.approx(held_out)
+    # too few held out, but the training scale tops out (22.5) below their median pixel: a
+    # memorizing model would paint every normal pixel red, so the few held-out maps decide
+    memorized = _Calibrated(q, 1, pixels)
+    assert color_source(memorized) == "held_out"
+    assert color_range(memorized) == pytest.approx(held_out)
+    assert color_range(memorized, source="training") == (10.0, 20.0 + HEADROOM * 10.0)
     assert color_range(_Calibrated(q, 50, pixels), source="training") == (10.0, 12.5 + 10.0)
     assert color_range(_Calibrated({}, 0, []), source="held_out") == (None, None)
     with pytest.raises(ValueError, match="source"):

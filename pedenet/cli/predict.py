@@ -66,7 +66,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     from ..data import SkippedFileWarning
     from ..outputs import (SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files,
                            earlier_prediction_outputs)
-    from ..visualization import (MIN_HELD_OUT_FOR_SCALE, cluster_overlay, color_range,
+    from ..visualization import (cluster_overlay, color_range, color_source,
                                  heatmap_overlay, save_png)
 
     _set_verbose(verbose, quiet)
@@ -108,7 +108,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
-    held_out = cal is not None and cal.n >= MIN_HELD_OUT_FOR_SCALE
+    held_out = color_source(model) == "held_out"
     _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "
            f"overlay colour range {vmin} to {vmax} (energy; from the "
            f"{'held-out normal images' if held_out else 'training images'})")
