@@ -389,6 +389,23 @@ def test_evaluate_and_predict_quiet_print_nothing_but_record_their_warnings(run_
     assert not (out / "warnings.txt").exists() and (out / "001_overlay.png").is_file()
 
 
+def test_an_image_warning_is_shown_and_recorded_once(run_dir, tmp_path):
+    """A 16-bit colour PNG warns when the images are checked and again when predict reads
+    it: the user sees the line once, and warnings.txt holds it once."""
+    from test_data import _write_png_rgb16
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    arr = np.random.default_rng(0).integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+    _write_png_rgb16(inputs / "c16.png", arr)
+    result = run("predict", run_dir, inputs, "--out", tmp_path / "pred", "--fpr", "0.5")
+    assert result.exit_code == 0, result.output
+    shown = [w for w in result.stderr.splitlines() if "16-bit colour image" in w]
+    assert len(shown) == 1 and shown[0].startswith(f"Warning: {inputs / 'c16.png'}: 16-bit colour")
+    recorded = (tmp_path / "pred" / "warnings.txt").read_text().splitlines()
+    assert recorded == [shown[0][len("Warning: "):]]
+
+
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     import pedenet
     from pedenet.validation import validate

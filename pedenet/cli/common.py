@@ -78,17 +78,25 @@ def _short_warnings(log: list[str] | None = None, quiet: bool = False):
 
     The ``main`` group wraps every command in one (printing only); a command that records its
     warnings (fit's config.json, evaluate's metrics.json, predict's warnings.txt) opens another.
-    Warnings Python's filters hide are not seen; entering resets the "shown once" registries,
+    A text already shown by this block is not shown (or logged) again. Warnings Python's
+    filters hide are not seen; entering resets the "shown once" registries,
     so one shown by an earlier block (an earlier fit of ``pedenet demo``) is seen again. The
     previous display and filters are restored on exit.
     """
 
+    seen: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
         text = " ".join(str(message).split())
+        if text in seen:  # e.g. an image's warning from the check and again from the work
+            return
+        seen.add(text)
         if log is not None:
             log.append(text)
-        if not quiet:
-            click.echo(f"Warning: {text}", err=True)
+        if not quiet:  # through tqdm: printed above a running progress bar, not glued to it
+            from tqdm import tqdm
+
+            tqdm.write(f"Warning: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
