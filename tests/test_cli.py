@@ -406,6 +406,42 @@ def test_an_image_warning_is_shown_and_recorded_once(run_dir, tmp_path):
     assert recorded == [shown[0][len("Warning: "):]]
 
 
+def test_interrupted_predict_lists_what_it_wrote(run_dir, dataset, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the second image: the first image's outputs stay, listed in
+    scores.csv; none of the second's are left; exit code 130 with what to do."""
+    import pedenet.visualization as vis
+
+    inputs = dataset / "grass" / "test" / "good"
+    n_images = len(list(inputs.glob("*.png")))
+    assert n_images >= 2
+    calls = {"n": 0}
+    save_png = vis.save_png
+
+    def interrupted_save_png(path, array):
+        calls["n"] += 1
+        if calls["n"] == 4:  # image 1: its mask written, then Ctrl-C before its overlay
+            raise KeyboardInterrupt
+        return save_png(path, array)
+
+    monkeypatch.setattr(vis, "save_png", interrupted_save_png)
+    out = tmp_path / "pred"
+    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--quiet")
+    assert result.exit_code == 130
+    assert f"interrupted after 1 of {n_images} images" in result.output
+    assert "--overwrite" in result.output and "Traceback" not in result.output
+    with open(out / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1
+    first = rows[0]["name"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["scores.csv", f"{first}_map.npy", f"{first}_mask.png", f"{first}_overlay.png"])
+    monkeypatch.setattr(vis, "save_png", save_png)
+    again = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--overwrite", "--quiet")
+    assert again.exit_code == 0, again.output
+    with open(out / "scores.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == n_images
+
+
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     import pedenet
     from pedenet.validation import validate

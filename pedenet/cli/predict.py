@@ -62,6 +62,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only. Warnings (skipped files, very large images,
     ...) are also written to OUT/warnings.txt, one per line, when there are any.
+    Ctrl-C keeps the images finished so far (scores.csv lists them; exit code 130).
     """
     from ..data import SkippedFileWarning
     from ..outputs import (SCORES_COLUMNS, WARNINGS_FILE, earlier_prediction_files,
@@ -116,9 +117,11 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     rows, kept_maps, top = [], [], []
     loaded: dict[int, np.ndarray] = {}  # decoded once: for the model and for the overlay
     written: set[Path] = set()  # every file this run writes (the earlier run's others go)
+    pending: list[Path] = []  # the files of the image being written (removed if interrupted)
 
     def output(filename: str) -> Path:
         written.add(out_dir / filename)
+        pending.append(out_dir / filename)
         return out_dir / filename
 
     def decoded():  # runs in iter_predict's reader thread, at most 2 × batch ahead
@@ -126,48 +129,68 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             loaded[i] = load_image(path)
             yield loaded[i]
 
-    results = model.iter_predict(decoded())
-    for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
-        path, name = images[i], names[i]
-        image = loaded.pop(i)
-        lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
-        row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
-        if th is not None:
-            row["p_value"] = float(cal.p_values(score))
-            row["anomalous"] = bool(score > th["image_threshold"])
-            mask = (amap > th["pixel_threshold"]) & row["anomalous"]
-            save_png(output(f"{name}_mask.png"), mask.astype(np.uint8) * 255)
-        save_png(output(f"{name}_overlay.png"), heatmap_overlay(image, amap, lo, hi))
-        if clusters:
-            labels, _ = model.cluster_map(image)
-            save_png(output(f"{name}_clusters.png"),
-                     cluster_overlay(image, labels, model.config.n_components))
-        if fmt == "npy":
-            atomic_write_bytes(output(f"{name}_map.npy"), lambda fh: np.save(fh, amap))
-        else:
-            import tifffile
+    def write_scores():  # scores.csv lists what was written (a later --overwrite replaces it)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(SCORES_COLUMNS)
+        for r in rows:
+            writer.writerow([r["path"], repr(r["score"]),
+                             "" if r["p_value"] is None else repr(r["p_value"]),
+                             "" if r["anomalous"] is None else int(r["anomalous"]), r["name"]])
+        _write_text(output("scores.csv"), text.getvalue())
+        if warned:
+            _write_text(output(WARNINGS_FILE), "".join(f"{w}\n" for w in warned))
+        stale = [f for f in earlier if f not in written]  # the earlier run's, not replaced: remove
+        for f in stale:
+            f.unlink(missing_ok=True)
+        if stale:
+            _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
 
-            buf = io.BytesIO()
-            tifffile.imwrite(buf, amap)
-            atomic_write_bytes(output(f"{name}_map.tiff"), lambda fh: fh.write(buf.getvalue()))
-        _debug(f"{path}: score {score:.4g}" + (f", p-value {row['p_value']:.3g}, "
-                                             f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
-                                             if th is not None else ""))
-        rows.append(row)
-        if report:  # keep only the maps the gallery can show: memory stays bounded
-            kept_maps.append(None)
-            heapq.heappush(top, (float(score), -i, i))
-            kept_maps[i] = amap
-            if len(top) > REPORT_GALLERY:
-                kept_maps[heapq.heappop(top)[2]] = None
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(SCORES_COLUMNS)
-    for r in rows:
-        writer.writerow([r["path"], repr(r["score"]),
-                         "" if r["p_value"] is None else repr(r["p_value"]),
-                         "" if r["anomalous"] is None else int(r["anomalous"]), r["name"]])
-    _write_text(output("scores.csv"), text.getvalue())
+    results = model.iter_predict(decoded())
+    try:
+        for i, amap, score in _progress(results, quiet, "predicting", total=len(images)):
+            path, name = images[i], names[i]
+            image = loaded.pop(i)
+            lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
+            row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
+            if th is not None:
+                row["p_value"] = float(cal.p_values(score))
+                row["anomalous"] = bool(score > th["image_threshold"])
+                mask = (amap > th["pixel_threshold"]) & row["anomalous"]
+                save_png(output(f"{name}_mask.png"), mask.astype(np.uint8) * 255)
+            save_png(output(f"{name}_overlay.png"), heatmap_overlay(image, amap, lo, hi))
+            if clusters:
+                labels, _ = model.cluster_map(image)
+                save_png(output(f"{name}_clusters.png"),
+                         cluster_overlay(image, labels, model.config.n_components))
+            if fmt == "npy":
+                atomic_write_bytes(output(f"{name}_map.npy"), lambda fh: np.save(fh, amap))
+            else:
+                import tifffile
+
+                buf = io.BytesIO()
+                tifffile.imwrite(buf, amap)
+                atomic_write_bytes(output(f"{name}_map.tiff"), lambda fh: fh.write(buf.getvalue()))
+            _debug(f"{path}: score {score:.4g}" + (f", p-value {row['p_value']:.3g}, "
+                                                 f"{'ANOMALOUS' if row['anomalous'] else 'normal'}"
+                                                 if th is not None else ""))
+            rows.append(row)
+            pending.clear()
+            if report:  # keep only the maps the gallery can show: memory stays bounded
+                kept_maps.append(None)
+                heapq.heappush(top, (float(score), -i, i))
+                kept_maps[i] = amap
+                if len(top) > REPORT_GALLERY:
+                    kept_maps[heapq.heappop(top)[2]] = None
+    except KeyboardInterrupt:
+        for f in pending:  # an image half written: none of its files
+            f.unlink(missing_ok=True)
+            written.discard(f)
+        write_scores()
+        raise UserError(f"interrupted after {len(rows)} of {len(images)} images; their outputs "
+                        f"are in {out_dir} and listed in its scores.csv - rerun the same command "
+                        "with --overwrite to predict all", exit_code=130) from None
+    write_scores()
     if report:
         from ..report import write_prediction_report
 
@@ -176,13 +199,6 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                                        max_gallery=REPORT_GALLERY,
                                        reference_scores=cal.scores if cal is not None else None)
         _info(quiet, f"report -> {path}")
-    if warned:
-        _write_text(output(WARNINGS_FILE), "".join(f"{w}\n" for w in warned))
-    stale = [f for f in earlier if f not in written]  # the earlier run's, not replaced: remove
-    for f in stale:
-        f.unlink(missing_ok=True)
-    if stale:
-        _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
     _debug(f"{len(rows)} images in {time.perf_counter() - t_start:.1f} s (reading, scoring and writing)")
     flagged = sum(bool(r["anomalous"]) for r in rows)
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
