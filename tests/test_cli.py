@@ -141,7 +141,8 @@ def test_predict_maps_overlays_scores(run_dir, dataset, tmp_path):
 
 def test_bad_inputs_give_one_line_errors(run_dir, dataset, tmp_path):
     missing = tmp_path / "nope"
-    assert_one_line_error(run("fit", missing, "--out", tmp_path / "r", "--quiet"), str(missing))
+    assert_one_line_error(run("fit", missing, "--out", tmp_path / "r", "--quiet"), str(missing),
+                          "does not exist", "a folder of normal images")
     assert_one_line_error(run("fit", dataset, "--out", tmp_path / "r", "--quiet"), "grass")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")

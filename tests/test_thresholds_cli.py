@@ -130,6 +130,13 @@ def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (cfg["n_normal_images"], cfg["n_train_images"], cfg["n_calibration_images"]) == (40, 32, 8)
+    # nothing to evaluate in a folder of normal images: evaluate says so and what to pass
+    r = run("evaluate", tmp_path / "r", "--quiet")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "fitted on a plain folder of normal images" in r.output
+    assert "pass --data" in r.output and "pedenet validate" in r.output
+    r = run("evaluate", tmp_path / "r", "--data", dataset, "--no-overlays", "--quiet")
+    assert r.exit_code == 0, r.output  # with test data it evaluates
 
 
 def test_fit_does_not_train_on_subfolders_and_says_so(dataset, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..data import DataError, load_image, load_mask, resolve_category
+from ..data import DataError, list_images, load_image, load_mask, resolve_category
 from .common import (UserError, _debug, _device_option, _info, _load_model, _model_path, _progress,
                      _rate_options, _read_json, _set_verbose, _short_warnings, _thresholds_line,
                      _unique_names, _user_errors, _verbose_option, _write_json)
@@ -29,6 +29,13 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
             return resolve_category(recorded.get("data") or recorded["category_dir"],
                                     category if category is not None else recorded.get("category"))
         except DataError as exc:  # the data was moved or deleted since fit
+            fitted_on = Path(recorded.get("category_dir") or recorded["data"])
+            if fitted_on.is_dir() and list_images(fitted_on):
+                raise UserError(
+                    f"{run_dir} was fitted on a plain folder of normal images ({fitted_on}), "
+                    "which has no test images: pass --data with a folder in the MVTec AD layout "
+                    "(test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png), or run "
+                    f"pedenet validate {run_dir} to score synthetic defects") from None
             raise UserError(f"{exc} (the test data recorded in {cfg_path} at fit time); pass "
                             "--data DATA if it has moved") from None
     if category is not None:

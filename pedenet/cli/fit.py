@@ -45,6 +45,10 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     _check_device(device)
     warned: list[str] = []  # the fit's warnings: config.json "warnings"; printed unless quiet
     with _short_warnings(warned, quiet):
+        if not Path(data).exists():
+            raise DataError(f"{data}: does not exist; pass a folder of normal images, a category "
+                            "folder in the MVTec AD layout (train/good, test/<defect>), or a "
+                            "dataset root with --category")
         try:
             cat_dir = resolve_category(data, category)
             samples = train_samples(cat_dir)
