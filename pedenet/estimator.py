@@ -305,7 +305,7 @@ class PEDENet:
                 f"score {median:.4g}; the training patches' hottest colour starts at {vmax:.4g}): "
                 f"the model fits its training images much better than new normal ones - use "
                 f"more training images (or fewer --n-components). Thresholds and p-values stay "
-                f"valid (they come from the held-out images); {overlays}", stacklevel=4)
+                f"valid (they come from the held-out images); {overlays}", stacklevel=3)
 
     def no_calibration_reason(self) -> str:
         """Why the fitted model holds out no normal images (no thresholds, p-values or

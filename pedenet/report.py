@@ -263,7 +263,7 @@ def _decision(d: dict) -> list[tuple[str, str]]:
 
 
 _THRESHOLD_ROWS = (("target false-alarm rate", "target_fpr", ".4f"),
-                   ("achievable false-alarm rate", "achievable_fpr", ".4f"),
+                   ("smallest guaranteed rate, 1/(n+1)", "achievable_fpr", ".4f"),
                    ("guaranteed false-alarm rate", "guaranteed_fpr", ".4f"),
                    ("image threshold", "image_threshold", ".6g"),
                    ("target pixel false-alarm rate (masks)", "pixel_fpr", ".4f"),
