@@ -186,16 +186,24 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if _wide_colour(img):
-                    if path.suffix.lower() in _TIFF_EXTENSIONS:
-                        return _read_tiff(path)  # tifffile keeps the 16 bits
-                    warnings.warn(f"{path}: 16-bit colour image read at 8 bits per channel (the image "
-                                  "library has no 16-bit colour mode: each value is v // 256, then / 255); "
-                                  "save it as a 16-bit TIFF to keep the full precision", stacklevel=3)
-                img.load()
-                out = _transpose(img, path)
-                if out is img:
-                    out = img.copy()
+                wide_tiff = _wide_colour(img) and path.suffix.lower() in _TIFF_EXTENSIONS
+                if not wide_tiff:
+                    n_frames = getattr(img, "n_frames", 1)
+                    if n_frames > 1:  # a multi-page TIFF, an animated PNG
+                        warnings.warn(f"{path}: holds {n_frames} pages (frames); only the first "
+                                      "is used - save each page as its own image to use the "
+                                      "others", stacklevel=3)
+                        img.seek(0)
+                    if _wide_colour(img):
+                        warnings.warn(f"{path}: 16-bit colour image read at 8 bits per channel (the image "
+                                      "library has no 16-bit colour mode: each value is v // 256, then / 255); "
+                                      "save it as a 16-bit TIFF to keep the full precision", stacklevel=3)
+                    img.load()
+                    out = _transpose(img, path)
+                    if out is img:
+                        out = img.copy()
+            if wide_tiff:
+                out = _read_tiff(path)  # tifffile keeps the 16 bits (and warns of extra pages)
         for w in caught:
             if issubclass(w.category, Image.DecompressionBombWarning):
                 warnings.warn(f"{path}: very large image ({w.message}); reading it needs a lot "
@@ -236,6 +244,9 @@ def _read_tiff(path: Path) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        if len(tif.pages) > 1:
+            warnings.warn(f"{path}: holds {len(tif.pages)} pages (frames); only the first is "
+                          "used - save each page as its own image to use the others", stacklevel=4)
         shape = tuple(page.shape)
         n_pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else 0
         limit = Image.MAX_IMAGE_PIXELS

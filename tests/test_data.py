@@ -592,3 +592,32 @@ def test_16_bit_colour_png_is_read_at_8_bits_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="c16.png: 16-bit colour image read at 8 bits"):
         out = load_image(tmp_path / "c16.png")
     np.testing.assert_allclose(out, (arr // 256) / 255.0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["tiff8", "tiff16rgb", "apng"])
+def test_multi_page_images_use_the_first_page_with_one_warning(tmp_path, kind):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    if kind == "tiff8":
+        pages = rng.integers(0, 256, (3, 20, 30), dtype=np.uint8)
+        path = tmp_path / "pages.tif"
+        tifffile.imwrite(path, pages, photometric="minisblack")  # 3 gray pages, not planar RGB
+        first = np.repeat(pages[0][..., None] / 255.0, 3, axis=2)
+    elif kind == "tiff16rgb":
+        pages = rng.integers(0, 65536, (2, 20, 30, 3), dtype=np.uint16)
+        path = tmp_path / "pages16.tiff"
+        tifffile.imwrite(path, pages, photometric="rgb")
+        first = pages[0] / 65535.0
+    else:
+        pages = rng.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+        path = tmp_path / "anim.png"
+        Image.fromarray(pages[0]).save(path, save_all=True, append_images=[Image.fromarray(pages[1])])
+        first = pages[0] / 255.0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = load_image(path)
+    texts = [str(w.message) for w in record]
+    assert texts == [f"{path}: holds {len(pages)} pages (frames); only the first is used - save "
+                     "each page as its own image to use the others"]
+    np.testing.assert_allclose(out, first, rtol=0, atol=1e-6)
