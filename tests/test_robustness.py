@@ -490,9 +490,11 @@ def test_interrupted_fit_resumes_to_the_same_result(dataset, uninterrupted, tmp_
     assert signal.getsignal(signal.SIGINT) == handler_before  # handlers restored
     # a plain rerun does not silently start over
     one_line_error(run("fit", dataset, "--out", out, *args), "resume.pt", "--resume", code=2)
-    # other settings: refused, the saved state is kept
-    one_line_error(run("fit", dataset, "--out", out, "--image-size", "64", "--steps", "7",
-                       "--checkpoint-every", "2", "--seed", "4", "--resume", "--quiet"), "steps")
+    # other settings: refused before a resumed fit is announced, the saved state is kept
+    other = run("fit", dataset, "--out", out, "--image-size", "64", "--steps", "7",
+                "--checkpoint-every", "2", "--seed", "4", "--resume")
+    one_line_error(other, "steps")
+    assert "(resuming)" not in other.output and "fitting" not in other.output
     assert resume_step(out / "resume.pt") == saved_step
     calls = []
     monkeypatch.setattr(estimator, "init_membership", lambda *a, **kw: calls.append(1))

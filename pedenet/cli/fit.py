@@ -102,8 +102,13 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         _debug(f"config: {json.dumps(model.config.to_dict())}")
         _debug(f"torch threads: {torch.get_num_threads()}, "
                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-        n_held = len(split_calibration(len(paths), model.config.calibration_fraction,
-                                       model.config.seed)[1])
+        train_idx, held_idx = split_calibration(len(paths), model.config.calibration_fraction,
+                                                model.config.seed)
+        n_held = len(held_idx)
+        if resuming:  # other options or images: say so before announcing a resumed fit
+            from ..resume import read_resume_state
+
+            read_resume_state(resume_path, model.config, [paths[i] for i in train_idx])
         _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
                      f"({n_held} held out for thresholds), {model.config.steps} steps, "
                      f"encoder {model.config.encoder}, device {device}"
