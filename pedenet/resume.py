@@ -172,18 +172,20 @@ def read_resume_state(path, config: PEDENetConfig, items) -> dict:
         listing = ", ".join(f"{k} {saved.get(k)!r} there, {want.get(k)!r} here" for k in diffs[:4])
         raise CheckpointError(
             f"{path}: the interrupted run used other settings ({listing}); resume with the "
-            "same options, or start over (pedenet fit --overwrite)")
+            "same options, or start over (pedenet fit --overwrite, without --resume)")
     images = image_fingerprints(items)
     if [list(x) for x in data.get("images", [])] != images:
         n_then = len(data.get("images", []))
         raise CheckpointError(
-            f"{path}: the training images changed since the interrupted run ({n_then} then, "
-            f"{len(images)} now, or files moved or replaced); resume needs the same images - restore "
-            "them, or start over (pedenet fit --overwrite)")
+            f"{path}: the training images changed since the interrupted run ({n_then} trained "
+            f"on then, {len(images)} now - the held-out images not counted - or files moved or "
+            "replaced); resume needs the same images - restore them, or start over (pedenet fit "
+            "--overwrite, without --resume)")
     step = data["step"]
     if not isinstance(step, int) or not 0 <= step <= config.steps:
         raise CheckpointError(f"{path}: invalid step {step!r} for {config.steps} steps; start over "
-                              "(pedenet fit --overwrite)")
+                              "(pedenet fit --overwrite, without --resume)")
     if not isinstance(data["generator"], torch.Tensor):
-        raise CheckpointError(f"{path}: invalid generator state; start over (pedenet fit --overwrite)")
+        raise CheckpointError(f"{path}: invalid generator state; start over (pedenet fit "
+                              "--overwrite, without --resume)")
     return data

@@ -143,6 +143,13 @@ def test_bad_inputs_give_one_line_errors(run_dir, dataset, tmp_path):
     missing = tmp_path / "nope"
     assert_one_line_error(run("fit", missing, "--out", tmp_path / "r", "--quiet"), str(missing),
                           "does not exist", "a folder of normal images")
+    image = dataset / "grass" / "test" / "good" / "000.png"
+    assert_one_line_error(run("fit", image, "--out", tmp_path / "r", "--quiet"), str(image),
+                          "is a file, not a folder", "a folder of normal images")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("fit", empty, "--out", tmp_path / "r", "--quiet"), str(empty),
+                          "holds no images", "a folder of normal images")
     assert_one_line_error(run("fit", dataset, "--out", tmp_path / "r", "--quiet"), "grass")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
@@ -441,6 +448,25 @@ def test_interrupted_predict_lists_what_it_wrote(run_dir, dataset, tmp_path, mon
     assert again.exit_code == 0, again.output
     with open(out / "scores.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == n_images
+    # interrupted again over that full prediction: the earlier files not yet replaced go, as
+    # --overwrite asks, and the message says so
+    calls["n"] = 0
+    monkeypatch.setattr(vis, "save_png", interrupted_save_png)
+    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--overwrite", "--quiet")
+    assert result.exit_code == 130
+    assert f"the {3 * (n_images - 1)} other file(s) of the earlier prediction there were removed" \
+        in result.output
+    assert len(list(out.iterdir())) == 4
+    # Ctrl-C while the images are checked: exit code 130 and one line, nothing written
+    import pedenet.cli.predict as predict_module
+
+    def interrupted_check(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_module, "_checked", interrupted_check)
+    result = run("predict", run_dir, inputs, "--out", tmp_path / "pred2", "--quiet")
+    assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.output
+    assert "Aborted" not in result.output and not (tmp_path / "pred2").exists()
 
 
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):

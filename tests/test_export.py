@@ -210,7 +210,7 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
     # .pt is a TorchScript name, but never the run's own checkpoint
     before = (run_dir / "model.pt").read_bytes()
     result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(run_dir / "model.pt")])
-    assert result.exit_code == 2 and "would overwrite the run's own checkpoint" in result.output
+    assert result.exit_code == 2 and "would overwrite one of the run's own files" in result.output
     assert (run_dir / "model.pt").read_bytes() == before
     # an extension that names no model format is refused rather than written as ONNX
     (run_dir / "config.json").write_text("{}")
@@ -220,6 +220,14 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
         stem = name.split(".")[0]
         assert f"{stem}.onnx" in result.output and f"{stem}.ts" in result.output
     assert (run_dir / "config.json").read_text() == "{}" and not (run_dir / "model").exists()
+    # the run's own files are refused even with --format and --overwrite
+    for name in ("config.json", "history.json", "metrics.json", "resume.pt"):
+        fmt = "torchscript" if name.endswith(".pt") else "onnx"
+        result = CliRunner().invoke(main, ["export", str(run_dir), "--format", fmt, "--out",
+                                           str(run_dir / name), "--overwrite"])
+        assert result.exit_code == 2, result.output
+        assert "would overwrite one of the run's own files" in result.output
+    assert (run_dir / "config.json").read_text() == "{}"
     # an existing file is replaced only with --overwrite
     before = (tmp_path / "m.ts").read_bytes()
     (tmp_path / "m.ts").write_bytes(b"an older export")

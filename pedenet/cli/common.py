@@ -67,6 +67,8 @@ def _user_errors(fn):
         except MemoryError:
             raise UserError("out of memory; use a smaller --image-size or --batch-size, or "
                             "smaller images") from None
+        except KeyboardInterrupt:  # Ctrl-C where a command has no more specific message
+            raise UserError("interrupted (Ctrl-C)", exit_code=130) from None
 
     return wrapper
 
@@ -252,6 +254,8 @@ def _checked(paths: list[Path], *, min_side: int, skip_bad_files: bool, quiet: b
 
 
 RUN_FILES = ("model.pt", "resume.pt", "config.json", "history.json")
+RESULT_FILES = ("metrics.json", "validation.json", "report.html")
+"""Files that evaluate and validate write into a run folder."""
 
 
 def _is_run_dir(run_dir: Path) -> bool:

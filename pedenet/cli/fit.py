@@ -15,8 +15,9 @@ import click
 
 from .. import __version__
 from ..config import ENCODERS, PEDENetConfig
-from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning, list_images,
-                    resolve_category, train_samples)
+from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning,
+                    _categories_under, _is_category_dir, list_images, resolve_category,
+                    train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
                      _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
                      _user_errors, _verbose_option, _write_json)
@@ -45,10 +46,12 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     _check_device(device)
     warned: list[str] = []  # the fit's warnings: config.json "warnings"; printed unless quiet
     with _short_warnings(warned, quiet):
+        accepted = ("pass a folder of normal images, a category folder in the MVTec AD layout "
+                    "(train/good, test/<defect>), or a dataset root with --category")
         if not Path(data).exists():
-            raise DataError(f"{data}: does not exist; pass a folder of normal images, a category "
-                            "folder in the MVTec AD layout (train/good, test/<defect>), or a "
-                            "dataset root with --category")
+            raise DataError(f"{data}: does not exist; {accepted}")
+        if not Path(data).is_dir():
+            raise DataError(f"{data}: is a file, not a folder; {accepted}")
         try:
             cat_dir = resolve_category(data, category)
             samples = train_samples(cat_dir)
@@ -72,6 +75,9 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
                         "the folder of normal images itself (e.g. "
                         f"{Path(data) / next(iter(nested))}), or put all normal images in one "
                         "folder, or use the MVTec AD layout (train/good, test/<defect>)") from None
+                if category is None and not _is_category_dir(Path(data)) and not _categories_under(Path(data)):
+                    raise DataError(f"{data}: holds no images (none directly inside, no "
+                                    f"train/good, no category folders); {accepted}") from None
                 raise
             cat_dir = Path(data)
             samples = [Sample(p, 0, "good", None) for p in plain]

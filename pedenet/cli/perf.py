@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import _check_out_file, _info, _load_model, _model_path, _user_errors, _write_json
+from .common import (RESULT_FILES, RUN_FILES, _check_out_file, _info, _load_model, _model_path,
+                     _user_errors, _write_json)
 
 
 @click.command("export")
@@ -23,7 +24,8 @@ from .common import _check_out_file, _info, _load_model, _model_path, _user_erro
               "mixture's accuracy check allows, else float64); float32 throughout is fastest "
               "and least exact. The encoder always runs in float32.")
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
-              help="Replace an existing --out file (never the run's own model.pt or resume.pt).")
+              help="Replace an existing --out file (never one of the run's own files: model.pt, "
+              "resume.pt, config.json, history.json, metrics.json, validation.json, report.html).")
 @click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
 @_user_errors
 def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
@@ -41,9 +43,11 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     fmt = _export_format(fmt, out_file)
     _check_out_file(out_file)
     model_path = _model_path(run_dir)
-    if out_file.resolve() in {model_path.resolve(), (model_path.parent / "resume.pt").resolve()}:
-        raise click.UsageError(f"--out {out_file} would overwrite the run's own checkpoint; "
-                               "pass another file name (e.g. model.ts or model.onnx)")
+    own = {(model_path.parent / name).resolve() for name in RUN_FILES + RESULT_FILES}
+    if out_file.resolve() in own | {model_path.resolve()}:
+        raise click.UsageError(f"--out {out_file} would overwrite one of the run's own files "
+                               f"({out_file.name}); pass another file name (e.g. model.ts or "
+                               "model.onnx)")
     if out_file.exists() and not overwrite:
         raise click.UsageError(f"--out {out_file} exists; pass --overwrite to replace it, or "
                                "choose another file name")

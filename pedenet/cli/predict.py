@@ -145,6 +145,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             f.unlink(missing_ok=True)
         if stale:
             _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
+        return len(stale)
 
     results = model.iter_predict(decoded())
     try:
@@ -186,10 +187,12 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         for f in pending:  # an image half written: none of its files
             f.unlink(missing_ok=True)
             written.discard(f)
-        write_scores()
+        removed = write_scores()
+        gone = (f" (the {removed} other file(s) of the earlier prediction there were removed, "
+                "as --overwrite asks)" if removed else "")
         raise UserError(f"interrupted after {len(rows)} of {len(images)} images; their outputs "
-                        f"are in {out_dir} and listed in its scores.csv - rerun the same command "
-                        "with --overwrite to predict all", exit_code=130) from None
+                        f"are in {out_dir} and listed in its scores.csv{gone} - rerun the same "
+                        "command with --overwrite to predict all", exit_code=130) from None
     write_scores()
     if report:
         from ..report import write_prediction_report
