@@ -137,6 +137,13 @@ def test_fit_accepts_a_plain_folder_of_normal_images(dataset, tmp_path):
     assert "pass --data" in r.output and "pedenet validate" in r.output
     r = run("evaluate", tmp_path / "r", "--data", dataset, "--no-overlays", "--quiet")
     assert r.exit_code == 0, r.output  # with test data it evaluates
+    assert cfg["plain_folder"] is True
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["plain_folder"] is True
+    # the plain folder since deleted: still told it had no test images, not that it moved
+    cfg["data"] = cfg["category_dir"] = str(tmp_path / "gone")
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    r = run("evaluate", tmp_path / "r", "--overwrite", "--quiet")
+    assert r.exit_code == 1 and "fitted on a plain folder of normal images" in r.output
 
 
 def test_fit_does_not_train_on_subfolders_and_says_so(dataset, tmp_path):

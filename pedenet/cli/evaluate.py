@@ -30,7 +30,7 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
                                     category if category is not None else recorded.get("category"))
         except DataError as exc:  # the data was moved or deleted since fit
             fitted_on = Path(recorded.get("category_dir") or recorded["data"])
-            if fitted_on.is_dir() and list_images(fitted_on):
+            if recorded.get("plain_folder") or (fitted_on.is_dir() and list_images(fitted_on)):
                 raise UserError(
                     f"{run_dir} was fitted on a plain folder of normal images ({fitted_on}), "
                     "which has no test images: pass --data with a folder in the MVTec AD layout "

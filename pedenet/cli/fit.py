@@ -52,6 +52,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
             raise DataError(f"{data}: does not exist; {accepted}")
         if not Path(data).is_dir():
             raise DataError(f"{data}: is a file, not a folder; {accepted}")
+        plain_folder = False  # trained on a plain folder of normal images (no test split)
         try:
             cat_dir = resolve_category(data, category)
             samples = train_samples(cat_dir)
@@ -80,6 +81,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
                                     f"train/good, no category folders); {accepted}") from None
                 raise
             cat_dir = Path(data)
+            plain_folder = True
             samples = [Sample(p, 0, "good", None) for p in plain]
             nested = _images_in_subfolders(cat_dir)
             if nested:
@@ -143,6 +145,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         "data": str(Path(data).resolve()),
         "category": category,
         "category_dir": str(cat_dir.resolve()),
+        "plain_folder": plain_folder,  # True: a folder of normal images, nothing to evaluate on
         "device": device,
         # the usable normal images: trained on (n_train_images) or held out for thresholds
         "n_normal_images": len(paths),
