@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "cluster_overlay", "color_range", "color_source", "heatmap_overlay", "save_png"]
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "LEGEND_BACKGROUND", "cluster_overlay", "cluster_palette", "color_range", "color_source", "heatmap_overlay", "legend_components", "save_png"]
 
 CONTOUR_COLOR = (255, 255, 255)
 """RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
@@ -219,24 +219,48 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
         raise
 
 
+LEGEND_BACKGROUND = (40, 40, 40)
+"""RGB of the legend strip under a cluster overlay."""
+
+
+def cluster_palette(n_components: int) -> np.ndarray:
+    """float32 K×3 RGB colours in [0, 1] of the mixture components in cluster overlays:
+    matplotlib's "tab10" (K <= 10), "tab20" (K <= 20) or "tab20", "tab20b" and "tab20c" in
+    turn (60 distinct colours; they repeat beyond)."""
+    from matplotlib import colormaps
+
+    names = ["tab10"] if n_components <= 10 else ["tab20"] if n_components <= 20 else \
+        ["tab20", "tab20b", "tab20c"]
+    colours = [c[:3] for n in names for c in colormaps[n].colors]
+    return np.array([colours[k % len(colours)] for k in range(n_components)], dtype=np.float32)
+
+
+def legend_components(labels: np.ndarray) -> list[int]:
+    """The components present in ``labels`` (int H×W), largest area first (ties: lower
+    index first): the order of the cluster overlay's legend."""
+    counts = np.bincount(np.asarray(labels).ravel())
+    present = np.flatnonzero(counts)
+    return [int(k) for k in sorted(present, key=lambda k: (-counts[k], k))]
+
+
 def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
                     alpha: float = 0.45) -> np.ndarray:
     """Mixture component of each region (:meth:`pedenet.PEDENet.cluster_map`) as colours over
-    the image, with a legend strip along the bottom (one swatch per component, left to right
-    = component 0, 1, ...).
+    the image, with a legend strip along the bottom: for each component present, largest area
+    first (:func:`legend_components`), a swatch of its colour and its number (the component
+    index k of ``cluster_map``), as many as fit the width, then ``+n`` for the rest.
 
     Args:
         image: H×W×3 float32 in [0, 1] (or uint8 / H×W grayscale).
         labels: int H×W component indices in [0, n_components).
-        n_components: K; colours from matplotlib's "tab10" (K <= 10), "tab20" (K <= 20) or
-            "tab20", "tab20b" and "tab20c" in turn (60 distinct colours; they repeat beyond).
+        n_components: K; colours from :func:`cluster_palette`.
         alpha: weight of the colours, 0..1.
 
     Returns:
-        uint8 (H + legend)×W×3 RGB array; the legend strip is max(8, H // 20) pixels high.
+        uint8 (H + legend)×W×3 RGB array; the legend strip is max(12, H // 16) pixels high.
         Raises ValueError for a shape mismatch or labels outside [0, n_components).
     """
-    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
 
     img = _as_rgb_float(image)
     labels = np.asarray(labels)
@@ -244,14 +268,27 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
         raise ValueError(f"labels shape {labels.shape} differs from the image shape {img.shape[:2]}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_components):
         raise ValueError(f"labels must lie in [0, {n_components}); got [{labels.min()}, {labels.max()}]")
-    names = ["tab10"] if n_components <= 10 else ["tab20"] if n_components <= 20 else \
-        ["tab20", "tab20b", "tab20c"]
-    colours = [c[:3] for n in names for c in colormaps[n].colors]
-    palette = np.array([colours[k % len(colours)] for k in range(n_components)], dtype=np.float32)
+    palette = cluster_palette(n_components)
     out = (1 - alpha) * img + alpha * palette[labels]
+    out = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
     h, w = labels.shape
-    strip = np.zeros((max(8, h // 20), w, 3), dtype=np.float32)
-    edges = np.linspace(0, w, n_components + 1).astype(int)
-    for k in range(n_components):
-        strip[:, edges[k]:edges[k + 1]] = palette[k]
-    return np.clip(np.rint(np.concatenate([out, strip]) * 255), 0, 255).astype(np.uint8)
+    strip_h = max(12, h // 16)
+    strip = Image.new("RGB", (w, strip_h), LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=strip_h - 3)
+    entries = legend_components(labels) if labels.size else []
+    swatch = strip_h - 4
+    x = 2
+    for i, k in enumerate(entries):
+        text = str(k)
+        width = swatch + 2 + int(draw.textlength(text, font=font)) + 6
+        rest = f"+{len(entries) - i}"
+        room = w - x - (int(draw.textlength(rest, font=font)) + 2 if i < len(entries) - 1 else 0)
+        if width > room:
+            draw.text((x, strip_h // 2), rest, fill=(255, 255, 255), font=font, anchor="lm")
+            break
+        colour = tuple(int(v) for v in np.rint(palette[k] * 255))
+        draw.rectangle([x, 2, x + swatch - 1, 2 + swatch - 1], fill=colour)
+        draw.text((x + swatch + 2, strip_h // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+        x += width
+    return np.concatenate([out, np.asarray(strip, dtype=np.uint8)])

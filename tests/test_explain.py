@@ -8,7 +8,7 @@ from skimage import data as skdata
 
 import pedenet
 from pedenet.cli import main
-from pedenet.visualization import cluster_overlay
+from pedenet.visualization import LEGEND_BACKGROUND, cluster_overlay, cluster_palette, legend_components
 
 
 def _two_textures(rng, n, size=96):
@@ -71,7 +71,7 @@ def test_cluster_overlay_and_cli(model, tmp_path):
     labels = np.zeros((40, 60), np.int64)
     labels[:, 30:] = 1
     out = cluster_overlay(img, labels, 2)
-    assert out.shape == (48, 60, 3) and out.dtype == np.uint8
+    assert out.shape == (40 + 12, 60, 3) and out.dtype == np.uint8
     assert not np.array_equal(out[10, 5], out[10, 50])
     with pytest.raises(ValueError, match="labels must lie"):
         cluster_overlay(img, labels + 1, 2)
@@ -80,7 +80,7 @@ def test_cluster_overlay_and_cli(model, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "m.pt"), str(tmp_path / "x.png"),
                                   "--out", str(tmp_path / "o"), "--clusters", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "o" / "x_clusters.png").size == (96, 96 + 8)
+    assert Image.open(tmp_path / "o" / "x_clusters.png").size == (96, 96 + 12)
 
 
 @pytest.mark.parametrize("k", [10, 20, 40, 60])
@@ -88,6 +88,40 @@ def test_cluster_overlay_gives_each_component_its_own_colour(k):
     img = np.zeros((20, 6 * k, 3), np.float32)
     labels = np.repeat(np.arange(k), 6)[None, :].repeat(20, 0)
     out = cluster_overlay(img, labels, k, alpha=1.0)
-    legend = out[-1, 3::6]  # the middle of each component's swatch in the legend strip
-    assert len({tuple(c) for c in legend}) == k
-    np.testing.assert_array_equal(out[0, 3::6], legend)  # the overlay uses the legend's colours
+    colours = out[0, 3::6]  # the middle of each component's stripe
+    assert len({tuple(c) for c in colours}) == k
+    np.testing.assert_array_equal(colours, np.rint(cluster_palette(k) * 255).astype(np.uint8))
+
+
+def _legend_colours(out, image_height):
+    strip = out[image_height:].reshape(-1, 3)
+    return {tuple(int(v) for v in c) for c in strip}
+
+
+def test_cluster_legend_lists_the_components_present_largest_first():
+    """The legend names the components that occur (numbered swatches, largest area first);
+    absent components are not listed; what does not fit the width is counted as +n."""
+    k = 40
+    labels = np.full((64, 128), 12)
+    labels[:20, :40] = 27  # 800 px
+    labels[50:, :10] = 3  # 140 px
+    assert legend_components(labels) == [12, 27, 3]
+    out = cluster_overlay(np.zeros((64, 128, 3), np.float32), labels, k)
+    assert out.shape == (64 + 12, 128, 3)
+    palette = [tuple(int(v) for v in c) for c in np.rint(cluster_palette(k) * 255)]
+    shown = _legend_colours(out, 64)
+    assert {palette[12], palette[27], palette[3]} <= shown
+    assert not {palette[j] for j in (0, 1, 2, 4, 5, 6, 8, 10, 20, 30)} & shown  # absent ones
+    strip = out[64:]
+    assert (strip[0, -1] == LEGEND_BACKGROUND).all()  # room to spare on the right
+    # the swatches come in legend order, left to right
+    xs = [np.flatnonzero((strip[6] == palette[j]).all(axis=1)).min() for j in (12, 27, 3)]
+    assert xs == sorted(xs)
+    # 40 components in 160 px: the first ones by area, then +n for the rest
+    many = np.repeat(np.arange(k), 4)[None, :].repeat(30, 0)
+    many[:, :8] = 39  # component 39 covers the most
+    out = cluster_overlay(np.zeros((30, 160, 3), np.float32), many, k)
+    order = legend_components(many)
+    assert order[0] == 39 and order[1:3] == [2, 3]
+    shown = _legend_colours(out, 30)
+    assert palette[39] in shown and palette[order[-1]] not in shown

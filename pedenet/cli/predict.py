@@ -36,7 +36,8 @@ REPORT_GALLERY = 60
               "(self-contained, opens offline).")
 @click.option("--clusters", is_flag=True, default=False, show_default=True,
               help="Also write <stem>_clusters.png: the most likely mixture component of each "
-              "region (which normal pattern it resembles), legend strip at the bottom.")
+              "region (which normal pattern it resembles); the legend at the bottom numbers the "
+              "components present, largest area first.")
 @_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Write into an --out folder that is not empty: the files of an earlier "
