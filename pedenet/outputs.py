@@ -8,8 +8,10 @@ For each image, named ``<name>`` (its file stem, made unique by its folder's nam
     <name>_mask.png      defect mask (models with thresholds only)
     <name>_clusters.png  most likely mixture component per region (``--clusters`` only)
 
-and once per run ``scores.csv`` (the manifest: one row per image), ``warnings.txt`` (the run's
-warnings, one per line; only when there were any) and, with ``--report``, ``report.html``.
+and once per run ``scores.csv`` (the manifest: one row per image), ``predict.json`` (the
+settings the outputs were made with: model file and its SHA-256, rates, map format, clusters;
+what ``predict --resume`` checks), ``warnings.txt`` (the run's warnings, one per line; only
+when there were any) and, with ``--report``, ``report.html``.
 ``predict --overwrite`` replaces an earlier run's files and removes those the new run does
 not write: only files named in the earlier scores.csv, never other files.
 """
@@ -24,6 +26,9 @@ SCORES_COLUMNS = ("path", "score", "p_value", "anomalous", "name")
 
 PER_IMAGE_SUFFIXES = ("_overlay.png", "_map.npy", "_map.tiff", "_mask.png", "_clusters.png")
 """Every per-image file ``<name><suffix>`` predict can write."""
+
+SETTINGS_FILE = "predict.json"
+"""The settings of a prediction, beside scores.csv (what ``predict --resume`` compares)."""
 
 WARNINGS_FILE = "warnings.txt"
 """The warnings of a prediction, one per line, beside scores.csv (only when there are any)."""
@@ -53,7 +58,7 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
         return []
     files = [out_dir / f"{n}{s}" for n in dict.fromkeys(names)
              if n and Path(n).name == n and not n.startswith(".") for s in PER_IMAGE_SUFFIXES]
-    files += [scores, out_dir / WARNINGS_FILE]
+    files += [scores, out_dir / WARNINGS_FILE, out_dir / SETTINGS_FILE]
     report = out_dir / "report.html"
     try:
         with open(report, "rb") as fh:
@@ -62,6 +67,26 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
     except OSError:
         pass
     return [f for f in files if f.is_file()]
+
+
+def read_scores(out_dir: Path) -> list[dict]:
+    """The rows of ``out_dir``/scores.csv as dicts: path (str), score (float), p_value (float
+    or None), anomalous (bool or None), name (str). Empty when there is no pedenet scores.csv
+    (missing, other header, unreadable) or a row does not parse."""
+    try:
+        with open(out_dir / "scores.csv", newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            if tuple(next(reader, ())) != SCORES_COLUMNS:
+                return []
+            rows = []
+            for path, score, p_value, anomalous, name in reader:
+                rows.append({"path": path, "score": float(score),
+                             "p_value": float(p_value) if p_value else None,
+                             "anomalous": bool(int(anomalous)) if anomalous else None,
+                             "name": name})
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError):
+        return []
 
 
 def earlier_prediction_outputs(images: list[Path]) -> dict[Path, list[Path]]:

@@ -414,14 +414,16 @@ def test_an_image_warning_is_shown_and_recorded_once(run_dir, tmp_path):
     assert recorded == [shown[0][len("Warning: "):]]
 
 
-def test_interrupted_predict_lists_what_it_wrote(run_dir, dataset, tmp_path, monkeypatch):
+def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, tmp_path,
+                                                             monkeypatch):
     """Ctrl-C in the middle of the second image: the first image's outputs stay, listed in
-    scores.csv; none of the second's are left; exit code 130 with what to do."""
+    scores.csv; none of the second's are left; exit code 130 with what to do. --resume then
+    predicts the rest, to the same outputs as an uninterrupted run."""
     import pedenet.visualization as vis
 
-    inputs = dataset / "grass" / "test" / "good"
-    n_images = len(list(inputs.glob("*.png")))
-    assert n_images >= 2
+    inputs = dataset / "grass" / "test"
+    n_images = len(list(inputs.rglob("*.png")))
+    assert n_images >= 4
     calls = {"n": 0}
     save_png = vis.save_png
 
@@ -431,32 +433,45 @@ def test_interrupted_predict_lists_what_it_wrote(run_dir, dataset, tmp_path, mon
             raise KeyboardInterrupt
         return save_png(path, array)
 
+    whole = tmp_path / "whole"  # the uninterrupted reference
+    assert run("predict", run_dir, inputs, "--out", whole, "--fpr", "0.5", "--quiet").exit_code == 0
     monkeypatch.setattr(vis, "save_png", interrupted_save_png)
     out = tmp_path / "pred"
-    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--quiet")
+    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--report", "--quiet")
     assert result.exit_code == 130
     assert f"interrupted after 1 of {n_images} images" in result.output
-    assert "--overwrite" in result.output and "Traceback" not in result.output
+    assert "--resume" in result.output and "Traceback" not in result.output
     with open(out / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1
     first = rows[0]["name"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["scores.csv", f"{first}_map.npy", f"{first}_mask.png", f"{first}_overlay.png"])
+        ["scores.csv", "predict.json", f"{first}_map.npy", f"{first}_mask.png",
+         f"{first}_overlay.png"])
     monkeypatch.setattr(vis, "save_png", save_png)
-    again = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--overwrite", "--quiet")
+    kept = (out / f"{first}_overlay.png").stat().st_mtime_ns
+    # other options are refused; the same ones resume
+    other = run("predict", run_dir, inputs, "--out", out, "--format", "tiff", "--resume", "--quiet")
+    assert other.exit_code == 2 and "format 'npy' there, 'tiff' now" in other.output
+    again = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--report", "--resume")
     assert again.exit_code == 0, again.output
-    with open(out / "scores.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == n_images
-    # interrupted again over that full prediction: the earlier files not yet replaced go, as
-    # --overwrite asks, and the message says so
+    assert f"resuming: 1 of {n_images} images kept" in again.output
+    assert (out / f"{first}_overlay.png").stat().st_mtime_ns == kept  # not predicted again
+    assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in whole.iterdir()] + ["report.html"])
+    for row in rows:
+        np.testing.assert_array_equal(np.load(out / f"{row['name']}_map.npy"),
+                                      np.load(whole / f"{row['name']}_map.npy"))
+    # interrupted over a full prediction with --overwrite: the earlier files not yet replaced
+    # go, as --overwrite asks, and the message says so
     calls["n"] = 0
     monkeypatch.setattr(vis, "save_png", interrupted_save_png)
     result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--overwrite", "--quiet")
     assert result.exit_code == 130
-    assert f"the {3 * (n_images - 1)} other file(s) of the earlier prediction there were removed" \
-        in result.output
-    assert len(list(out.iterdir())) == 4
+    assert f"the {3 * (n_images - 1) + 1} other file(s) of the earlier prediction there were " \
+        "removed" in result.output  # their maps, masks and overlays, and report.html
+    assert len(list(out.iterdir())) == 5
     # Ctrl-C while the images are checked: exit code 130 and one line, nothing written
     import pedenet.cli.predict as predict_module
 

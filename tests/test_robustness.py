@@ -186,7 +186,8 @@ def test_non_image_files_are_ignored(run_dir, dataset, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 5
     ok(run("predict", out, cat / "test" / "spot", "--out", tmp_path / "o", "--quiet"))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [  # warnings.txt: 1 held-out
-        "000_map.npy", "000_mask.png", "000_overlay.png", "scores.csv", "warnings.txt"]  # image
+        "000_map.npy", "000_mask.png", "000_overlay.png", "predict.json", "scores.csv",
+        "warnings.txt"]  # image
 
 
 # --------------------------------------------------------------------------- 3. image modes
@@ -576,12 +577,12 @@ def test_predict_overwrite_removes_the_earlier_predictions_files_only(run_dir, d
     suffixes = ("_overlay.png", "_map.npy", "_mask.png", "_clusters.png")
     first = {f"{n}{s}" for n in names for s in suffixes}
     # warnings.txt: the run holds out too few images for the 1 % false-alarm rate
-    assert set(os.listdir(pred)) == first | {"scores.csv", "report.html", "warnings.txt"}
+    assert set(os.listdir(pred)) == first | {"scores.csv", "predict.json", "report.html", "warnings.txt"}
     (pred / "notes.txt").write_text("mine")
     (pred / "000_9_overlay.png").write_bytes(b"mine too")  # output-like name, not in scores.csv
     ok(run("predict", run_dir, images[1], "--out", pred, "--format", "tiff", "--overwrite", "--quiet"))
     assert set(os.listdir(pred)) == {"000_overlay.png", "000_map.tiff", "000_mask.png", "scores.csv",
-                                     "warnings.txt", "notes.txt", "000_9_overlay.png"}
+                                     "predict.json", "warnings.txt", "notes.txt", "000_9_overlay.png"}
     assert (pred / "notes.txt").read_text() == "mine"
     assert (pred / "000_9_overlay.png").read_bytes() == b"mine too"
     with open(pred / "scores.csv", newline="") as fh:
@@ -597,7 +598,8 @@ def test_predict_overwrite_removes_the_earlier_predictions_files_only(run_dir, d
     ok(run("predict", run_dir, images[0], "--out", other, "--overwrite", "--quiet"))
     assert (other / "000_1_overlay.png").read_bytes() == b"keep"
     assert sorted(os.listdir(other)) == ["000_1_overlay.png", "000_map.npy", "000_mask.png",
-                                         "000_overlay.png", "scores.csv", "warnings.txt"]
+                                         "000_overlay.png", "predict.json", "scores.csv",
+                                         "warnings.txt"]
 
 
 # --------------------------------------------------------------------------- 11. checkpoints
