@@ -188,11 +188,8 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
             with Image.open(path) as img:
                 wide_tiff = _wide_colour(img) and path.suffix.lower() in _TIFF_EXTENSIONS
                 if not wide_tiff:
-                    n_frames = getattr(img, "n_frames", 1)
-                    if n_frames > 1:  # a multi-page TIFF, an animated PNG
-                        warnings.warn(f"{path}: holds {n_frames} pages (frames); only the first "
-                                      "is used - save each page as its own image to use the "
-                                      "others", stacklevel=3)
+                    if getattr(img, "n_frames", 1) > 1:  # a multi-page TIFF, an animated PNG
+                        _warn_extra_pages(path, img.n_frames, stacklevel=4)
                         img.seek(0)
                     if _wide_colour(img):
                         warnings.warn(f"{path}: 16-bit colour image read at 8 bits per channel (the image "
@@ -238,6 +235,11 @@ def _wide_colour(img: Image.Image) -> bool:
     return False
 
 
+def _warn_extra_pages(path: Path, n_pages: int, stacklevel: int) -> None:
+    warnings.warn(f"{path}: holds {n_pages} pages (frames); only the first is used - save each "
+                  "page as its own image to use the others", stacklevel=stacklevel)
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """Read the first page of a TIFF with tifffile, as H x W or H x W x C (colour last)."""
     import tifffile
@@ -245,8 +247,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         if len(tif.pages) > 1:
-            warnings.warn(f"{path}: holds {len(tif.pages)} pages (frames); only the first is "
-                          "used - save each page as its own image to use the others", stacklevel=4)
+            _warn_extra_pages(path, len(tif.pages), stacklevel=5)
         shape = tuple(page.shape)
         n_pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else 0
         limit = Image.MAX_IMAGE_PIXELS

@@ -48,14 +48,10 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
     starting with "." are ignored.
     """
     scores = out_dir / "scores.csv"
-    try:
-        with open(scores, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            if tuple(next(reader, ())) != SCORES_COLUMNS:
-                return []
-            names = [row[-1] for row in reader if len(row) == len(SCORES_COLUMNS)]
-    except (OSError, UnicodeDecodeError, csv.Error):
+    rows = _scores_rows(scores)
+    if rows is None:
         return []
+    names = [row[-1] for row in rows if len(row) == len(SCORES_COLUMNS)]
     files = [out_dir / f"{n}{s}" for n in dict.fromkeys(names)
              if n and Path(n).name == n and not n.startswith(".") for s in PER_IMAGE_SUFFIXES]
     files += [scores, out_dir / WARNINGS_FILE, out_dir / SETTINGS_FILE]
@@ -74,19 +70,25 @@ def read_scores(out_dir: Path) -> list[dict]:
     or None), anomalous (bool or None), name (str). Empty when there is no pedenet scores.csv
     (missing, other header, unreadable) or a row does not parse."""
     try:
-        with open(out_dir / "scores.csv", newline="", encoding="utf-8") as fh:
+        return [{"path": path, "score": float(score),
+                 "p_value": float(p_value) if p_value else None,
+                 "anomalous": bool(int(anomalous)) if anomalous else None, "name": name}
+                for path, score, p_value, anomalous, name in _scores_rows(out_dir / "scores.csv") or []]
+    except ValueError:  # a row of another length, or a value that does not parse
+        return []
+
+
+def _scores_rows(scores: Path) -> list[list[str]] | None:
+    """The rows (lists of strings) after the header of a pedenet scores.csv; None when the
+    file is missing, unreadable or not pedenet's (another header)."""
+    try:
+        with open(scores, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             if tuple(next(reader, ())) != SCORES_COLUMNS:
-                return []
-            rows = []
-            for path, score, p_value, anomalous, name in reader:
-                rows.append({"path": path, "score": float(score),
-                             "p_value": float(p_value) if p_value else None,
-                             "anomalous": bool(int(anomalous)) if anomalous else None,
-                             "name": name})
-            return rows
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError):
-        return []
+                return None
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 def earlier_prediction_outputs(images: list[Path]) -> dict[Path, list[Path]]:

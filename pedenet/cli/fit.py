@@ -58,14 +58,14 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
             samples = train_samples(cat_dir)
         except DataError:
             # a plain folder of normal images (no MVTec layout yet: nothing defective collected)
-            plain = list_images(data) if category is None and Path(data).is_dir() else []
+            plain = list_images(data) if category is None else []
             if not plain:
-                if category is None and Path(data).is_dir() and _has_unread_images(Path(data)):
+                if category is None and _has_unread_images(Path(data)):
                     raise DataError(
                         f"{data}: holds images only in formats pedenet does not read (see the "
                         "warning above); convert them to PNG, or pass a folder in the MVTec AD "
                         "layout (train/good, test/<defect>)") from None
-                nested = _images_in_subfolders(Path(data)) if category is None and Path(data).is_dir() else {}
+                nested = _images_in_subfolders(Path(data)) if category is None else {}
                 if nested:
                     listed = ", ".join(f"{name}/ ({n})" for name, n in list(nested.items())[:5])
                     more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""

@@ -73,7 +73,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     """
     from ..data import SkippedFileWarning
     from ..outputs import (SCORES_COLUMNS, SETTINGS_FILE, WARNINGS_FILE,
-                           earlier_prediction_files, earlier_prediction_outputs, read_scores)
+                           earlier_prediction_files, earlier_prediction_outputs)
     from ..visualization import (cluster_overlay, color_range, color_source,
                                  heatmap_overlay, save_png)
 
@@ -152,6 +152,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             yield loaded[j]
 
     def gallery(i: int, score: float, amap) -> None:  # keep the maps the report can show
+        if len(top) == REPORT_GALLERY and (score, -i) <= top[0][:2]:
+            return  # below all the gallery holds: not kept (a callable amap is never read)
         heapq.heappush(top, (score, -i, i))
         kept_maps[i] = amap() if callable(amap) else amap
         if len(top) > REPORT_GALLERY:
@@ -180,7 +182,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         for f in _image_files(row["name"], fmt, th is not None, clusters):
             output(f)
         done[i] = row
-        if report and (len(top) < REPORT_GALLERY or row["score"] > top[0][0]):
+        if report:
             gallery(i, row["score"], lambda: _read_map(out_dir / f"{row['name']}_map.{fmt}"))
     pending.clear()
     if kept:
