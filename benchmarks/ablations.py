@@ -12,6 +12,8 @@ Rows that use the default configuration (the full model, and the rows that only 
 trained embeddings another way: EM refit, nearest neighbour) can reuse the default's
 checkpoints instead of fitting again: ``--reuse "runs/mtd_s{seed}"`` (a run folder or
 model.pt per seed, fitted with the default configuration and that seed; refused otherwise).
+Without it, rows with the same configuration in one invocation (the full model, EM refit and
+nearest neighbour) share one fit per seed, kept in memory.
 
 Rows (``ROWS``) change one thing against the default configuration each.
 """
@@ -144,9 +146,11 @@ def _reused_model(template: str, config: dict):
 
 
 def run_one(data: Path, row: str, seed: int, steps: int | None = None,
-            reuse: str | None = None) -> dict:
+            reuse: str | None = None, fitted: dict | None = None) -> dict:
     """Fit (or, with ``reuse`` and a row of the default configuration, load) and evaluate one
-    variant; return the JSON record."""
+    variant; return the JSON record. ``fitted`` (configuration JSON -> (model, row)) keeps this
+    invocation's fits: a row whose configuration was already fitted starts from a copy of it."""
+    import copy
     import warnings
 
     import pedenet
@@ -161,12 +165,17 @@ def run_one(data: Path, row: str, seed: int, steps: int | None = None,
     t0 = time.perf_counter()
     images = find_images([Path(data) / "train" / "good"])
     reused = None
+    key = json.dumps(config, sort_keys=True)
     if reuse and not set(config) - {"seed"}:
         model, reused = _reused_model(reuse, config)
+    elif fitted is not None and key in fitted:
+        model, reused = copy.deepcopy(fitted[key][0]), f"fit of row {fitted[key][1]!r}, this invocation"
     else:
         with warnings.catch_warnings():  # decisions are not used here
             warnings.filterwarnings("ignore", message=".*cannot guarantee a false-alarm rate")
             model = pedenet.PEDENet(**config).fit(images, progress=False)
+        if fitted is not None:
+            fitted[key] = (copy.deepcopy(model), row)
     held = set(model.history.get("calibration_images", []))
     train_paths = [p for p in images if str(p) not in held]
     if scorer:
@@ -235,12 +244,15 @@ def main(argv=None) -> int:
             ap.error(f"{args.data}: no train/good folder (MVTec AD layout expected)")
         args.results.parent.mkdir(parents=True, exist_ok=True)
         seeds = [int(s) for s in args.seeds.split(",")]
+        fitted: dict = {}
         for seed in seeds:  # seeds outermost: every row gets one seed before any gets three
+            fitted.clear()  # fits are shared within a seed only
             for row in rows:
                 if any(r["row"] == row and r["seed"] == seed for r in _done(args.results)):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {row}, seed {seed}", file=sys.stderr, flush=True)
-                rec = run_one(args.data, row, seed, steps=args.steps, reuse=args.reuse)
+                rec = run_one(args.data, row, seed, steps=args.steps, reuse=args.reuse,
+                              fitted=fitted)
                 with open(args.results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
