@@ -88,6 +88,8 @@ __all__ = [
     "load_mask",
     "list_images",
     "resolve_category",
+    "is_category_dir",
+    "categories_under",
     "train_samples",
     "test_samples",
     "find_images",
@@ -567,16 +569,22 @@ class Sample:
     mask_path: Path | None = None
 
 
-def _is_category_dir(path: Path) -> bool:
+def is_category_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a category folder of the MVTec AD layout: it holds ``train/`` or
+    ``test/`` (or both). Never raises; a missing path gives ``False``."""
+    path = Path(path)
     return (path / "train").is_dir() or (path / "test").is_dir()
 
 
-def _categories_under(root: Path) -> list[str]:
+def categories_under(root: str | os.PathLike) -> list[str]:
+    """Names of the category folders directly under a dataset root, sorted (hidden folders
+    skipped); ``[]`` when ``root`` is not a folder or holds none. Never raises."""
+    root = Path(root)
     if not root.is_dir():
         return []
     return sorted(
         p.name for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and _is_category_dir(p)
+        if p.is_dir() and not p.name.startswith(".") and is_category_dir(p)
     )
 
 
@@ -601,9 +609,9 @@ def resolve_category(data: str | os.PathLike, category: str | None = None) -> Pa
     if not data.is_dir():
         raise DataError(f"{data}: is not a folder; pass a dataset root or a category folder")
     if category is None:
-        if _is_category_dir(data):
+        if is_category_dir(data):
             return data
-        found = _categories_under(data)
+        found = categories_under(data)
         if found:
             raise DataError(
                 f"{data}: is a dataset root, not a category folder (no train/ or test/ inside); "
@@ -614,11 +622,11 @@ def resolve_category(data: str | os.PathLike, category: str | None = None) -> Pa
             "pass a folder in the MVTec AD layout (<category>/train/good, <category>/test/...)"
         )
     candidate = data / category
-    if candidate.is_dir() and _is_category_dir(candidate):
+    if candidate.is_dir() and is_category_dir(candidate):
         return candidate
-    if _is_category_dir(data) and data.name == category:
+    if is_category_dir(data) and data.name == category:
         return data
-    found = _categories_under(data)
+    found = categories_under(data)
     listing = (f"categories found: {', '.join(found)}" if found
                else "no category folders (with train/ or test/) were found there")
     raise DataError(f"{data}: has no category {category!r}; {listing}")

@@ -419,6 +419,17 @@ def test_resolve_category_root_and_name(tiny_root):
     assert data.resolve_category(str(tiny_root), "gizmo") == tiny_root / "gizmo"
 
 
+def test_category_dir_and_categories_under(tiny_root, tmp_path):
+    assert data.is_category_dir(tiny_root / "widget") and data.is_category_dir(str(tiny_root / "gizmo"))
+    assert not data.is_category_dir(tiny_root) and not data.is_category_dir(tiny_root / "other")
+    assert not data.is_category_dir(tmp_path / "absent")
+    (tiny_root / ".hidden" / "train").mkdir(parents=True)  # hidden folders are not categories
+    assert data.categories_under(tiny_root) == ["gizmo", "widget"]
+    assert data.categories_under(tiny_root / "widget") == []  # train/ and test/ hold no train/
+    assert data.categories_under(tmp_path / "absent") == []
+    assert data.categories_under(tiny_root / "widget" / "train" / "good" / "000.png") == []
+
+
 def test_resolve_category_errors_list_categories(tiny_root, tmp_path):
     with pytest.raises(DataError) as info:
         data.resolve_category(tiny_root, "nope")

@@ -16,7 +16,7 @@ import click
 from .. import __version__
 from ..config import ENCODERS, PEDENetConfig
 from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning,
-                    _categories_under, _is_category_dir, list_images, resolve_category,
+                    categories_under, find_images, is_category_dir, list_images, resolve_category,
                     train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
                      _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
@@ -76,7 +76,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
                         "the folder of normal images itself (e.g. "
                         f"{Path(data) / next(iter(nested))}), or put all normal images in one "
                         "folder, or use the MVTec AD layout (train/good, test/<defect>)") from None
-                if category is None and not _is_category_dir(Path(data)) and not _categories_under(Path(data)):
+                if category is None and not is_category_dir(data) and not categories_under(data):
                     raise DataError(f"{data}: holds no images (none directly inside, no "
                                     f"train/good, no category folders); {accepted}") from None
                 raise
@@ -276,18 +276,17 @@ def _images_in_subfolders(folder: Path) -> dict[str, int]:
     """Readable image files under each direct, non-hidden subfolder of ``folder`` that holds
     any (recursively, hidden folders skipped): {subfolder name: count}, sorted by name; empty
     when ``folder`` or one of its subfolders is in the MVTec AD layout."""
-    from ..data import _walk_images
-
-    from ..data import _is_category_dir
-
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if _is_category_dir(folder) or any(_is_category_dir(p) for p in subs):
+    if is_category_dir(folder) or any(is_category_dir(p) for p in subs):
         return {}  # an MVTec AD layout: resolve_category's own message says what is wrong
     counts = {}
     for sub in subs:
         with warnings.catch_warnings():  # unread formats are not the point of this message
             warnings.simplefilter("ignore")
-            n = len(_walk_images(sub))
+            try:
+                n = len(find_images(sub))
+            except DataError:  # no readable image under it
+                n = 0
         if n:
             counts[sub.name] = n
     return counts
