@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -199,24 +198,21 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 H×W (gray) or H×W×3 / H×W×4 array as PNG, atomically.
 
     The image is written to a temporary file in the destination folder (created if missing)
-    and renamed onto ``path`` with ``os.replace``, so ``path`` is never half-written.
+    and renamed onto ``path`` with ``os.replace``, so ``path`` is never half-written; it gets
+    the usual permissions of a new file (0o666 minus the umask), like the other outputs.
+
+    Raises:
+        ValueError: ``array`` is not uint8 or not of one of those shapes.
     """
-    path = Path(path)
+    from .checkpoint import atomic_write_bytes
+
     arr = np.asarray(array)
     if arr.dtype != np.uint8:
         raise ValueError(f"save_png expects a uint8 array, got {arr.dtype}")
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
         raise ValueError(f"save_png expects H×W, H×W×3 or H×W×4, got shape {arr.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    image = Image.fromarray(np.ascontiguousarray(arr))
+    atomic_write_bytes(path, lambda fh: image.save(fh, format="PNG"))
 
 
 LEGEND_BACKGROUND = (40, 40, 40)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import types
 
 import numpy as np
@@ -76,6 +78,17 @@ def test_save_png_round_trip(tmp_path):
         assert img.size == (6, 5)
     with pytest.raises(ValueError):
         save_png(tmp_path / "bad.png", out.astype(np.float32))
+
+
+def test_save_png_gets_the_permissions_of_a_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_png(tmp_path / "o.png", np.zeros((4, 4), np.uint8))
+        (tmp_path / "ref").write_bytes(b"")  # what open() gives under the same umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "o.png").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "o.png").stat().st_mode == (tmp_path / "ref").stat().st_mode
 
 
 class _Model:
