@@ -183,7 +183,7 @@ class PEDENet:
             progress: show progress bars.
             checkpoint: resume file (e.g. ``RUN_DIR/resume.pt``). When given, the training
                 state is written to it atomically every ``checkpoint_every`` steps, and when
-                SIGINT (Ctrl-C) or SIGTERM arrives during training: the current step is
+                SIGINT (Ctrl-C), SIGTERM or SIGHUP arrives during training: the current step is
                 finished, the state saved, and :class:`pedenet.resume.TrainingInterrupted`
                 (a ``KeyboardInterrupt``) raised.
             checkpoint_every: steps between periodic saves (0: only on a signal).

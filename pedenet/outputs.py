@@ -19,6 +19,7 @@ not write: only files named in the earlier scores.csv, never other files.
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 SCORES_COLUMNS = ("path", "score", "p_value", "anomalous", "name")
@@ -68,14 +69,23 @@ def earlier_prediction_files(out_dir: Path) -> list[Path]:
 def read_scores(out_dir: Path) -> list[dict]:
     """The rows of ``out_dir``/scores.csv as dicts: path (str), score (float), p_value (float
     or None), anomalous (bool or None), name (str). Empty when there is no pedenet scores.csv
-    (missing, other header, unreadable) or a row does not parse."""
-    try:
-        return [{"path": path, "score": float(score),
-                 "p_value": float(p_value) if p_value else None,
-                 "anomalous": bool(int(anomalous)) if anomalous else None, "name": name}
-                for path, score, p_value, anomalous, name in _scores_rows(out_dir / "scores.csv") or []]
-    except ValueError:  # a row of another length, or a value that does not parse
-        return []
+    (missing, other header, unreadable). Rows that do not parse (another number of columns, a
+    value that is no number: a cut or edited line) are left out with one warning that names
+    the file and their line numbers."""
+    rows, bad = [], []
+    for line, row in enumerate(_scores_rows(out_dir / "scores.csv") or [], start=2):
+        try:
+            path, score, p_value, anomalous, name = row
+            rows.append({"path": path, "score": float(score),
+                         "p_value": float(p_value) if p_value else None,
+                         "anomalous": bool(int(anomalous)) if anomalous else None, "name": name})
+        except ValueError:
+            bad.append(line)
+    if bad:
+        warnings.warn(f"{out_dir / 'scores.csv'}: line(s) {', '.join(map(str, bad[:10]))}"
+                      f"{' ...' if len(bad) > 10 else ''} do not parse and are left out",
+                      stacklevel=2)
+    return rows
 
 
 def _scores_rows(scores: Path) -> list[list[str]] | None:

@@ -3,7 +3,7 @@
 While :meth:`pedenet.PEDENet.fit` trains with a ``checkpoint`` file (``pedenet fit`` uses
 ``RUN_DIR/resume.pt``), the training state is written to it atomically
 (:func:`pedenet.checkpoint.save_checkpoint`) every ``checkpoint_every`` steps and when SIGINT
-(Ctrl-C) or SIGTERM arrives. A signal does not stop a step half way: the step is finished, the
+(Ctrl-C), SIGTERM or SIGHUP arrives. A signal does not stop a step half way: the step is finished, the
 state saved, and :class:`TrainingInterrupted` raised. A second signal acts at once (without
 saving; the file keeps the previous state). The file holds, after step ``step``:
 
@@ -43,7 +43,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by a signal after the state was saved to ``path``.
 
     Attributes: ``step`` (steps done), ``total`` (steps asked for), ``path`` (the resume
-    file), ``signum`` (``signal.SIGINT`` or ``signal.SIGTERM``).
+    file), ``signum`` (``signal.SIGINT``, ``signal.SIGTERM`` or ``signal.SIGHUP``).
     """
 
     def __init__(self, step: int, total: int, path: Path, signum: int):
@@ -61,7 +61,7 @@ class _Stop:
 
 @contextlib.contextmanager
 def deferred_interrupts(enabled: bool = True):
-    """Defer SIGINT and SIGTERM to the end of the current training step.
+    """Defer SIGINT, SIGTERM and SIGHUP to the end of the current training step.
 
     Yields a holder whose ``signum`` is set when the first signal arrives; the original
     handlers are then put back, so a second signal acts immediately. Does nothing (``signum``
@@ -71,7 +71,7 @@ def deferred_interrupts(enabled: bool = True):
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    signums = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    signums = [signal.SIGINT] + [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
     previous = {s: signal.getsignal(s) for s in signums}
 
     def restore():

@@ -484,6 +484,130 @@ def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, t
     assert "Aborted" not in result.output and not (tmp_path / "pred2").exists()
 
 
+def _interrupt_at_image(monkeypatch, n_image: int, exc: BaseException):
+    """Make predict's save_png raise ``exc`` at the first PNG of image ``n_image`` (0-based;
+    three PNGs per image with thresholds: mask, overlay; and one map file)."""
+    import pedenet.visualization as vis
+
+    calls = {"n": 0}
+    save_png = vis.save_png
+
+    def failing(path, array):
+        calls["n"] += 1
+        if calls["n"] == 2 * n_image + 1:
+            raise exc
+        return save_png(path, array)
+
+    monkeypatch.setattr(vis, "save_png", failing)
+    return lambda: monkeypatch.setattr(vis, "save_png", save_png)
+
+
+def test_resume_checks_what_it_keeps(run_dir, dataset, tmp_path, monkeypatch):
+    """--resume keeps only images whose files read back and give the listed score; a line of
+    scores.csv that does not parse, a corrupt map or an edited score make that image be
+    predicted again (with a warning), and the result still equals an uninterrupted run's."""
+    import signal
+
+    from pedenet.cli.common import Terminated
+
+    inputs = dataset / "grass" / "test"
+    n_images = len(list(inputs.rglob("*.png")))
+    whole = tmp_path / "whole"
+    assert run("predict", run_dir, inputs, "--out", whole, "--fpr", "0.5", "--quiet").exit_code == 0
+    out = tmp_path / "pred"
+    restore = _interrupt_at_image(monkeypatch, 4, Terminated(signal.SIGTERM))
+    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--quiet")
+    restore()
+    assert result.exit_code == 143, result.output  # 128 + SIGTERM, as the shell reports it
+    assert f"interrupted by SIGTERM after 4 of {n_images} images" in result.output
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert len(rows) == 4
+    # without --resume or --overwrite: the refusal points at --resume first
+    assert_one_line_error(run("predict", run_dir, inputs, "--out", out, "--quiet"),
+                          "holds an earlier prediction", "--resume")
+    np.save(out / f"{rows[0]['name']}_map.npy", np.zeros((3,), np.float32))  # not a map
+    text = (out / "scores.csv").read_text().splitlines()
+    text[2] = text[2].replace(rows[1]["score"], "1.0")  # an edited score
+    text[4] = text[4][:10]  # a cut line
+    (out / "scores.csv").write_text("\n".join(text) + "\n")
+    again = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume")
+    assert again.exit_code == 0, again.output
+    assert f"resuming: 1 of {n_images} images kept" in again.output
+    assert "scores.csv: line(s) 5 do not parse" in again.output
+    assert "2 image(s) listed in scores.csv are predicted again" in again.output
+    assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
+    # all kept: nothing to predict, and it says so
+    done = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume")
+    assert done.exit_code == 0 and f"all {n_images} images were already predicted" in done.output
+    assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
+
+
+def test_resume_matches_paths_not_spellings_and_refuses_renamed_images(run_dir, dataset, tmp_path,
+                                                                      monkeypatch):
+    """The same images given by another path spelling (relative, from another folder) are
+    resumed; images whose output names depend on the input order are refused in another order."""
+    folder = tmp_path / "in" / "a"
+    folder.mkdir(parents=True)
+    src = sorted((dataset / "grass" / "test" / "good").glob("*.png"))[0]
+    shutil.copy(src, folder / "x.png")
+    Image.open(src).save(folder / "x.tif")  # the same stem in the same folder: x_1, x_2 by order
+    shutil.copy(src, folder / "y.png")
+    monkeypatch.chdir(tmp_path / "in")
+    out = tmp_path / "pred"
+    restore = _interrupt_at_image(monkeypatch, 2, KeyboardInterrupt())
+    result = run("predict", run_dir, "a/x.png", "a/x.tif", "a/y.png", "--out", out, "--fpr", "0.5",
+                 "--quiet")
+    restore()
+    assert result.exit_code == 130, result.output
+    monkeypatch.chdir(tmp_path)
+    swapped = run("predict", run_dir, folder / "x.tif", folder / "x.png", folder / "y.png", "--out",
+                  out, "--fpr", "0.5", "--resume")
+    assert_one_line_error(swapped, "other output names", "'x_1' there, 'x_2' now", "same order")
+    again = run("predict", run_dir, folder / "x.png", folder / "x.tif", folder / "y.png", "--out",
+                out, "--fpr", "0.5", "--resume")
+    assert again.exit_code == 0, again.output
+    assert "resuming: 2 of 3 images kept" in again.output
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert [r["path"] for r in rows] == [str(folder / n) for n in ("x.png", "x.tif", "y.png")]
+    assert [r["name"] for r in rows] == ["x_1", "x_2", "y"]
+
+
+def test_predict_saves_scores_while_it_runs(run_dir, dataset, tmp_path, monkeypatch):
+    """scores.csv is rewritten during the run (every SAVE_EVERY_S), so a crash or kill -9
+    that gives predict no chance to save still leaves the finished images to --resume."""
+    import pedenet.cli.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "SAVE_EVERY_S", 0.0)
+    inputs = dataset / "grass" / "test"
+    out = tmp_path / "pred"
+    restore = _interrupt_at_image(monkeypatch, 3, RuntimeError("crash"))
+    result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--quiet")
+    restore()
+    assert isinstance(result.exception, RuntimeError)  # not handled: as if killed
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert len(rows) == 3
+    again = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume")
+    assert again.exit_code == 0 and "resuming: 3 of" in again.output, again.output
+
+
+def test_termination_signals_interrupt_like_ctrl_c():
+    import os
+    import signal
+
+    from pedenet.cli.common import Terminated, _interrupt_exit_code, _termination_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as info:
+        with _termination_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            import time
+            time.sleep(5)  # the handler raises before this ends
+    assert info.value.signum == signal.SIGTERM and _interrupt_exit_code(info.value) == 143
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+    assert _interrupt_exit_code(KeyboardInterrupt()) == 130
+
+
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     import pedenet
     from pedenet.validation import validate

@@ -93,6 +93,24 @@ def test_cluster_overlay_gives_each_component_its_own_colour(k):
     np.testing.assert_array_equal(colours, np.rint(cluster_palette(k) * 255).astype(np.uint8))
 
 
+def test_cluster_palette_colours_stay_apart():
+    """No two of the K colours are close in CIELAB (the old tab20/tab20b/tab20c palette had
+    pairs 7 apart at K = 40); the first 10 are tab10; a smaller palette is a prefix."""
+    from matplotlib import colormaps
+    from skimage.color import rgb2lab
+
+    for k, least in ((40, 25.0), (60, 20.0)):
+        lab = rgb2lab(cluster_palette(k)[None].astype(np.float64))[0]
+        d = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        assert d.min() > least, (k, d.min())
+        assert (lab[:, 0] > 30).all()  # none too dark to show over a dark image
+    np.testing.assert_allclose(cluster_palette(10), [c[:3] for c in colormaps["tab10"].colors],
+                               atol=1e-6)
+    np.testing.assert_array_equal(cluster_palette(40), cluster_palette(60)[:40])
+    assert cluster_palette(40).dtype == np.float32 and cluster_palette(40).shape == (40, 3)
+
+
 def _legend_colours(out, image_height):
     strip = out[image_height:].reshape(-1, 3)
     return {tuple(int(v) for v in c) for c in strip}

@@ -749,8 +749,13 @@ def test_output_names_of_images_sharing_a_stem():
     # the folder tells them apart
     assert _unique_names([P("t/crack/000.png"), P("t/good/000.png"), P("t/good/001.png")]) == \
         ["crack_000", "good_000", "001"]
-    # same folder name twice (or a clash with another image's stem): numbered in input order
-    assert _unique_names([P("1/good/000.png"), P("2/good/000.png")]) == ["000_1", "000_2"]
+    # same folder name twice: as many folders as tell them apart
+    assert _unique_names([P("1/good/000.png"), P("2/good/000.png")]) == ["1_good_000", "2_good_000"]
+    assert _unique_names([P("d/brick/test/good/000.png"), P("d/grass/test/good/000.png"),
+                          P("d/grass/test/good/001.png")]) == \
+        ["brick_test_good_000", "grass_test_good_000", "001"]
+    # no folders tell them apart (or a clash with another image's stem): numbered in input order
+    assert _unique_names([P("good/000.png"), P("good/000.tif")]) == ["000_1", "000_2"]
     assert _unique_names([P("a/000.png"), P("b/000.png"), P("c/a_000.png")]) == \
         ["000_1", "000_2", "a_000"]
     assert _unique_names([P("a/x.png"), P("a/x.jpg"), P("x_1.png")]) == ["x_2", "x_3", "x_1"]

@@ -11,7 +11,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -44,13 +46,64 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler, ``timeout``, ``docker stop``, a closed terminal) turned
+    into an interruption, so that a command stops as on Ctrl-C, keeping its finished work.
+
+    Attributes: ``signum`` (the signal's number).
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                            if hasattr(signal, name))
+"""The signals every command turns into :class:`Terminated` (those this platform has)."""
+
+
+def _interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), the shell's
+    convention."""
+    return 128 + int(getattr(exc, "signum", None) or signal.SIGINT)
+
+
+def _interrupt_name(exc: KeyboardInterrupt) -> str:
+    """"Ctrl-C" or the signal's name ("SIGTERM")."""
+    signum = getattr(exc, "signum", None)
+    return "Ctrl-C" if signum in (None, signal.SIGINT) else signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """While the block runs (in the main thread), SIGTERM and SIGHUP raise :class:`Terminated`
+    where the program is, as Ctrl-C raises KeyboardInterrupt; the previous handlers are put back
+    on exit. Elsewhere than in the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in TERMINATION_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 def _user_errors(fn):
-    """Turn expected user-input errors into one-line click errors (no traceback)."""
+    """Turn expected user-input errors into one-line click errors (no traceback); SIGTERM and
+    SIGHUP interrupt the command as Ctrl-C does (:class:`Terminated`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _termination_as_interrupt():
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except BadFilesError as exc:
@@ -67,8 +120,9 @@ def _user_errors(fn):
         except MemoryError:
             raise UserError("out of memory; use a smaller --image-size or --batch-size, or "
                             "smaller images") from None
-        except KeyboardInterrupt:  # Ctrl-C where a command has no more specific message
-            raise UserError("interrupted (Ctrl-C)", exit_code=130) from None
+        except KeyboardInterrupt as exc:  # where a command has no more specific message
+            raise UserError(f"interrupted ({_interrupt_name(exc)})",
+                            exit_code=_interrupt_exit_code(exc)) from None
 
     return wrapper
 
@@ -209,25 +263,27 @@ def _load_model(run_dir: Path, device: str):
 
 def _unique_names(paths: list[Path]) -> list[str]:
     """Output names for ``paths``: the file stem. Stems that occur more than once are prefixed
-    with their folder's name (``test/crack/000.png`` -> ``crack_000``) when that makes every
-    name unique; otherwise they get ``_<k>`` (k = 1, 2, ... in input order), skipping names
-    that are already taken."""
+    with their folder's name (``test/crack/000.png`` -> ``crack_000``), or with as many of their
+    last folders as needed (up to 4: ``brick/test/good/000.png`` -> ``brick_test_good_000``), when
+    that makes every name unique; otherwise they get ``_<k>`` (k = 1, 2, ... in input order),
+    skipping names that are already taken."""
     counts: dict[str, int] = {}
     for p in paths:
         counts[p.stem] = counts.get(p.stem, 0) + 1
     taken = {s for s, c in counts.items() if c == 1}
-    prefixed = [f"{p.parent.name}_{p.stem}" for p in paths if counts[p.stem] > 1]
-    by_folder = (all(p.parent.name for p in paths if counts[p.stem] > 1)
-                 and len(set(prefixed)) == len(prefixed) and not taken.intersection(prefixed))
+    shared = [p for p in paths if counts[p.stem] > 1]
+    for depth in range(1, 5):  # the fewest trailing folders that tell the shared stems apart
+        if not all(len(p.parent.parts) >= depth and p.parent.name for p in shared):
+            break
+        prefixed = {p: "_".join(p.parent.parts[-depth:] + (p.stem,)) for p in shared}
+        if len(set(prefixed.values())) == len(shared) and not taken.intersection(prefixed.values()):
+            return [prefixed.get(p, p.stem) for p in paths]
     names = []
     next_k: dict[str, int] = {}
     for p in paths:
         stem = p.stem
         if counts[stem] == 1:
             names.append(stem)
-            continue
-        if by_folder:
-            names.append(f"{p.parent.name}_{stem}")
             continue
         k = next_k.get(stem, 1)
         while f"{stem}_{k}" in taken:

@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,8 +18,9 @@ from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarni
                     categories_under, find_images, is_category_dir, list_images, resolve_category,
                     train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
-                     _device_option, _info, _set_verbose, _short_warnings, _thresholds_line,
-                     _user_errors, _verbose_option, _write_json)
+                     _device_option, _info, _interrupt_exit_code, _interrupt_name, _set_verbose,
+                     _short_warnings, _thresholds_line, _user_errors, _verbose_option,
+                     _write_json)
 
 
 def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, overwrite: bool,
@@ -29,7 +29,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     """Fit a model on ``data``'s training images and write the run folder; return config.json.
 
     Training state goes to RUN_DIR/resume.pt every ``checkpoint_every`` steps and on
-    SIGINT/SIGTERM; ``resume`` continues from it. It is deleted once model.pt is written.
+    SIGINT/SIGTERM/SIGHUP; ``resume`` continues from it. It is deleted once model.pt is written.
     Warnings (skipped files, thresholds that cannot be guaranteed) go to config.json
     ("warnings") and, unless ``quiet``, to stderr: with ``quiet`` only errors are printed.
     """
@@ -129,15 +129,16 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
             ctx = click.get_current_context(silent=True)
             how = ("rerun the same command with --resume to continue"
                    if ctx is not None and "resume" in ctx.params else "rerun to start again")
+            code = _interrupt_exit_code(exc)
+            by = "" if code == 130 else f" by {_interrupt_name(exc)}"
             if isinstance(exc, TrainingInterrupted):
-                code = 143 if exc.signum == getattr(signal, "SIGTERM", None) else 130
-                raise UserError(f"interrupted after step {exc.step}/{exc.total}; progress saved to "
-                                f"{resume_path} - {how}", exit_code=code) from None
+                raise UserError(f"interrupted{by} after step {exc.step}/{exc.total}; progress saved "
+                                f"to {resume_path} - {how}", exit_code=code) from None
             if resume_path.exists():
-                raise UserError(f"interrupted; the last saved progress is in {resume_path} - {how}",
-                                exit_code=130) from None
-            raise UserError("interrupted before any progress was saved; rerun the command",
-                            exit_code=130) from None
+                raise UserError(f"interrupted{by}; the last saved progress is in {resume_path} - "
+                                f"{how}", exit_code=code) from None
+            raise UserError(f"interrupted{by} before any progress was saved; rerun the command",
+                            exit_code=code) from None
     train_seconds = time.perf_counter() - t0
     record = {
         "pedenet_version": __version__,
@@ -227,7 +228,7 @@ def _parse_blocks(value) -> tuple[int, ...]:
               "starts from step 0 if there is none.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Save the training state to RUN_DIR/resume.pt every N steps (0: only on "
-              "Ctrl-C/SIGTERM).")
+              "Ctrl-C/SIGTERM/SIGHUP).")
 @click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULTS.calibration_fraction, show_default=True,
               help="Fraction of the normal images held out of training to calibrate the "
@@ -253,7 +254,7 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
     DATA is a category folder (holding train/ and test/), a dataset root with --category, or
     a plain folder of normal images. --calibration-fraction of them are held out of training
     to calibrate the decision thresholds.
-    Every training image is checked before training starts. Ctrl-C or SIGTERM saves the
+    Every training image is checked before training starts. Ctrl-C, SIGTERM or SIGHUP saves the
     training state to RUN_DIR/resume.pt; rerun with --resume to continue.
     """
     _set_verbose(verbose, quiet)

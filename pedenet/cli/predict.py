@@ -6,6 +6,7 @@ import csv
 import heapq
 import io
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -16,19 +17,25 @@ import numpy as np
 from ..checkpoint import atomic_write_bytes
 from ..data import find_images, load_image
 from .common import (UserError, _check_out_folder, _checked, _debug, _device_option, _info,
-                     _load_model, _model_path, _progress, _rate_options, _set_verbose,
-                     _short_warnings, _thresholds_line, _unique_names, _user_errors,
-                     _verbose_option, _write_text)
+                     _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress,
+                     _rate_options, _set_verbose, _short_warnings, _thresholds_line,
+                     _unique_names, _user_errors, _verbose_option, _write_text)
 
 REPORT_GALLERY = 60
 """Images shown in the gallery of an HTML report."""
+
+SAVE_EVERY_S = 5.0
+"""Seconds between rewrites of scores.csv while predicting, so that a run killed without a
+chance to save (SIGKILL, power loss) loses at most this much work to ``--resume``."""
 
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png and scores.csv.")
+              help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png "
+              "(<stem>_clusters.png with --clusters), scores.csv and predict.json (the settings "
+              "--resume checks).")
 @click.option("--format", "fmt", type=click.Choice(["npy", "tiff"]), default="npy",
               show_default=True, help="File format of the raw float32 anomaly maps.")
 @_rate_options
@@ -37,8 +44,8 @@ REPORT_GALLERY = 60
               "(self-contained, opens offline).")
 @click.option("--clusters", is_flag=True, default=False, show_default=True,
               help="Also write <stem>_clusters.png: the most likely mixture component of each "
-              "region (which normal pattern it resembles); the legend at the bottom numbers the "
-              "components present, largest area first.")
+              "region (which normal pattern it resembles); the legend at the bottom lists the "
+              "components present by index (0 to K-1), largest area first (+n: more not shown).")
 @_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Write into an --out folder that is not empty: the files of an earlier "
@@ -60,16 +67,18 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     """Anomaly maps, overlays, scores and decisions for image files or folders INPUT...
 
     Folders are searched recursively (the --out folder excluded). Every image is checked
-    first. Images sharing a file stem are named <folder>_<stem> (crack_000), or get _1, _2,
-    ... suffixes (input order) where folder names do not tell them apart. scores.csv
+    first. Images sharing a file stem are named by their folder(s) (crack_000,
+    brick_test_good_000), or get _1, _2, ... suffixes (input order) where folder names do not
+    tell them apart. scores.csv
     lists path, score (the image score: mean of the map's top --image-score-fraction of
     pixels, energy units), p_value, anomalous (the decision at the target false-alarm rate)
     and the output name; <stem>_mask.png (0/255) marks the
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only. Warnings (skipped files, very large images,
     ...) are also written to OUT/warnings.txt, one per line, when there are any.
-    Ctrl-C keeps the images finished so far (scores.csv lists them; exit code 130);
-    the same command with --resume predicts the rest.
+    Ctrl-C, SIGTERM or SIGHUP keeps the images finished so far (scores.csv lists them, and
+    is also rewritten every few seconds; exit code 130, 143 or 129); the same command with
+    --resume predicts the rest.
     """
     from ..data import SkippedFileWarning
     from ..outputs import (SCORES_COLUMNS, SETTINGS_FILE, WARNINGS_FILE,
@@ -89,9 +98,12 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         raise UserError(f"{out_dir}: no interrupted prediction to resume (no {SETTINGS_FILE}); "
                         "run without --resume", exit_code=2)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
+        if (out_dir / SETTINGS_FILE).is_file():
+            raise UserError(f"{out_dir}: holds an earlier prediction ({SETTINGS_FILE}); pass "
+                            "--resume to continue it if it was interrupted, --overwrite to "
+                            "replace it, or choose another --out", exit_code=2)
         raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
-                        "(or --resume to continue an interrupted prediction) or choose another "
-                        "--out", exit_code=2)
+                        "or choose another --out", exit_code=2)
     earlier = earlier_prediction_files(out_dir) if out_dir.is_dir() else []
     out_resolved = out_dir.resolve()
     images = [p for p in find_images(list(inputs))
@@ -123,7 +135,12 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     settings = _settings(run_dir, fmt, clusters, th)
     kept: dict[int, dict] = {}  # --resume: index -> the earlier run's row, for images kept
     if resume:
-        kept = _resumable(out_dir, settings, images, names, th is not None)
+        kept = _resumable(out_dir, settings, images, names, th is not None,
+                          model.config.image_score_fraction)
+        for row in kept.values():  # decisions follow the score, as in a fresh prediction
+            if th is not None:
+                row["p_value"] = float(cal.p_values(row["score"]))
+                row["anomalous"] = bool(row["score"] > th["image_threshold"])
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
@@ -185,10 +202,14 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         if report:
             gallery(i, row["score"], lambda: _read_map(out_dir / f"{row['name']}_map.{fmt}"))
     pending.clear()
-    if kept:
-        _info(quiet, f"resuming: {len(kept)} of {len(images)} images kept from the interrupted "
-                     f"prediction, {len(todo)} to predict")
+    if resume:
+        _info(quiet, f"resuming: all {len(images)} images were already predicted; scores.csv"
+                     + (" and the report are" if report else " is") + " written again"
+              if not todo else
+              f"resuming: {len(kept)} of {len(images)} images kept from the interrupted "
+              f"prediction, {len(todo)} to predict")
     results = model.iter_predict(decoded())
+    last_save = time.monotonic()
     try:
         for j, amap, score in _progress(results, quiet, "predicting", total=len(todo)):
             i = todo[j]
@@ -221,16 +242,21 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             pending.clear()
             if report:  # keep only the maps the gallery can show: memory stays bounded
                 gallery(i, float(score), amap)
-    except KeyboardInterrupt:
+            if time.monotonic() - last_save > SAVE_EVERY_S:  # a kill -9 loses at most this
+                write_scores()
+                last_save = time.monotonic()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (common.Terminated)
         for f in pending:  # an image half written: none of its files
             f.unlink(missing_ok=True)
             written.discard(f)
         removed = write_scores()
         gone = (f" (the {removed} other file(s) of the earlier prediction there were removed, "
                 "as --overwrite asks)" if removed else "")
-        raise UserError(f"interrupted after {len(done)} of {len(images)} images; their outputs "
-                        f"are in {out_dir} and listed in its scores.csv{gone} - rerun the same "
-                        "command with --resume to predict the rest", exit_code=130) from None
+        code = _interrupt_exit_code(exc)
+        by = "" if code == 130 else f" by {_interrupt_name(exc)}"
+        raise UserError(f"interrupted{by} after {len(done)} of {len(images)} images; their "
+                        f"outputs are in {out_dir} and listed in its scores.csv{gone} - rerun the "
+                        "same command with --resume to predict the rest", exit_code=code) from None
     write_scores()
     rows = [done[i] for i in range(len(images))]
     if report:
@@ -246,6 +272,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     flagged = sum(bool(r["anomalous"]) for r in rows)
     _info(quiet, f"{len(rows)} image(s) -> {out_dir} (scores.csv, *_overlay.png, *_map.{fmt}"
                  + (", *_mask.png" if th is not None else "")
+                 + (", *_clusters.png" if clusters else "") + f", {SETTINGS_FILE}"
                  + (f", {WARNINGS_FILE}" if warned else "") + ")"
                  + (f"; {flagged} flagged anomalous" if th is not None else ""))
 
@@ -258,7 +285,8 @@ the decisions and masks by their thresholds, whatever rates gave them)."""
 def _settings(run_dir: Path, fmt: str, clusters: bool, th: dict | None) -> dict:
     """What a prediction's outputs depend on besides the images (OUT/predict.json): the
     model file and its SHA-256, the thresholds in use (and their target rates), the map
-    format, --clusters."""
+    format, --clusters, and the working folder (relative input paths in scores.csv are relative
+    to it)."""
     import hashlib
 
     from .. import __version__
@@ -272,7 +300,7 @@ def _settings(run_dir: Path, fmt: str, clusters: bool, th: dict | None) -> dict:
             "model_sha256": digest.hexdigest(),
             **{k: None if th is None else float(th[k])
                for k in ("target_fpr", "pixel_fpr", "image_threshold", "pixel_threshold")},
-            "format": fmt, "clusters": bool(clusters)}
+            "format": fmt, "clusters": bool(clusters), "cwd": os.getcwd()}
 
 
 def _image_files(name: str, fmt: str, masks: bool, clusters: bool) -> list[str]:
@@ -282,11 +310,20 @@ def _image_files(name: str, fmt: str, masks: bool, clusters: bool) -> list[str]:
 
 
 def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[str],
-               masks: bool) -> dict[int, dict]:
-    """--resume: the rows of ``out_dir``'s scores.csv to keep, by index into ``images``: those
-    whose path and name match and whose files all exist. Raises UserError when the earlier
-    run's settings (predict.json) differ from ``settings`` (other than the version)."""
+               masks: bool, score_fraction: float) -> dict[int, dict]:
+    """--resume: the rows of ``out_dir``'s scores.csv to keep, by index into ``images``.
+
+    A row is kept when its image is among ``images`` (paths compared after resolving them, a
+    relative one against the folder the earlier run worked in) under the same output name, and
+    its files all exist and read back: the PNGs pass Pillow's check and the map gives the
+    row's score (``score_fraction``, :func:`pedenet.scoring.image_score`). Other rows' images
+    are predicted again, with one warning that says why. A kept row's path is written as given
+    now. Raises UserError when the earlier run's settings (predict.json) differ from
+    ``settings`` (other than the version and working folder), when it lists images that are not
+    among the inputs, or when an image's output name changed (the inputs or their order).
+    """
     from ..outputs import SETTINGS_FILE, read_scores
+    from ..scoring import image_score
 
     try:
         saved = json.loads((out_dir / SETTINGS_FILE).read_text())
@@ -301,21 +338,61 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
                         f"options ({listing}); resume with the same ones, or pass --overwrite "
                         "instead of --resume to start over", exit_code=2)
     rows = read_scores(out_dir)
-    inputs = {str(p) for p in images}
-    others = [r["path"] for r in rows if r["path"] not in inputs]
+    base = Path(saved.get("cwd") or os.getcwd())
+    index = {p.resolve(): i for i, p in enumerate(images)}
+    matched = [(r, index.get((base / r["path"]).resolve())) for r in rows]
+    others = [r["path"] for r, i in matched if i is None]
     if others:
         raise UserError(f"{out_dir}: its scores.csv lists {len(others)} image(s) that are not "
-                        f"among the inputs now (e.g. {others[0]}); resume with the same inputs, "
+                        f"among the inputs now (e.g. {others[0]}, relative to {base}); resume "
+                        "with the same inputs, or pass --overwrite instead of --resume to start "
+                        "over", exit_code=2)
+    renamed = [(r, i) for r, i in matched if r["name"] != names[i]]
+    if renamed:
+        r, i = renamed[0]
+        raise UserError(f"{out_dir}: {len(renamed)} image(s) would get other output names than in "
+                        f"the interrupted prediction (e.g. {images[i]}: {r['name']!r} there, "
+                        f"{names[i]!r} now); names of images that share a file stem depend on the "
+                        "inputs and their order: resume with the same inputs in the same order, "
                         "or pass --overwrite instead of --resume to start over", exit_code=2)
-    earlier = {(r["path"], r["name"]): r for r in rows}
-    kept = {}
-    for i, (path, name) in enumerate(zip(images, names)):
-        row = earlier.get((str(path), name))
-        if row is not None and all((out_dir / f).is_file()
-                                   for f in _image_files(name, settings["format"], masks,
-                                                         settings["clusters"])):
-            kept[i] = row
+    kept, redo = {}, []
+    for row, i in matched:
+        files = [out_dir / f for f in _image_files(row["name"], settings["format"], masks,
+                                                   settings["clusters"])]
+        problem = _kept_files_problem(files, row["score"], score_fraction, image_score)
+        if problem:
+            redo.append(problem)
+            continue
+        kept[i] = {**row, "path": str(images[i])}
+    if redo:
+        warnings.warn(f"{out_dir}: {len(redo)} image(s) listed in scores.csv are predicted again "
+                      f"because of their files (e.g. {redo[0]})", stacklevel=2)
     return kept
+
+
+def _kept_files_problem(files: list[Path], score: float, score_fraction: float,
+                        image_score) -> str | None:
+    """Why an image's earlier outputs cannot be kept ("FILE: missing", "FILE: unreadable
+    (...)", "FILE: its score ... is not the listed ..."), or None when they can."""
+    from PIL import Image
+
+    for f in files:
+        if not f.is_file():
+            return f"{f}: missing"
+        try:
+            if f.suffix == ".png":
+                with Image.open(f) as img:
+                    img.verify()  # structure and checksums, without decoding
+            else:
+                amap = _read_map(f)
+                if amap.ndim != 2:
+                    return f"{f}: not a 2-D anomaly map (shape {amap.shape})"
+                got = image_score(amap, score_fraction)
+                if not np.isclose(got, score, rtol=1e-9, atol=0.0):
+                    return f"{f}: gives the image score {got:.6g}, scores.csv lists {score:.6g}"
+        except Exception as exc:  # any reader's error: the file is not what predict wrote
+            return f"{f}: unreadable ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _read_map(path: Path) -> np.ndarray:
