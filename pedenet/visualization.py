@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "LEGEND_BACKGROUND", "cluster_overlay", "cluster_palette", "color_range", "color_source", "heatmap_overlay", "legend_components", "save_png"]
+__all__ = ["CONTOUR_COLOR", "HEADROOM", "MIN_HELD_OUT_FOR_SCALE", "LEGEND_BACKGROUND", "LEGEND_MAX_LINES", "cluster_overlay", "cluster_palette", "color_range", "color_source", "heatmap_overlay", "legend_components", "save_png"]
 
 CONTOUR_COLOR = (255, 255, 255)
 """RGB colour of the ground-truth contour: pure white, which a jet or inferno overlay blended
@@ -219,6 +219,9 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
 LEGEND_BACKGROUND = (40, 40, 40)
 """RGB of the legend strip under a cluster overlay."""
 
+LEGEND_MAX_LINES = 3
+"""Lines the legend of a cluster overlay may take before it counts the rest as ``+n``."""
+
 
 def cluster_palette(n_components: int) -> np.ndarray:
     """float32 K×3 RGB colours in [0, 1] of the mixture components in cluster overlays.
@@ -270,7 +273,8 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
     """Mixture component of each region (:meth:`pedenet.PEDENet.cluster_map`) as colours over
     the image, with a legend strip along the bottom: for each component present, largest area
     first (:func:`legend_components`), a swatch of its colour and its number (the component
-    index k of ``cluster_map``), as many as fit the width, then ``+n`` for the rest.
+    index k of ``cluster_map``), on as many lines as needed up to :data:`LEGEND_MAX_LINES`,
+    then ``+n`` for the rest.
 
     Args:
         image: H×W×3 float32 in [0, 1] (or uint8 / H×W grayscale).
@@ -279,7 +283,8 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
         alpha: weight of the colours, 0..1.
 
     Returns:
-        uint8 (H + legend)×W×3 RGB array; the legend strip is max(12, H // 16) pixels high.
+        uint8 (H + legend)×W×3 RGB array; each line of the legend is max(12, H // 16) pixels
+        high.
         Raises ValueError for a shape mismatch or labels outside [0, n_components).
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -294,23 +299,39 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
     out = (1 - alpha) * img + alpha * palette[labels]
     out = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
     h, w = labels.shape
-    strip_h = max(12, h // 16)
-    strip = Image.new("RGB", (w, strip_h), LEGEND_BACKGROUND)
-    draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default(size=strip_h - 3)
+    line_h = max(12, h // 16)
+    font = ImageFont.load_default(size=line_h - 3)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     entries = legend_components(labels) if labels.size else []
-    swatch = strip_h - 4
-    x = 2
+    swatch = line_h - 4
+    placed, line, x = [], 0, 2  # (line, x, k) of each entry shown
     for i, k in enumerate(entries):
-        text = str(k)
-        width = swatch + 2 + int(draw.textlength(text, font=font)) + 6
-        rest = f"+{len(entries) - i}"
-        room = w - x - (int(draw.textlength(rest, font=font)) + 2 if i < len(entries) - 1 else 0)
-        if width > room:
-            draw.text((x, strip_h // 2), rest, fill=(255, 255, 255), font=font, anchor="lm")
-            break
-        colour = tuple(int(v) for v in np.rint(palette[k] * 255))
-        draw.rectangle([x, 2, x + swatch - 1, 2 + swatch - 1], fill=colour)
-        draw.text((x + swatch + 2, strip_h // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+        width = swatch + 2 + int(measure.textlength(str(k), font=font)) + 6
+        last_line = line == LEGEND_MAX_LINES - 1
+        more = i < len(entries) - 1
+        rest = int(measure.textlength(f"+{len(entries) - i}", font=font)) + 2 if more and last_line else 0
+        if width > w - x - rest:
+            if last_line or x == 2:  # no further line, or not even one entry fits a line
+                break
+            line, x = line + 1, 2
+            last_line = line == LEGEND_MAX_LINES - 1
+            rest = int(measure.textlength(f"+{len(entries) - i}", font=font)) + 2 if more and last_line else 0
+            if width > w - x - rest:
+                break
+        placed.append((line, x, k))
         x += width
+    lines = (placed[-1][0] + 1) if placed else 1
+    strip = Image.new("RGB", (w, line_h * lines), LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    for line, x, k in placed:
+        top = line * line_h
+        colour = tuple(int(v) for v in np.rint(palette[k] * 255))
+        draw.rectangle([x, top + 2, x + swatch - 1, top + 2 + swatch - 1], fill=colour)
+        draw.text((x + swatch + 2, top + line_h // 2), str(k), fill=(255, 255, 255), font=font,
+                  anchor="lm")
+    if len(placed) < len(entries):  # the rest, counted, after the last entry shown
+        line, x = (placed[-1][0], placed[-1][1] + swatch + 2 + int(measure.textlength(
+            str(placed[-1][2]), font=font)) + 6) if placed else (0, 2)
+        draw.text((x, line * line_h + line_h // 2), f"+{len(entries) - len(placed)}",
+                  fill=(255, 255, 255), font=font, anchor="lm")
     return np.concatenate([out, np.asarray(strip, dtype=np.uint8)])

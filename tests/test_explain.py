@@ -8,7 +8,8 @@ from skimage import data as skdata
 
 import pedenet
 from pedenet.cli import main
-from pedenet.visualization import LEGEND_BACKGROUND, cluster_overlay, cluster_palette, legend_components
+from pedenet.visualization import (LEGEND_BACKGROUND, LEGEND_MAX_LINES, cluster_overlay, cluster_palette,
+                                  legend_components)
 
 
 def _two_textures(rng, n, size=96):
@@ -143,3 +144,21 @@ def test_cluster_legend_lists_the_components_present_largest_first():
     assert order[0] == 39 and order[1:3] == [2, 3]
     shown = _legend_colours(out, 30)
     assert palette[39] in shown and palette[order[-1]] not in shown
+
+
+def test_cluster_legend_wraps_on_small_images():
+    """A 64 px wide overlay with 12 components: the legend takes more lines (each 12 px) instead
+    of showing two entries and "+10"; every component shown keeps its colour swatch."""
+    k = 40
+    labels = np.zeros((64, 64), int)
+    for j, comp in enumerate([5, 17, 27, 31, 12, 38, 7, 35, 1, 19, 3, 9]):
+        labels.ravel()[j * 300:] = comp  # later components cover less
+    order = legend_components(labels)
+    out = cluster_overlay(np.zeros((64, 64, 3), np.float32), labels, k)
+    lines = (out.shape[0] - 64) // 12
+    assert out.shape[0] == 64 + 12 * lines and 2 <= lines <= LEGEND_MAX_LINES
+    palette = [tuple(int(v) for v in c) for c in np.rint(cluster_palette(k) * 255)]
+    shown = [c for c in order if palette[c] in _legend_colours(out, 64)]
+    assert shown == order[:len(shown)] and len(shown) >= 6  # a prefix of the legend order
+    # one component: one line
+    assert cluster_overlay(np.zeros((64, 64, 3), np.float32), np.zeros((64, 64), int), k).shape[0] == 76
