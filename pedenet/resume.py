@@ -61,7 +61,8 @@ class _Stop:
 
 @contextlib.contextmanager
 def deferred_interrupts(enabled: bool = True):
-    """Defer SIGINT, SIGTERM and SIGHUP to the end of the current training step.
+    """Defer SIGINT, SIGTERM and SIGHUP to the end of the current training step (SIGHUP stays
+    ignored where the process ignores it, as under ``nohup``).
 
     Yields a holder whose ``signum`` is set when the first signal arrives; the original
     handlers are then put back, so a second signal acts immediately. Does nothing (``signum``
@@ -72,6 +73,8 @@ def deferred_interrupts(enabled: bool = True):
         yield stop
         return
     signums = [signal.SIGINT] + [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    signums = [s for s in signums  # nohup's ignored SIGHUP stays ignored
+               if s != getattr(signal, "SIGHUP", None) or signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.getsignal(s) for s in signums}
 
     def restore():

@@ -606,6 +606,14 @@ def test_termination_signals_interrupt_like_ctrl_c():
     assert isinstance(info.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before  # put back
     assert _interrupt_exit_code(KeyboardInterrupt()) == 130
+    if hasattr(signal, "SIGHUP"):  # under nohup, a closed terminal must not stop the command
+        old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with _termination_as_interrupt():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing raised
+        finally:
+            signal.signal(signal.SIGHUP, old)
 
 
 def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):

@@ -79,7 +79,8 @@ def _interrupt_name(exc: KeyboardInterrupt) -> str:
 def _termination_as_interrupt():
     """While the block runs (in the main thread), SIGTERM and SIGHUP raise :class:`Terminated`
     where the program is, as Ctrl-C raises KeyboardInterrupt; the previous handlers are put back
-    on exit. Elsewhere than in the main thread it does nothing."""
+    on exit. SIGHUP stays ignored where the process ignores it (under ``nohup``). Elsewhere than
+    in the main thread it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,7 +88,9 @@ def _termination_as_interrupt():
     def handler(signum, frame):
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in TERMINATION_SIGNALS}
+    hup = getattr(signal, "SIGHUP", None)
+    previous = {s: signal.signal(s, handler) for s in TERMINATION_SIGNALS
+                if s != hup or signal.getsignal(s) is not signal.SIG_IGN}  # nohup: stays ignored
     try:
         yield
     finally:
