@@ -70,7 +70,7 @@ def read_scores(out_dir: Path) -> list[dict]:
     """The rows of ``out_dir``/scores.csv as dicts: path (str), score (float), p_value (float
     or None), anomalous (bool or None), name (str). Empty when there is no pedenet scores.csv
     (missing, other header, unreadable). Rows that do not parse (another number of columns, a
-    value that is no number: a cut or edited line) are left out with one warning that names
+    value that is no number: a cut or edited line) are skipped with one warning that names
     the file and their line numbers."""
     rows, bad = [], []
     for line, row in enumerate(_scores_rows(out_dir / "scores.csv") or [], start=2):
@@ -83,7 +83,8 @@ def read_scores(out_dir: Path) -> list[dict]:
             bad.append(line)
     if bad:
         warnings.warn(f"{out_dir / 'scores.csv'}: line(s) {', '.join(map(str, bad[:10]))}"
-                      f"{' ...' if len(bad) > 10 else ''} do not parse and are left out",
+                      f"{' ...' if len(bad) > 10 else ''} do not parse and are skipped (with --resume, "
+                      "their images are predicted again)",
                       stacklevel=2)
     return rows
 

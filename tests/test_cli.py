@@ -536,10 +536,23 @@ def test_resume_checks_what_it_keeps(run_dir, dataset, tmp_path, monkeypatch):
     assert "scores.csv: line(s) 5 do not parse" in again.output
     assert "2 image(s) listed in scores.csv are predicted again" in again.output
     assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
-    # all kept: nothing to predict, and it says so
-    done = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume")
+    # all kept: nothing to predict, and it says so; a report written once stays
+    done = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume", "--report")
     assert done.exit_code == 0 and f"all {n_images} images were already predicted" in done.output
     assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
+    assert run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume").exit_code == 0
+    assert (out / "report.html").is_file()
+    # a scores.csv that is not pedenet's: nothing kept, and a warning says why
+    (out / "scores.csv").write_text("a,b,c\n" + "\n".join(text[1:]) + "\n")
+    broken = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--resume")
+    assert broken.exit_code == 0, broken.output
+    assert "is not a pedenet scores.csv (header)" in broken.output and "all are predicted again" in broken.output
+    assert f"resuming: 0 of {n_images} images kept" in broken.output
+    assert (out / "scores.csv").read_text() == (whole / "scores.csv").read_text()
+    # no predict.json in a folder that is not empty: the advice names --overwrite
+    (out / "predict.json").unlink()
+    assert_one_line_error(run("predict", run_dir, inputs, "--out", out, "--resume", "--quiet"),
+                          "no interrupted prediction to resume", "--overwrite")
 
 
 def test_resume_matches_paths_not_spellings_and_refuses_renamed_images(run_dir, dataset, tmp_path,

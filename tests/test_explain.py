@@ -96,7 +96,8 @@ def test_cluster_overlay_gives_each_component_its_own_colour(k):
 
 def test_cluster_palette_colours_stay_apart():
     """No two of the K colours are close in CIELAB (the old tab20/tab20b/tab20c palette had
-    pairs 7 apart at K = 40); the first 10 are tab10; a smaller palette is a prefix."""
+    pairs 7 apart at K = 40); none is grey; the first 9 are tab10 without its grey; a smaller
+    palette is a prefix."""
     from matplotlib import colormaps
     from skimage.color import rgb2lab
 
@@ -106,8 +107,10 @@ def test_cluster_palette_colours_stay_apart():
         np.fill_diagonal(d, np.inf)
         assert d.min() > least, (k, d.min())
         assert (lab[:, 0] > 30).all()  # none too dark to show over a dark image
-    np.testing.assert_allclose(cluster_palette(10), [c[:3] for c in colormaps["tab10"].colors],
-                               atol=1e-6)
+    tab10 = [c[:3] for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # no grey
+    np.testing.assert_allclose(cluster_palette(9), tab10, atol=1e-6)
+    lab = rgb2lab(cluster_palette(60)[None].astype(np.float64))[0]
+    assert (np.hypot(lab[:, 1], lab[:, 2]) > 25).all()  # no grey: it vanishes over gray images
     np.testing.assert_array_equal(cluster_palette(40), cluster_palette(60)[:40])
     assert cluster_palette(40).dtype == np.float32 and cluster_palette(40).shape == (40, 3)
 

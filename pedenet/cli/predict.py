@@ -96,7 +96,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                         "one", exit_code=2)
     if resume and not (out_dir / SETTINGS_FILE).is_file():
         raise UserError(f"{out_dir}: no interrupted prediction to resume (no {SETTINGS_FILE}); "
-                        "run without --resume", exit_code=2)
+                        "run without --resume"
+                        + (" and with --overwrite (the folder is not empty) or another --out"
+                           if out_dir.is_dir() and any(out_dir.iterdir()) else ""), exit_code=2)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
         if (out_dir / SETTINGS_FILE).is_file():
             raise UserError(f"{out_dir}: holds an earlier prediction ({SETTINGS_FILE}); pass "
@@ -105,6 +107,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         raise UserError(f"{out_dir}: output folder is not empty; pass --overwrite to write into it "
                         "or choose another --out", exit_code=2)
     earlier = earlier_prediction_files(out_dir) if out_dir.is_dir() else []
+    if resume:  # a report of the earlier, finished run stays unless --report writes a new one
+        earlier = [f for f in earlier if f.name != "report.html"]
     out_resolved = out_dir.resolve()
     images = [p for p in find_images(list(inputs))
               if out_resolved not in p.resolve().parents]  # never read our own outputs
@@ -338,6 +342,13 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
                         f"options ({listing}); resume with the same ones, or pass --overwrite "
                         "instead of --resume to start over", exit_code=2)
     rows = read_scores(out_dir)
+    scores = out_dir / "scores.csv"
+    if not rows:
+        why = ("is not a pedenet scores.csv (header) or cannot be read" if scores.exists() else
+               "is missing (the prediction stopped before its first save)")
+        if any(out_dir.glob(f"*_map.{settings['format']}")):
+            warnings.warn(f"{scores}: {why}; no image is kept: all are predicted again",
+                          stacklevel=2)
     base = Path(saved.get("cwd") or os.getcwd())
     index = {p.resolve(): i for i, p in enumerate(images)}
     matched = [(r, index.get((base / r["path"]).resolve())) for r in rows]
@@ -365,8 +376,9 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
             continue
         kept[i] = {**row, "path": str(images[i])}
     if redo:
-        warnings.warn(f"{out_dir}: {len(redo)} image(s) listed in scores.csv are predicted again "
-                      f"because of their files (e.g. {redo[0]})", stacklevel=2)
+        more = f"; and {len(redo) - 5} more" if len(redo) > 5 else ""
+        warnings.warn(f"{out_dir}: {len(redo)} image(s) listed in scores.csv are predicted again: "
+                      + "; ".join(redo[:5]) + more, stacklevel=2)
     return kept
 
 
