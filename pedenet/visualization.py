@@ -273,7 +273,8 @@ def legend_components(labels: np.ndarray) -> list[int]:
 def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
                     alpha: float = 0.45) -> np.ndarray:
     """Mixture component of each region (:meth:`pedenet.PEDENet.cluster_map`) as colours over
-    the image, with a legend strip along the bottom: for each component present, largest area
+    the image (blended with weight ``alpha``; each region's 1-pixel inner border in its
+    unblended colour, the colour of its legend swatch), with a legend strip along the bottom: for each component present, largest area
     first (:func:`legend_components`), a swatch of its colour and its number (the component
     index k of ``cluster_map``), on as many lines as needed up to :data:`LEGEND_MAX_LINES`,
     then ``+n`` for the rest.
@@ -290,6 +291,7 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
         Raises ValueError for a shape mismatch or labels outside [0, n_components).
     """
     from PIL import Image, ImageDraw, ImageFont
+    from skimage.segmentation import find_boundaries
 
     img = _as_rgb_float(image)
     labels = np.asarray(labels)
@@ -298,7 +300,10 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
     if labels.size and (labels.min() < 0 or labels.max() >= n_components):
         raise ValueError(f"labels must lie in [0, {n_components}); got [{labels.min()}, {labels.max()}]")
     palette = cluster_palette(n_components)
-    out = (1 - alpha) * img + alpha * palette[labels]
+    colours = palette[labels]
+    out = (1 - alpha) * img + alpha * colours
+    edges = find_boundaries(labels, mode="inner")  # each region outlined in its pure colour,
+    out[edges] = colours[edges]  # as in the legend, whatever the blend gives over the image
     out = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
     h, w = labels.shape
     line_h = max(12, h // 16)
