@@ -759,3 +759,6 @@ def test_output_names_of_images_sharing_a_stem():
     assert _unique_names([P("a/000.png"), P("b/000.png"), P("c/a_000.png")]) == \
         ["000_1", "000_2", "a_000"]
     assert _unique_names([P("a/x.png"), P("a/x.jpg"), P("x_1.png")]) == ["x_2", "x_3", "x_1"]
+    # case does not tell names apart (case-insensitive file systems)
+    assert _unique_names([P("d/A.png"), P("d/a.png"), P("d/b.png")]) == ["A_1", "a_2", "b"]
+    assert _unique_names([P("x/A.png"), P("y/a.png")]) == ["x_A", "y_a"]

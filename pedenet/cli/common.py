@@ -269,31 +269,36 @@ def _unique_names(paths: list[Path]) -> list[str]:
     with their folder's name (``test/crack/000.png`` -> ``crack_000``), or with as many of their
     last folders as needed (up to 4: ``brick/test/good/000.png`` -> ``brick_test_good_000``), when
     that makes every name unique; otherwise they get ``_<k>`` (k = 1, 2, ... in input order),
-    skipping names that are already taken."""
+    skipping names that are already taken. Names are compared ignoring case (``A.png`` and
+    ``a.png`` would overwrite each other's outputs on macOS or Windows)."""
+    def key(name: str) -> str:
+        return name.casefold()
+
     counts: dict[str, int] = {}
     for p in paths:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
-    taken = {s for s, c in counts.items() if c == 1}
-    shared = [p for p in paths if counts[p.stem] > 1]
+        counts[key(p.stem)] = counts.get(key(p.stem), 0) + 1
+    taken = {key(p.stem) for p in paths if counts[key(p.stem)] == 1}
+    shared = [p for p in paths if counts[key(p.stem)] > 1]
     for depth in range(1, 5):  # the fewest trailing folders that tell the shared stems apart
         if not all(len(p.parent.parts) >= depth and p.parent.name for p in shared):
             break
         prefixed = {p: "_".join(p.parent.parts[-depth:] + (p.stem,)) for p in shared}
-        if len(set(prefixed.values())) == len(shared) and not taken.intersection(prefixed.values()):
+        keys = {key(v) for v in prefixed.values()}
+        if len(keys) == len(shared) and not taken.intersection(keys):
             return [prefixed.get(p, p.stem) for p in paths]
     names = []
     next_k: dict[str, int] = {}
     for p in paths:
         stem = p.stem
-        if counts[stem] == 1:
+        if counts[key(stem)] == 1:
             names.append(stem)
             continue
-        k = next_k.get(stem, 1)
-        while f"{stem}_{k}" in taken:
+        k = next_k.get(key(stem), 1)
+        while key(f"{stem}_{k}") in taken:
             k += 1
         name = f"{stem}_{k}"
-        next_k[stem] = k + 1
-        taken.add(name)
+        next_k[key(stem)] = k + 1
+        taken.add(key(name))
         names.append(name)
     return names
 
