@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

@@ -327,7 +327,6 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
     among the inputs, or when an image's output name changed (the inputs or their order).
     """
     from ..outputs import SETTINGS_FILE, read_scores
-    from ..scoring import image_score
 
     try:
         saved = json.loads((out_dir / SETTINGS_FILE).read_text())
@@ -370,7 +369,7 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
     for row, i in matched:
         files = [out_dir / f for f in _image_files(row["name"], settings["format"], masks,
                                                    settings["clusters"])]
-        problem = _kept_files_problem(files, row["score"], score_fraction, image_score)
+        problem = _kept_files_problem(files, row["score"], score_fraction)
         if problem:
             redo.append(problem)
             continue
@@ -382,11 +381,12 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
     return kept
 
 
-def _kept_files_problem(files: list[Path], score: float, score_fraction: float,
-                        image_score) -> str | None:
+def _kept_files_problem(files: list[Path], score: float, score_fraction: float) -> str | None:
     """Why an image's earlier outputs cannot be kept ("FILE: missing", "FILE: unreadable
-    (...)", "FILE: its score ... is not the listed ..."), or None when they can."""
+    (...)", "FILE: gives the image score X, scores.csv lists Y"), or None when they can."""
     from PIL import Image
+
+    from ..scoring import image_score
 
     for f in files:
         if not f.is_file():
