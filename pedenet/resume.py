@@ -59,6 +59,14 @@ class _Stop:
     signum: int | None = None
 
 
+def stop_signals() -> list[int]:
+    """The signals that stop a run as Ctrl-C does: SIGINT, SIGTERM and SIGHUP (those this
+    platform has), without SIGHUP where the process ignores it (under ``nohup``)."""
+    hup = getattr(signal, "SIGHUP", None)
+    signums = [signal.SIGINT] + [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    return [s for s in signums if s != hup or signal.getsignal(s) is not signal.SIG_IGN]
+
+
 @contextlib.contextmanager
 def deferred_interrupts(enabled: bool = True):
     """Defer SIGINT, SIGTERM and SIGHUP to the end of the current training step (SIGHUP stays
@@ -72,9 +80,7 @@ def deferred_interrupts(enabled: bool = True):
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    signums = [signal.SIGINT] + [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    signums = [s for s in signums  # nohup's ignored SIGHUP stays ignored
-               if s != getattr(signal, "SIGHUP", None) or signal.getsignal(s) is not signal.SIG_IGN]
+    signums = stop_signals()
     previous = {s: signal.getsignal(s) for s in signums}
 
     def restore():

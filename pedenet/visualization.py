@@ -273,10 +273,10 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
                     alpha: float = 0.45) -> np.ndarray:
     """Mixture component of each region (:meth:`pedenet.PEDENet.cluster_map`) as colours over
     the image (blended with weight ``alpha``; each region's 1-pixel inner border in its
-    unblended colour, the colour of its legend swatch), with a legend strip along the bottom: for each component present, largest area
-    first (:func:`legend_components`), a swatch of its colour and its number (the component
-    index k of ``cluster_map``), on as many lines as needed up to :data:`LEGEND_MAX_LINES`,
-    then ``+n`` for the rest.
+    unblended colour, the colour of its legend swatch), with a legend strip along the bottom:
+    for each component present, largest area first (:func:`legend_components`), a swatch of
+    its colour and its number (the component index k of ``cluster_map``), on as many lines as
+    needed up to :data:`LEGEND_MAX_LINES`, then ``+n`` for the rest.
 
     Args:
         image: H×W×3 float32 in [0, 1] (or uint8 / H×W grayscale).
@@ -311,18 +311,19 @@ def cluster_overlay(image: np.ndarray, labels: np.ndarray, n_components: int,
     entries = legend_components(labels) if labels.size else []
     swatch = line_h - 4
     placed, line, x = [], 0, 2  # (line, x, k) of each entry shown
+
+    def room(i: int, line: int, x: int) -> int:  # width left for entry i (the last line keeps
+        last = line == LEGEND_MAX_LINES - 1      # room for "+n" after it unless it is the last)
+        more = last and i < len(entries) - 1
+        return w - x - (int(measure.textlength(f"+{len(entries) - i}", font=font)) + 2 if more else 0)
+
     for i, k in enumerate(entries):
         width = swatch + 2 + int(measure.textlength(str(k), font=font)) + 6
-        last_line = line == LEGEND_MAX_LINES - 1
-        more = i < len(entries) - 1
-        rest = int(measure.textlength(f"+{len(entries) - i}", font=font)) + 2 if more and last_line else 0
-        if width > w - x - rest:
-            if last_line or x == 2:  # no further line, or not even one entry fits a line
+        if width > room(i, line, x):
+            if line == LEGEND_MAX_LINES - 1 or x == 2:  # no further line, or it fits no line
                 break
             line, x = line + 1, 2
-            last_line = line == LEGEND_MAX_LINES - 1
-            rest = int(measure.textlength(f"+{len(entries) - i}", font=font)) + 2 if more and last_line else 0
-            if width > w - x - rest:
+            if width > room(i, line, x):
                 break
         placed.append((line, x, k))
         x += width

@@ -58,11 +58,6 @@ class Terminated(KeyboardInterrupt):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
-TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
-                            if hasattr(signal, name))
-"""The signals every command turns into :class:`Terminated` (those this platform has)."""
-
-
 def _interrupt_exit_code(exc: KeyboardInterrupt) -> int:
     """128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), the shell's
     convention."""
@@ -88,9 +83,9 @@ def _termination_as_interrupt():
     def handler(signum, frame):
         raise Terminated(signum)
 
-    hup = getattr(signal, "SIGHUP", None)
-    previous = {s: signal.signal(s, handler) for s in TERMINATION_SIGNALS
-                if s != hup or signal.getsignal(s) is not signal.SIG_IGN}  # nohup: stays ignored
+    from ..resume import stop_signals
+
+    previous = {s: signal.signal(s, handler) for s in stop_signals() if s != signal.SIGINT}
     try:
         yield
     finally:

@@ -137,14 +137,18 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         cal.image_threshold(fpr)  # warns (and OUT/warnings.txt records) when out of reach
         th = model.thresholds(fpr, pixel_fpr)
     settings = _settings(run_dir, fmt, clusters, th)
+
+    def decide(row: dict) -> dict:  # p-value and decision from the row's score
+        if th is not None:
+            row["p_value"] = float(cal.p_values(row["score"]))
+            row["anomalous"] = bool(row["score"] > th["image_threshold"])
+        return row
+
     kept: dict[int, dict] = {}  # --resume: index -> the earlier run's row, for images kept
-    if resume:
-        kept = _resumable(out_dir, settings, images, names, th is not None,
-                          model.config.image_score_fraction)
-        for row in kept.values():  # decisions follow the score, as in a fresh prediction
-            if th is not None:
-                row["p_value"] = float(cal.p_values(row["score"]))
-                row["anomalous"] = bool(row["score"] > th["image_threshold"])
+    if resume:  # decisions follow the kept scores, as in a fresh prediction
+        kept = {i: decide(row) for i, row in _resumable(
+            out_dir, settings, images, names, th is not None,
+            model.config.image_score_fraction).items()}
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
@@ -180,7 +184,10 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         if len(top) > REPORT_GALLERY:
             kept_maps.pop(heapq.heappop(top)[2], None)
 
+    removed: list[Path] = []  # the earlier run's files that this run did not replace
+
     def write_scores():  # scores.csv lists what was written (a later --overwrite replaces it)
+        nonlocal earlier
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(SCORES_COLUMNS)
@@ -196,7 +203,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             f.unlink(missing_ok=True)
         if stale:
             _debug(f"removed {len(stale)} file(s) of the earlier prediction in {out_dir}")
-        return len(stale)
+        removed.extend(stale)
+        earlier = [f for f in earlier if f in written]  # each is removed once, not every save
+        return len(removed)
 
     _write_text(output(SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
     for i, row in kept.items():  # --resume: the earlier run's images stay as they are
@@ -220,10 +229,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
             path, name = images[i], names[i]
             image = loaded.pop(j)
             lo, hi = (vmin, vmax) if vmin is not None else color_range(model, amap)
-            row = {"path": str(path), "score": float(score), "p_value": None, "anomalous": None, "name": name}
+            row = decide({"path": str(path), "score": float(score), "p_value": None,
+                          "anomalous": None, "name": name})
             if th is not None:
-                row["p_value"] = float(cal.p_values(score))
-                row["anomalous"] = bool(score > th["image_threshold"])
                 mask = (amap > th["pixel_threshold"]) & row["anomalous"]
                 save_png(output(f"{name}_mask.png"), mask.astype(np.uint8) * 255)
             save_png(output(f"{name}_overlay.png"), heatmap_overlay(image, amap, lo, hi))
@@ -253,9 +261,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
         for f in pending:  # an image half written: none of its files
             f.unlink(missing_ok=True)
             written.discard(f)
-        removed = write_scores()
-        gone = (f" (the {removed} other file(s) of the earlier prediction there were removed, "
-                "as --overwrite asks)" if removed else "")
+        n_removed = write_scores()
+        gone = (f" (the {n_removed} other file(s) of the earlier prediction there were removed, "
+                "as --overwrite asks)" if n_removed else "")
         code = _interrupt_exit_code(exc)
         by = "" if code == 130 else f" by {_interrupt_name(exc)}"
         raise UserError(f"interrupted{by} after {len(done)} of {len(images)} images; their "
