@@ -289,10 +289,12 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
     return result
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+def format_metric(value, spec: str = ".3f") -> str:
+    """``value`` (a number or ``None``) formatted with the format ``spec``; ``spec="d"`` gives
+    an integer. ``None``, NaN and ±Inf (an undefined metric) give ``"n/a"``."""
+    if value is None or not math.isfinite(float(value)):
         return "n/a"
-    return f"{value:.3f}"
+    return str(int(value)) if spec == "d" else format(float(value), spec)
 
 
 TABLE_COLUMNS = (
@@ -306,7 +308,7 @@ TABLE_COLUMNS = (
 def table_lines(rows: list[tuple[str, dict]], first: str = "defect") -> list[str]:
     """Aligned text lines: a header and one row per ``(name, metrics dict)``."""
     header = [first] + [c for c, _ in TABLE_COLUMNS] + ["n images (with good)"]
-    body = [[name] + [_fmt(m.get(k)) for _, k in TABLE_COLUMNS] + [str(m.get("n_images", ""))]
+    body = [[name] + [format_metric(m.get(k)) for _, k in TABLE_COLUMNS] + [str(m.get("n_images", ""))]
             for name, m in rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
@@ -317,6 +319,17 @@ def table_lines(rows: list[tuple[str, dict]], first: str = "defect") -> list[str
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in body]
     return out
+
+
+def markdown_table(rows: list[tuple[str, dict]], first: str = "category") -> str:
+    """The metrics of :func:`table_lines` as a Markdown table (one row per ``(name, metrics
+    dict)``), ending in a newline."""
+    head = [first] + [c for c, _ in TABLE_COLUMNS] + ["n images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        cells = [name] + [format_metric(m.get(k)) for _, k in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells + [str(m.get("n_images", ""))]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def format_table(result: dict) -> str:
@@ -339,7 +352,7 @@ def format_table(result: dict) -> str:
         lines.append(f"decisions at target false-alarm rate {th['target_fpr']:g} "
                      f"(image threshold {th['image_threshold']:.4g}, {th['n_calibration']} held-out "
                      f"normal images{note}):")
-        lines.append(f"  false alarms {_fmt(fa)} of {real['n_normal']} normal images"
+        lines.append(f"  false alarms {format_metric(fa)} of {real['n_normal']} normal images"
                      + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-                     + f"; misses {_fmt(miss)} of {real['n_anomalous']} anomalous images")
+                     + f"; misses {format_metric(miss)} of {real['n_anomalous']} anomalous images")
     return "\n".join(lines) + "\n"

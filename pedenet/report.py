@@ -46,10 +46,10 @@ text-align:right}td:first-child,th:first-child{text-align:left}th{background:#ee
 
 
 def _fmt(value, spec: str = ".4f") -> str:
-    """``value`` formatted with ``spec``; ``None``/NaN/Inf -> ``"n/a"``."""
-    if value is None or not math.isfinite(float(value)):
-        return "n/a"
-    return format(float(value), spec) if spec != "d" else str(int(value))
+    """:func:`pedenet.evaluation.format_metric` with four decimals by default."""
+    from .evaluation import format_metric
+
+    return format_metric(value, spec)
 
 
 def _png_uri(data) -> str:

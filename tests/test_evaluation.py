@@ -134,3 +134,22 @@ def test_format_table(dataset):
     # aligned: every row as wide as the rule under the header (right-aligned numbers)
     assert len({len(line) for line in lines}) == 1
     assert f"{result['overall']['image_auroc']:.3f}" in lines[2]
+
+
+def test_format_metric_marks_undefined_values():
+    from pedenet.evaluation import format_metric
+
+    assert format_metric(0.98765) == "0.988"
+    assert format_metric(0.98765, ".4f") == "0.9877" and format_metric(12.0, "d") == "12"
+    assert [format_metric(v) for v in (None, float("nan"), float("inf"))] == ["n/a"] * 3
+
+
+def test_markdown_table_has_one_row_per_category():
+    from pedenet.evaluation import TABLE_COLUMNS, markdown_table
+
+    rows = [("grass", {"image_auroc": 1.0, "pixel_auroc": 0.5, "n_images": 4}), ("sand", {})]
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and lines[1] == "|" + "---|" * (len(TABLE_COLUMNS) + 2)
+    assert lines[0].startswith("| category | image AUROC | pixel AUROC |")
+    assert lines[2] == "| grass | 1.000 | 0.500 | n/a | n/a | 4 |"
+    assert lines[3] == "| sand | n/a | n/a | n/a | n/a |  |"

@@ -38,29 +38,18 @@ def _summary_rows(results: dict) -> list[tuple[str, dict]]:
 
 def _decision_lines(results: dict, target_fpr: float) -> list[str]:
     """The realized false-alarm and miss rates of each category's decisions (test split)."""
-    from ..evaluation import _fmt
+    from ..evaluation import format_metric
 
     lines = []
     for cat, res in results.items():
         real = res.get("realized")
         if real:
-            lines.append(f"{cat}: false alarms {_fmt(real.get('false_alarm_rate'))} of {real['n_normal']} "
-                         f"normal images, misses {_fmt(real.get('miss_rate'))} of "
-                         f"{real['n_anomalous']} anomalous images")
+            fa, miss = format_metric(real.get("false_alarm_rate")), format_metric(real.get("miss_rate"))
+            lines.append(f"{cat}: false alarms {fa} of {real['n_normal']} normal images, "
+                         f"misses {miss} of {real['n_anomalous']} anomalous images")
     if lines:
         lines.insert(0, f"decisions at target false-alarm rate {target_fpr:g} (test split):")
     return lines
-
-
-def _markdown(rows: list[tuple[str, dict]]) -> str:
-    from ..evaluation import TABLE_COLUMNS, _fmt
-
-    head = ["category"] + [c for c, _ in TABLE_COLUMNS] + ["n images"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in rows:
-        cells = [name] + [_fmt(m.get(k)) for _, k in TABLE_COLUMNS] + [str(m.get("n_images", ""))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 @click.command()
@@ -91,7 +80,7 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
     """
     _set_verbose(verbose, quiet)
     from ..builtin import TEXTURES, builtin_dataset_root, make_builtin_dataset
-    from ..evaluation import format_table, table_lines
+    from ..evaluation import format_table, markdown_table, table_lines
 
     cats = [c.strip() for c in categories.split(",") if c.strip()]
     unknown = [c for c in cats if c not in TEXTURES]
@@ -139,7 +128,7 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
     _write_json(out_dir / "summary.json", summary)
     decisions = _decision_lines(results, target_fpr)
     md = (f"# pedenet demo (built-in textures, {steps} steps, seed {seed})\n\n"
-          + _markdown(rows)
+          + markdown_table(rows)
           + ("\n" + "\n".join(f"- {line}" if i else line for i, line in enumerate(decisions)) + "\n"
              if decisions else "")
           + f"\nTotal time: {total:.0f} s. Per-category runs (model, metrics, overlays): "
