@@ -31,6 +31,9 @@ from pathlib import Path
 ROWS: dict[str, dict] = {
     "full (default)": {},
     "without LP (lambda_lp 0)": {"lambda_lp": 0.0},
+    "LP weight 0.3": {"lambda_lp": 0.3},
+    "LP weight 3": {"lambda_lp": 3.0},
+    "LP neighbour distance 2 patches": {"lp_distance": 2.0},
     "untrained (steps 0: EM mixture on initial embeddings)": {"steps": 0},
     "native size (image_size 0)": {"image_size": 0},
     "aspect kept (short side 256)": {"keep_aspect": True},

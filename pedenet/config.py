@@ -66,6 +66,8 @@ class PEDENetConfig:
             fitted by EM with k-means++ init (scikit-learn) on the initial embeddings;
             ``"random"``: plain random initialization (DAGMM).
         lp_pairs: LP pairs drawn per image per step.
+        lp_distance: distance between the two patches of an LP pair, in patch sizes (default
+            1: adjacent patches, as in the paper's Fig. 3); rounded to whole grid cells.
         seed: seed for every random choice (torch, numpy).
 
     Thresholds (:mod:`pedenet.calibration`)
@@ -99,6 +101,7 @@ class PEDENetConfig:
     energy_trains_encoder: bool = False
     de_init: str = "em"
     lp_pairs: int = 64
+    lp_distance: float = 1.0
     seed: int = 0
     calibration_fraction: float = 0.2
     target_fpr: float = 0.01
@@ -131,6 +134,8 @@ class PEDENetConfig:
         for name in ("embedding_dim", "n_components", "patch_size", "batch_size", "lp_pairs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not float(self.lp_distance) > 0:
+            raise ValueError(f"lp_distance must be > 0 (in patch sizes), got {self.lp_distance}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.de_init not in ("em", "random"):

@@ -113,8 +113,9 @@ def _sample_positions(cache: list[torch.Tensor], n: int, gen: torch.Generator) -
 
 
 def _lp_geometry(config: PEDENetConfig, stride: int) -> tuple[int, int]:
-    """Neighbour distance and jitter of LP pairs, in grid cells (about one patch apart)."""
-    dist = max(1, round(config.patch_size / stride))
+    """Neighbour distance and jitter of LP pairs, in grid cells: ``config.lp_distance`` patch
+    sizes apart (at least one cell), jittered by up to a quarter of that."""
+    dist = max(1, round(config.lp_distance * config.patch_size / stride))
     return dist, max(0, dist // 4)
 
 

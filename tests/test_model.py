@@ -173,6 +173,18 @@ def test_lp_pairs_are_at_the_labelled_direction():
     assert set(label.tolist()) == set(range(8))
 
 
+def test_lp_distance_is_in_patch_sizes():
+    from pedenet.training import _lp_geometry
+
+    assert _lp_geometry(PEDENetConfig(), stride=8) == (4, 1)  # patch 32 = 4 cells of 8 px
+    assert _lp_geometry(PEDENetConfig(lp_distance=2.0), stride=8) == (8, 2)
+    assert _lp_geometry(PEDENetConfig(lp_distance=0.1), stride=8) == (1, 0)  # at least one cell
+    # checkpoints saved before the setting existed train and load as before: adjacent patches
+    assert PEDENetConfig.from_dict({"encoder": "scratch"}).lp_distance == 1.0
+    with pytest.raises(ValueError, match="lp_distance must be > 0"):
+        PEDENetConfig(lp_distance=0)
+
+
 def test_effective_rank_known_values():
     g = torch.Generator().manual_seed(0)
     iso = torch.randn(20000, 8, generator=g)
