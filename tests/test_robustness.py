@@ -491,6 +491,8 @@ def test_interrupted_fit_resumes_to_the_same_result(dataset, uninterrupted, tmp_
     assert signal.getsignal(signal.SIGINT) == handler_before  # handlers restored
     # a plain rerun does not silently start over
     one_line_error(run("fit", dataset, "--out", out, *args), "resume.pt", "--resume", code=2)
+    # commands that need the model say the fit was interrupted and how to finish it
+    one_line_error(run("evaluate", out), "interrupted", f"at step {saved_step}", "--resume")
     # other settings: refused before a resumed fit is announced, the saved state is kept
     other = run("fit", dataset, "--out", out, "--image-size", "64", "--steps", "7",
                 "--checkpoint-every", "2", "--seed", "4", "--resume")
@@ -567,6 +569,34 @@ def test_existing_outputs_are_not_overwritten(run_dir, dataset, tmp_path):
     before = (rd / "metrics.json").read_bytes()
     one_line_error(run("evaluate", rd, "--quiet"), "metrics.json", "--overwrite", code=2)
     assert (rd / "metrics.json").read_bytes() == before
+
+
+def test_evaluate_and_validate_refuse_a_run_folder_they_cannot_write_before_scoring(
+        run_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    import pedenet.cli.common as common
+    import pedenet.evaluation as evaluation
+    import pedenet.validation as validation
+
+    rd = tmp_path / "rd"
+    shutil.copytree(run_dir, rd)
+    before = tree(rd)
+
+    def read_only(*args, **kwargs):  # what a read-only mount or an immutable folder gives
+        if Path(kwargs.get("dir", "")) == rd:
+            raise OSError(30, "Read-only file system")
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored although the results could not be written")
+
+    monkeypatch.setattr(common.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(evaluation, "evaluate", never)
+    monkeypatch.setattr(validation, "validate", never)
+    for command in ("evaluate", "validate"):
+        one_line_error(run(command, rd), rd, "cannot write results", "Read-only file system", code=2)
+    assert tree(rd) == before
 
 
 def test_predict_overwrite_removes_the_earlier_predictions_files_only(run_dir, dataset, tmp_path):

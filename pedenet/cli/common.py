@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -248,6 +249,14 @@ def _model_path(run_dir: Path) -> Path:
         if not _is_run_dir(run_dir):
             raise UserError(f"{run_dir}: not a pedenet run folder (no model.pt); pass the folder "
                             "written by `pedenet fit DATA --out RUN_DIR`, or its model.pt")
+        if (run_dir / "resume.pt").is_file():
+            from ..resume import resume_step
+
+            step = resume_step(run_dir / "resume.pt")
+            at = f" at step {step}" if step is not None else ""
+            raise UserError(f"{path}: no model yet: the fit in this run folder was interrupted{at}; "
+                            f"finish it with `pedenet fit DATA --out {run_dir} --resume` (the same "
+                            "DATA and options as before)")
         raise UserError(f"{path}: no model in this run folder; run `pedenet fit DATA --out {run_dir}` first")
     return path
 
@@ -365,6 +374,20 @@ def _check_parents(named: Path, folder: Path, option: str, verb: str) -> None:
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{named}: no permission to write in {existing}; choose another {option}",
                         exit_code=2)
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail at once, in one line, when the existing ``folder`` (a run folder that results will
+    be written into) can't take a new file: creates and removes a temporary file there, which
+    also catches what permission bits don't show (read-only mounts, immutable folders, root).
+    Raises UserError (exit code 2)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pedenet-write-check.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write results into this run folder "
+                        f"({exc.strerror or exc}); make it writable, or copy the run folder "
+                        "somewhere writable and pass that", exit_code=2) from None
 
 
 def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:

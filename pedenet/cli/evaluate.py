@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from ..data import DataError, list_images, load_image, load_mask, resolve_category
-from .common import (UserError, _debug, _device_option, _info, _load_model, _model_path, _progress,
-                     _rate_options, _read_json, _set_verbose, _short_warnings, _thresholds_line,
-                     _unique_names, _user_errors, _verbose_option, _write_json)
+from .common import (UserError, _check_writable, _debug, _device_option, _info, _load_model,
+                     _model_path, _progress, _rate_options, _read_json, _set_verbose,
+                     _short_warnings, _thresholds_line, _unique_names, _user_errors,
+                     _verbose_option, _write_json)
 
 
 def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -> Path:
@@ -75,6 +76,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
         if old and not overwrite:
             raise UserError(f"{old[0]}: results of an earlier evaluation exist; pass --overwrite to "
                             "replace them", exit_code=2)
+        _check_writable(run_dir)  # before the scoring, not after it
         cat_dir = _resolve_eval_data(run_dir, data, category)
         _debug(f"model {model_path}; test data {cat_dir}; device {device}")
         _debug(_thresholds_line(model.thresholds(fpr, pixel_fpr), model))

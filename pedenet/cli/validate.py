@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, _checked, _debug, _device_option, _info, _load_model, _model_path,
-                     _set_verbose, _short_warnings, _user_errors, _verbose_option, _write_json)
+from .common import (UserError, _check_writable, _checked, _debug, _device_option, _info,
+                     _load_model, _model_path, _set_verbose, _short_warnings, _user_errors,
+                     _verbose_option, _write_json)
 
 
 @click.command()
@@ -59,6 +60,7 @@ def validate(run_dir, seed, kinds, device, overwrite, skip_bad_files, quiet, ver
     out = model_path.parent / "validation.json"
     if out.exists() and not overwrite:
         raise UserError(f"{out}: exists; pass --overwrite to replace it", exit_code=2)
+    _check_writable(out.parent)  # before the validation, not after it
     held = model.history.get("calibration_images") or []
     if not held:
         raise UserError(f"{run_dir}: the model holds out no normal images to validate on "
