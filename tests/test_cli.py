@@ -675,6 +675,29 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     assert "1 held-out normal images + 1 synthetic-defect copies" in result.stdout
 
 
+def test_validate_finds_moved_data_with_data_option(dataset, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(dataset / "grass", root / "grass")
+    out = tmp_path / "run"
+    result = run("fit", root, "--category", "grass", "--out", out, "--steps", "1",
+                 "--n-components", "2", "--quiet", "--calibration-fraction", "0.5")
+    assert result.exit_code == 0, result.output
+    assert run("validate", out, "--quiet").exit_code == 0
+    before = json.loads((out / "validation.json").read_text())
+    moved = tmp_path / "new place"
+    root.rename(moved)
+    assert_one_line_error(run("validate", out, "--quiet", "--overwrite"), "not found",
+                          "moved or deleted", "--data")
+    for data in (moved / "grass", moved):  # the category folder, or the dataset root
+        result = run("validate", out, "--quiet", "--overwrite", "--data", data)
+        assert result.exit_code == 0, result.output
+        after = json.loads((out / "validation.json").read_text())
+        for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):
+            assert after[key] == before[key]
+    assert_one_line_error(run("validate", out, "--overwrite", "--data", tmp_path / "nowhere"),
+                          "nowhere", "not a folder")
+
+
 def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monkeypatch, capsys):
     import subprocess
     import sys

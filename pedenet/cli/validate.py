@@ -21,6 +21,11 @@ from .common import (UserError, _check_writable, _checked, _debug, _device_optio
               help="Synthetic defect kinds, given to the held-out images in turn: scratch, spot, "
               "patch, and region (a band over 15-45 % of the image whose texture is the image's "
               "own, magnified: large, low-contrast defects). Compare runs on the same kinds.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Where the data `fit` ran on is now, if it has moved: its category folder (or "
+              "plain folder of normal images), or the dataset root holding that category. The "
+              "held-out images are found there by their path relative to the folder recorded "
+              "in RUN_DIR/config.json.")
 @_device_option
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an earlier RUN_DIR/validation.json.")
@@ -32,7 +37,7 @@ from .common import (UserError, _check_writable, _checked, _debug, _device_optio
               "are still recorded in validation.json).")
 @_verbose_option
 @_user_errors
-def validate(run_dir, seed, kinds, device, overwrite, skip_bad_files, quiet, verbose):
+def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quiet, verbose):
     """Validation score of RUN_DIR's model, for choosing settings without the test split.
 
     Scores the normal images that fit held out of training (--calibration-fraction) and a
@@ -69,19 +74,56 @@ def validate(run_dir, seed, kinds, device, overwrite, skip_bad_files, quiet, ver
     if unnamed:
         raise UserError(f"{run_dir}: the held-out images were passed as arrays, not files, so they "
                         "cannot be reloaded; use pedenet.validation.validate(model, images) in Python")
-    paths = _held_out_images([Path(h) for h in held], model.min_image_side,
+    held_paths = [Path(h) for h in held]
+    if data is not None:
+        held_paths = _moved(held_paths, model_path.parent / "config.json", data)
+    paths = _held_out_images(held_paths, model.min_image_side,
                              skip_bad_files=skip_bad_files, quiet=quiet)
     t0 = time.perf_counter()
     result = _validate(model, paths, seed=seed, progress=not quiet, kinds=kinds)
     used = set(paths)
     result.update(seed=seed, seconds=time.perf_counter() - t0,
-                  skipped_files=[h for h in held if Path(h) not in used], warnings=warned)
+                  skipped_files=[str(h) for h in held_paths if h not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
     click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
                f"copies: {', '.join(kinds)}; seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
                f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
     _info(quiet, f"-> {out}")
+
+
+def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
+    """The held-out image paths ``held`` (recorded at fit time) under ``data``, where the data
+    has moved: each path relative to the category folder recorded in ``config_path``, joined
+    to ``data`` (or to ``data/<category>`` when ``data`` is the dataset root). Raises
+    UserError when the config records no data folder, a held-out path lies outside it, or
+    ``data`` is not a folder."""
+    from .common import _read_json
+
+    if not Path(data).is_dir():
+        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
+    recorded = _read_json(config_path) if config_path.is_file() else {}
+    old = recorded.get("category_dir")
+    if not old:
+        raise UserError(f"{config_path}: not found or records no data folder, so --data cannot "
+                        "relocate the held-out images")
+    old_dirs = [Path(old), Path(old).resolve()]
+    category = recorded.get("category")
+    new_root = Path(data)
+    if category and not (new_root / "train").is_dir() and (new_root / category).is_dir():
+        new_root = new_root / category  # the dataset root was given
+    out = []
+    for h in held:
+        for base in old_dirs:
+            try:
+                out.append(new_root / h.relative_to(base))
+                break
+            except ValueError:
+                continue
+        else:
+            raise UserError(f"{h}: held-out image is not under the data folder recorded at fit "
+                            f"time ({old}), so --data cannot relocate it")
+    return out
 
 
 def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
@@ -100,7 +142,8 @@ def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
     missing = [h for h in held if not h.is_file()]
     if missing and not skip_bad_files:
         where = ("the path is relative to the folder `fit` ran in: run validate from there"
-                 if not missing[0].is_absolute() else "moved or deleted since fit")
+                 if not missing[0].is_absolute()
+                 else "moved or deleted since fit; if the data moved, pass --data with its new folder")
         raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
                         f"missing; {where}); restore it, or pass --skip-bad-files to validate "
                         "on the other held-out images")
