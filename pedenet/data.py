@@ -741,7 +741,9 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             :class:`SkippedFileWarning` per folder).
 
     Returns:
-        list of ``Path`` in input order, duplicates removed.  Files are not opened.
+        list of ``Path`` in input order, duplicates removed (a ``UserWarning`` says how many
+        and names the first: the same file named twice, or also found in a folder given).
+        Files are not opened.
 
     Raises:
         DataError: a path does not exist, a file is not an image by extension, a folder holds
@@ -751,6 +753,7 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         inputs = [inputs]
     result: list[Path] = []
     seen: set[Path] = set()
+    repeated: list[Path] = []
     n_inputs = 0
     for item in inputs:
         n_inputs += 1
@@ -776,8 +779,13 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             if key not in seen:
                 seen.add(key)
                 result.append(p)
+            else:
+                repeated.append(p)
     if n_inputs == 0:
         raise DataError("no input paths given; pass image files or folders")
+    if repeated:
+        warnings.warn(f"{len(repeated)} input image(s) given more than once (first: {repeated[0]}); "
+                      "each image is scored once", UserWarning, stacklevel=2)
     return result
 
 # ``test_samples`` is a library function, not a pytest test: keep pytest from collecting it

@@ -492,7 +492,9 @@ def test_find_images(tiny_root, tmp_path):
                    "scratch/000.png"]
     one = cat / "test" / "good" / "000.png"
     assert data.find_images(one) == [one]
-    assert data.find_images([str(one), one]) == [one]  # duplicates removed
+    with pytest.warns(UserWarning, match=r"2 input image\(s\) given more than once .*000.png"):
+        assert data.find_images([str(one), one, cat / "test" / "good"]) == [
+            one, cat / "test" / "good" / "001.png"]  # duplicates removed, in input order
     with pytest.raises(DataError, match="absent.png"):
         data.find_images([tmp_path / "absent.png"])
     txt = cat / "train" / "good" / "readme.txt"
