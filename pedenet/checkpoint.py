@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -104,6 +105,18 @@ def _load_error(path: Path, kind: str, exc: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: {why}; {INSTEAD[kind]}")
 
 
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of the zip archive ``path`` (``torch.save``'s format) whose CRC-32 does
+    not match its bytes, or None. ``torch.load`` does not check these checksums, so flipped
+    bytes in the weights would load silently and give wrong scores. A file that is not a
+    readable zip (e.g. truncated) gives None: ``torch.load`` then reports it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     """Read a checkpoint without executing code.
 
@@ -114,8 +127,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
 
     Raises:
         CheckpointError: missing file, a folder, not a torch file (an image, text, ...),
-            tampered/unsafe content, not a pedenet checkpoint, the other kind, or written by an
-            incompatible format version. The message names the file and is one short line.
+            tampered/unsafe content, damaged bytes (a zip entry whose CRC-32 does not match),
+            not a pedenet checkpoint, the other kind, or written by an incompatible format
+            version. The message names the file and is one short line.
     """
     path = Path(path)
     if path.is_dir():
@@ -134,6 +148,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     if not head.startswith(TORCH_MAGIC):
         raise CheckpointError(f"{path}: not a pedenet checkpoint ({_foreign_file(path)}); "
                               f"{INSTEAD[kind]}")
+    bad = _damaged_entry(path) if head.startswith(TORCH_MAGIC[0]) else None
+    if bad is not None:
+        fix = ("copy it again from where it was written, or fit the model again with `pedenet fit`"
+               if kind == "model" else INSTEAD[kind])
+        raise CheckpointError(f"{path}: corrupt: the checksum of its part {bad!r} does not match "
+                              f"its bytes (damaged on disk or in a copy); {fix}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only: no code ran; any failure means a bad file

@@ -686,6 +686,29 @@ def test_foreign_and_incompatible_checkpoints(run_dir, tmp_path):
                    "model.pt")
 
 
+def test_checkpoint_with_damaged_bytes_is_refused_not_used(run_dir, dataset, tmp_path):
+    good = (run_dir / "model.pt").read_bytes()
+    flipped = bytearray(good)
+    middle = len(flipped) // 2  # inside the weights
+    flipped[middle:middle + 4096] = bytes(b ^ 0xFF for b in flipped[middle:middle + 4096])
+    bad_run = tmp_path / "bad_run"
+    bad_run.mkdir()
+    (bad_run / "model.pt").write_bytes(bytes(flipped))
+    assert torch.load(bad_run / "model.pt", weights_only=True)["format"] == FORMAT  # torch alone: loads
+    with pytest.raises(CheckpointError, match=r"model.pt: corrupt: the checksum of its part .* does "
+                       r"not match its bytes .*copy it again"):
+        pedenet.load(bad_run)
+    one_line_error(run("predict", bad_run, dataset / "test" / "good", "--out", tmp_path / "o",
+                       "--quiet"), "model.pt", "corrupt", "checksum")
+    assert not (tmp_path / "o").exists()
+    resume = tmp_path / "resume.pt"
+    resume.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(resume, kind="resume")
+    (bad_run / "model.pt").write_bytes(good)  # the intact bytes load
+    assert pedenet.load(bad_run).config == pedenet.load(run_dir).config
+
+
 def test_files_that_are_not_checkpoints_give_a_short_error(run_dir, dataset, tmp_path):
     png = tmp_path / "photo.png"
     shutil.copy(dataset / "test" / "good" / "000.png", png)
