@@ -414,6 +414,20 @@ def test_an_image_warning_is_shown_and_recorded_once(run_dir, tmp_path):
     assert recorded == [shown[0][len("Warning: "):]]
 
 
+def test_resume_refusal_names_the_option_that_changed_a_threshold(tmp_path):
+    from pedenet.cli.common import UserError
+    from pedenet.cli.predict import RESUME_KEYS, _resumable
+
+    saved = {"model_sha256": "ab", "image_threshold": 106.21741612752278, "pixel_threshold": 3.5,
+             "format": "npy", "clusters": False}
+    assert set(saved) == set(RESUME_KEYS)
+    (tmp_path / "predict.json").write_text(json.dumps(saved))
+    now = {**saved, "image_threshold": 86.88789876302083}
+    with pytest.raises(UserError, match=r"image_threshold \(set by --fpr\) 106\.217 there, "
+                       r"86\.8879 now"):
+        _resumable(tmp_path, now, [], [], False, 0.003)
+
+
 def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, tmp_path,
                                                              monkeypatch):
     """Ctrl-C in the middle of the second image: the first image's outputs stay, listed in

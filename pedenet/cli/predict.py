@@ -343,8 +343,14 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
                         "instead of --resume") from None
     diffs = [k for k in RESUME_KEYS if saved.get(k) != settings[k]]
     if diffs:
+        option = {"image_threshold": " (set by --fpr)", "pixel_threshold": " (set by --pixel-fpr)"}
+
+        def shown(v):
+            return f"{v:.6g}" if isinstance(v, float) else repr(v)
+
         listing = ", ".join("model file (other contents)" if k == "model_sha256"
-                            else f"{k} {saved.get(k)!r} there, {settings[k]!r} now" for k in diffs[:4])
+                            else f"{k}{option.get(k, '')} {shown(saved.get(k))} there, "
+                            f"{shown(settings[k])} now" for k in diffs[:4])
         raise UserError(f"{out_dir}: the interrupted prediction used another model or other "
                         f"options ({listing}); resume with the same ones, or pass --overwrite "
                         "instead of --resume to start over", exit_code=2)
