@@ -238,6 +238,14 @@ def _check_device(device: str) -> None:
             raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
 
 
+def _at_step(resume_path: Path) -> str:
+    """`` at step N`` for the interrupted fit saved in ``resume_path``, or "" if unreadable."""
+    from ..resume import resume_step
+
+    step = resume_step(resume_path)
+    return f" at step {step}" if step is not None else ""
+
+
 def _model_path(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -250,11 +258,8 @@ def _model_path(run_dir: Path) -> Path:
             raise UserError(f"{run_dir}: not a pedenet run folder (no model.pt); pass the folder "
                             "written by `pedenet fit DATA --out RUN_DIR`, or its model.pt")
         if (run_dir / "resume.pt").is_file():
-            from ..resume import resume_step
-
-            step = resume_step(run_dir / "resume.pt")
-            at = f" at step {step}" if step is not None else ""
-            raise UserError(f"{path}: no model yet: the fit in this run folder was interrupted{at}; "
+            raise UserError(f"{path}: no model yet: the fit in this run folder was interrupted"
+                            f"{_at_step(run_dir / 'resume.pt')}; "
                             f"finish it with `pedenet fit DATA --out {run_dir} --resume` (the same "
                             "DATA and options as before)")
         raise UserError(f"{path}: no model in this run folder; run `pedenet fit DATA --out {run_dir}` first")
@@ -405,12 +410,8 @@ def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         raise UserError(f"{model_path}: a model already exists{done}; pass --overwrite to replace it "
                         "or choose another --out", exit_code=2)
     if resume_path.exists() and not (resume or overwrite):
-        from ..resume import resume_step
-
-        step = resume_step(resume_path)
-        at = f" at step {step}" if step is not None else ""
-        raise UserError(f"{resume_path}: an unfinished fit was interrupted{at}; pass --resume to "
-                        "continue it, or --overwrite to start over", exit_code=2)
+        raise UserError(f"{resume_path}: an unfinished fit was interrupted{_at_step(resume_path)}; "
+                        "pass --resume to continue it, or --overwrite to start over", exit_code=2)
     if not (model_path.exists() or resume_path.exists()) and not (overwrite or resume):
         raise UserError(f"{run_dir}: holds an incomplete run (no model.pt); pass --overwrite to "
                         "replace it or choose another --out", exit_code=2)

@@ -292,6 +292,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
 RESUME_KEYS = ("model_sha256", "image_threshold", "pixel_threshold", "format", "clusters")
 """The settings of OUT/predict.json that --resume requires unchanged (the model by content;
 the decisions and masks by their thresholds, whatever rates gave them)."""
+RESUME_KEY_OPTIONS = {"image_threshold": " (set by --fpr)",
+                      "pixel_threshold": " (set by --pixel-fpr)"}
+"""The option behind a setting of RESUME_KEYS, named when --resume is refused for it."""
 
 
 def _settings(run_dir: Path, fmt: str, clusters: bool, th: dict | None) -> dict:
@@ -343,13 +346,11 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
                         "instead of --resume") from None
     diffs = [k for k in RESUME_KEYS if saved.get(k) != settings[k]]
     if diffs:
-        option = {"image_threshold": " (set by --fpr)", "pixel_threshold": " (set by --pixel-fpr)"}
-
         def shown(v):
             return f"{v:.6g}" if isinstance(v, float) else repr(v)
 
         listing = ", ".join("model file (other contents)" if k == "model_sha256"
-                            else f"{k}{option.get(k, '')} {shown(saved.get(k))} there, "
+                            else f"{k}{RESUME_KEY_OPTIONS.get(k, '')} {shown(saved.get(k))} there, "
                             f"{shown(settings[k])} now" for k in diffs[:4])
         raise UserError(f"{out_dir}: the interrupted prediction used another model or other "
                         f"options ({listing}); resume with the same ones, or pass --overwrite "

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from .common import (UserError, _check_writable, _checked, _debug, _device_option, _info,
-                     _load_model, _model_path, _set_verbose, _short_warnings, _user_errors,
-                     _verbose_option, _write_json)
+                     _load_model, _model_path, _read_json, _set_verbose, _short_warnings,
+                     _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -98,8 +98,6 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     to ``data`` (or to ``data/<category>`` when ``data`` is the dataset root). Raises
     UserError when the config records no data folder, a held-out path lies outside it, or
     ``data`` is not a folder."""
-    from .common import _read_json
-
     if not Path(data).is_dir():
         raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
     recorded = _read_json(config_path) if config_path.is_file() else {}
