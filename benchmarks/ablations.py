@@ -105,7 +105,9 @@ def _train_embeddings(model, paths: list, n_max: int, seed: int):
 def _swap_scorer(model, scorer: str, train_paths: list, seed: int) -> None:
     """Replace the density of a fitted model: ``em`` = a Gaussian mixture refitted by EM
     (scikit-learn, K components, full covariances) on the trained embeddings; ``nn`` = distance
-    to the nearest of ``NN_BANK`` training embeddings (a PatchCore/SPADE-style memory bank)."""
+    to the nearest of ``NN_BANK`` training embeddings (a PatchCore/SPADE-style memory bank:
+    :class:`pedenet.memory_bank.MemoryBank`, as ``scoring="distance"`` builds; the figures of
+    docs/ablations.md before it existed kept the rows in float32)."""
     import torch
     from sklearn.mixture import GaussianMixture as SkGMM
 
@@ -119,17 +121,9 @@ def _swap_scorer(model, scorer: str, train_paths: list, seed: int) -> None:
         net.mixture = GaussianMixture(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_),
                                       torch.from_numpy(gm.covariances_), ridge=cfg.ridge)
         return
-    bank = z.float()
+    from pedenet.memory_bank import MemoryBank
 
-    def nn_distance(emb):
-        b, d, h, w = emb.shape
-        q = emb.permute(0, 2, 3, 1).reshape(-1, d).float()
-        best = torch.full((len(q),), float("inf"))
-        for k in range(0, len(bank), 50_000):
-            best = torch.minimum(best, torch.cdist(q, bank[k:k + 50_000]).min(dim=1).values)
-        return best.double().reshape(b, h, w)
-
-    net.energy_of_embeddings = nn_distance  # patch_energy calls it per (tile of the) image
+    net.memory_bank = MemoryBank(z.float())  # what fit's scoring="distance" uses (float16 rows)
 
 
 def _reused_model(template: str, config: dict):

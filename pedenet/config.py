@@ -12,6 +12,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 
 ENCODERS = ("pretrained", "scratch")
+SCORINGS = ("mixture", "distance")
 
 
 @dataclass
@@ -43,6 +44,14 @@ class PEDENetConfig:
         ridge: added to each covariance diagonal before Cholesky (embedding units²).
         smoothing_sigma: σ of the Gaussian smoothing of the anomaly map, in pixels of the
             processed image (4 px at 256 px is the usual value).
+        scoring: how a patch is scored: ``"mixture"`` (default, the paper: its energy under
+            the Gaussian mixture) or ``"distance"`` (its Euclidean distance to the nearest of
+            ``memory_bank_size`` training embeddings, SPADE / PatchCore style:
+            :mod:`pedenet.memory_bank`). Distance localized better on the test splits of MTD
+            and bottle (docs/ablations.md) but costs ~20× more per image, grows with the bank,
+            makes the checkpoint larger (M × D × 2 bytes) and cannot be exported.
+        memory_bank_size: M, the training embeddings kept with scoring ``"distance"``, drawn
+            uniformly from the positions of all training images (all of them when fewer).
         image_score_fraction: the image score is the mean of this fraction of the map's
             largest pixels (:func:`pedenet.scoring.image_score`); 0 = the map's maximum.
             Default 0.003, chosen on validation images (docs/ablations.md); checkpoints saved
@@ -91,6 +100,8 @@ class PEDENetConfig:
     ridge: float = 1e-3
     smoothing_sigma: float = 4.0
     image_score_fraction: float = 0.003
+    scoring: str = "mixture"
+    memory_bank_size: int = 200_000
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -131,13 +142,16 @@ class PEDENetConfig:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder == "scratch" and self.patch_size not in (32, 64):
             raise ValueError(f"the scratch encoder supports patch_size 32 or 64, got {self.patch_size}")
-        for name in ("embedding_dim", "n_components", "patch_size", "batch_size", "lp_pairs"):
+        for name in ("embedding_dim", "n_components", "patch_size", "batch_size", "lp_pairs",
+                     "memory_bank_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not float(self.lp_distance) > 0:
             raise ValueError(f"lp_distance must be > 0 (in patch sizes), got {self.lp_distance}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.de_init not in ("em", "random"):
             raise ValueError(f"de_init must be 'em' or 'random', got {self.de_init!r}")
         if self.keep_aspect and not self.image_size:

@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PEDENetConfig
 from .gmm import GaussianMixture
 from .inference import Predictions
+from .memory_bank import MemoryBank, build_memory_bank, leave_one_out_quantiles
 from .model import PEDENetNetwork
 from .progress import progress_bar
 from .scoring import grid_to_map, to_tensor
@@ -246,7 +247,13 @@ class PEDENet:
                                     optimizer_state=opt_state, generator_state=gen_state,
                                     history=history, on_step=on_step)
         fit_mixture(self.network, cache, progress)
-        self.normal_quantiles = training_energy_quantiles(self.network, cache)
+        if self.config.scoring == "distance":
+            bank, taken = build_memory_bank(self.network, cache, self.config.memory_bank_size,
+                                            self.config.seed, progress)
+            self.network.memory_bank = bank.to(self.device)
+            self.normal_quantiles = leave_one_out_quantiles(self.network, cache, taken, self.config.seed)
+        else:
+            self.normal_quantiles = training_energy_quantiles(self.network, cache)
         del cache
         self.calibration = None
         if cal_items:
@@ -455,6 +462,7 @@ class PEDENet:
             "config": self.config.to_dict(),
             "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
             "mixture": net.mixture.state_dict(),
+            "memory_bank": None if net.memory_bank is None else net.memory_bank.state_dict(),
             "history": self.history,
             "normal_quantiles": self.normal_quantiles,
             "calibration": None if self.calibration is None else {  # tensors: weights_only load
@@ -475,12 +483,21 @@ class PEDENet:
             net = PEDENetNetwork(config, load_weights=False)
             net.load_state_dict(data["state_dict"], strict=True)
             net.mixture = GaussianMixture.from_state_dict(data["mixture"])
+            if config.scoring == "distance":
+                if data.get("memory_bank") is None:
+                    raise ValueError("scoring is 'distance' but the file holds no memory bank")
+                net.memory_bank = MemoryBank.from_state_dict(data["memory_bank"])
+                if net.memory_bank.dim != config.embedding_dim:
+                    raise ValueError(f"the memory bank's embeddings have {net.memory_bank.dim} "
+                                     f"values, the model's {config.embedding_dim}")
             calibration = (None if data.get("calibration") is None else Calibration.from_state_dict(
                 {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
                  for k, v in data["calibration"].items()}))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: checkpoint content does not match this pedenet: {exc}") from None
         net.mixture = net.mixture.to(device)
+        if net.memory_bank is not None:
+            net.memory_bank = net.memory_bank.to(device)
         model.network = net.to(device).eval()
         model.history = data.get("history", {})
         model.normal_quantiles = data.get("normal_quantiles", {})

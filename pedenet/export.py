@@ -58,7 +58,8 @@ class AnomalyMapModule(nn.Module):
     """A fitted PEDENet network as image → (anomaly map, score); see the module docstring.
 
     Args:
-        network: a fitted :class:`pedenet.model.PEDENetNetwork` (mixture set).
+        network: a fitted :class:`pedenet.model.PEDENetNetwork` (mixture set; its memory bank,
+            if any, is not exported: :func:`export_model` refuses such models).
         smoothing_sigma: σ of the map smoothing in pixels (the config's ``smoothing_sigma``).
         energy_dtype: precision of the energy: ``"auto"`` (default) as ``PEDENet.anomaly_map``
             scores: mixed (Mahalanobis products in float32, normalizers and log-sum-exp in
@@ -198,10 +199,15 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
         fmt: ``"onnx"`` (run with onnxruntime) or ``"torchscript"`` (``torch.jit.load``).
         energy_dtype: see :class:`AnomalyMapModule`.
 
-    Returns the path. Raises ValueError for an unknown format.
+    Returns the path. Raises ValueError for an unknown format, or a model fitted with scoring
+    "distance" (its memory bank is not part of the exported network).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if model.config.scoring != "mixture":
+        raise ValueError(f"this model scores patches by {model.config.scoring} to a memory bank "
+                         "(fitted with --scoring distance); export supports the mixture's scoring "
+                         "only: refit with --scoring mixture to export, or score with pedenet predict")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:  # fail early, naming the file the user gave (not the temporary one)

@@ -14,6 +14,7 @@ from torch import nn
 from .config import PEDENetConfig
 from .encoders import ScratchEncoder, build_encoder
 from .gmm import GaussianMixture
+from .memory_bank import MemoryBank
 
 # Context (pixels) kept around each tile's own cells when the pretrained encoder runs tiled
 # (``max_tile``), by the deepest stride of its feature blocks: the backbone's zero padding
@@ -76,6 +77,9 @@ class PEDENetNetwork(nn.Module):
         self.membership = MembershipNetwork(config.embedding_dim, config.n_components, config.de_hidden)
         self.location = LocationHead(config.embedding_dim)
         self.mixture: GaussianMixture | None = None
+        # with scoring "distance": the memory bank that scores patches instead of the mixture
+        # (which stays fitted: the cluster maps use it)
+        self.memory_bank: MemoryBank | None = None
 
     @property
     def stride(self) -> int:
@@ -90,13 +94,15 @@ class PEDENetNetwork(nn.Module):
 
     @torch.no_grad()
     def energy_of_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """B×D×h×w embeddings → B×h×w float64 energy under the fixed mixture
-        (:meth:`GaussianMixture.score_energy`: mixed precision where it is accurate)."""
+        """B×D×h×w embeddings → B×h×w float64 patch scores: the energy under the fixed mixture
+        (:meth:`GaussianMixture.score_energy`: mixed precision where it is accurate), or with
+        a ``memory_bank`` (scoring "distance") the distance to the nearest bank embedding."""
         if self.mixture is None:
             raise RuntimeError("the model has no fitted mixture yet: call fit first")
         b, d, h, w = emb.shape
         z = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        return self.mixture.score_energy(z).reshape(b, h, w)
+        scorer = self.mixture if self.memory_bank is None else self.memory_bank
+        return scorer.score_energy(z).reshape(b, h, w)
 
     @torch.no_grad()
     def patch_energy(self, x: torch.Tensor, max_tile: int | None = None) -> torch.Tensor:

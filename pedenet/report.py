@@ -125,7 +125,7 @@ def _gallery(cards: list[tuple], color_range, pixel_threshold, legend: str) -> s
                    f'<b class="name" title="{html.escape(str(path))}">{name}</b>{info}</div>')
     lo, hi = color_range
     scale = "min to max of each image" if lo is None or hi is None else f"{lo:.4g} to {hi:.4g}"
-    legend = f"heatmap: blue to red = energy {scale}{legend}"
+    legend = f"heatmap: blue to red = anomaly map value {scale}{legend}"
     if pixel_threshold is not None:
         legend += "; magenta contour: predicted defect (map > pixel threshold, flagged images)"
     return f'{_note(legend)}<div class="gallery">{"".join(out)}</div>'
@@ -156,7 +156,7 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
                     label=f"held-out normal images ({ref.size}, calibration)")
         if threshold is not None:
             ax.axvline(threshold, color="k", ls="--", label=f"image threshold {threshold:.4g}")
-    return _plot(draw, "image score (energy)", "images" if ref is None else "fraction of images",
+    return _plot(draw, "image score", "images" if ref is None else "fraction of images",
                  "Image scores")
 
 

@@ -153,8 +153,9 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
     held_out = color_source(model) == "held_out"
+    unit = "energy" if model.config.scoring == "mixture" else "distance"
     _debug(f"model {_model_path(run_dir)}; {len(images)} images; device {device}; "
-           f"overlay colour range {vmin} to {vmax} (energy; from the "
+           f"overlay colour range {vmin} to {vmax} ({unit}; from the "
            f"{'held-out normal images' if held_out else 'training images'})")
     t_start = time.perf_counter()
     done: dict[int, dict] = {}  # index -> scores.csv row of the images finished
