@@ -167,8 +167,14 @@ def resume_step(path) -> int | None:
         return None
 
 
+# Settings used only after the training steps (they may differ on resume; resume files
+# written before they existed lack them).
+SET_AFTER_TRAINING = ("scoring", "memory_bank_size")
+
+
 def read_resume_state(path, config: PEDENetConfig, items) -> dict:
-    """Load a resume file and check that it belongs to this config and these images.
+    """Load a resume file and check that it belongs to this config and these images (the
+    settings of ``SET_AFTER_TRAINING`` excepted).
 
     Raises:
         CheckpointError: unreadable file, other settings, other images, or a bad step.
@@ -176,7 +182,8 @@ def read_resume_state(path, config: PEDENetConfig, items) -> dict:
     data = load_checkpoint(path, kind="resume")
     saved = data["config"] if isinstance(data["config"], dict) else {}
     want = config.to_dict()
-    diffs = [k for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+    diffs = [k for k in sorted(set(saved) | set(want))
+             if saved.get(k) != want.get(k) and k not in SET_AFTER_TRAINING]
     if diffs:
         listing = ", ".join(f"{k} {saved.get(k)!r} there, {want.get(k)!r} here" for k in diffs[:4])
         raise CheckpointError(

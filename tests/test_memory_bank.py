@@ -149,3 +149,23 @@ def test_cli_fit_with_distance_scoring_predicts_and_refuses_export(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "--scoring distance" in r.output and "export supports" in r.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_resume_accepts_another_scoring_and_files_from_before_it_existed(images, tmp_path):
+    """Scoring is applied after the training steps: a resume file may differ in it, and one
+    written before the setting existed (no such keys) still resumes."""
+    from pedenet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from pedenet.config import PEDENetConfig
+    from pedenet.resume import read_resume_state
+
+    cfg = dict(steps=2, embedding_dim=8, n_components=2, image_size=64, calibration_fraction=0)
+    ck = tmp_path / "resume.pt"
+    pedenet.PEDENet(**cfg).fit(images, progress=False, checkpoint=ck, checkpoint_every=1,
+                               keep_checkpoint=True)
+    data = load_checkpoint(ck, kind="resume")
+    del data["config"]["scoring"], data["config"]["memory_bank_size"]
+    save_checkpoint(ck, data)
+    state = read_resume_state(ck, PEDENetConfig(**cfg, scoring="distance", memory_bank_size=50), images)
+    assert state["step"] == 1  # the last periodic save (none at the final step)
+    with pytest.raises(CheckpointError, match="steps 2 there, 3 here"):  # training settings still count
+        read_resume_state(ck, PEDENetConfig(**{**cfg, "steps": 3}), images)
