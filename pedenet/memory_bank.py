@@ -60,9 +60,10 @@ class MemoryBank:
     def __init__(self, bank: torch.Tensor):
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(f"a memory bank must be a non-empty M×D tensor, got shape {tuple(bank.shape)}")
-        if not torch.isfinite(bank).all():
-            raise ValueError("the memory bank holds non-finite values")
         self.bank = bank.to(torch.float16).float()
+        if not torch.isfinite(self.bank).all():
+            raise ValueError("the memory bank holds non-finite values (or values beyond float16's "
+                             "range, ±65504, in which it is stored)")
         self.bank_sq = (self.bank * self.bank).sum(1)
 
     def __len__(self) -> int:

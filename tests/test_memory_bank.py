@@ -51,6 +51,8 @@ def test_bank_refuses_empty_or_non_finite_input_and_rounds_to_float16():
         MemoryBank(torch.zeros(0, 4))
     with pytest.raises(ValueError, match="non-finite"):
         MemoryBank(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="float16"):
+        MemoryBank(torch.tensor([[0.0, 1e5]]))
     bank = MemoryBank(torch.tensor([[1.0001, 2.0]]))
     assert bank.bank.dtype == torch.float32 and bank.bank[0, 0] == torch.tensor(1.0001).half().float()
     again = MemoryBank.from_state_dict(bank.state_dict())
