@@ -85,7 +85,7 @@ class Calibration:
     """Held-out normal scores and the thresholds they give.
 
     Attributes:
-        scores: float64 (n,), image scores (map maxima, energy units) of the held-out normal
+        scores: float64 (n,), image scores (map maxima: energy, or distance) of the held-out normal
             images, sorted ascending.
         pixel_scores: float32 (m,), a random subsample (m <= ``MAX_PIXEL_SAMPLES``) of the
             pooled pixel scores of their anomaly maps, sorted ascending; it always holds their
@@ -193,7 +193,7 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
     """Build a :class:`Calibration` from the anomaly maps of held-out normal images.
 
     Args:
-        maps: iterable of float H_i×W_i anomaly maps (energy units) of normal images that were
+        maps: iterable of float H_i×W_i anomaly maps (energy, or distance) of normal images that were
             not used for training.
         target_fpr: default target false-alarm rate of images, in (0, 1).
         pixel_fpr: default fraction of normal pixels above the pixel threshold, in (0, 1).

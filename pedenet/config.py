@@ -50,8 +50,9 @@ class PEDENetConfig:
             :mod:`pedenet.memory_bank`). Distance localized better on the test splits of MTD
             and bottle (docs/ablations.md) but costs ~20× more per image, grows with the bank,
             makes the checkpoint larger (M × D × 2 bytes) and cannot be exported.
-        memory_bank_size: M, the training embeddings kept with scoring ``"distance"``, drawn
-            uniformly from the positions of all training images (all of them when fewer).
+        memory_bank_size: M, the most training embeddings kept with scoring ``"distance"``:
+            an equal share of each training image's positions, drawn uniformly (all of them
+            when the images hold fewer).
         image_score_fraction: the image score is the mean of this fraction of the map's
             largest pixels (:func:`pedenet.scoring.image_score`); 0 = the map's maximum.
             Default 0.003, chosen on validation images (docs/ablations.md); checkpoints saved

@@ -307,11 +307,12 @@ class PEDENet:
             else:
                 overlays = (f"overlays of normal images will look hot (their colours come from "
                             f"the training images below {MIN_HELD_OUT_FOR_SCALE} held-out ones)")
+            advice = " (or fewer --n-components)" if self.config.scoring == "mixture" else ""
             warnings.warn(
                 f"the held-out normal images score far above the training images (median image "
                 f"score {median:.4g}; the training patches' hottest colour starts at {vmax:.4g}): "
                 f"the model fits its training images much better than new normal ones - use "
-                f"more training images (or fewer --n-components). Thresholds and p-values stay "
+                f"more training images{advice}. Thresholds and p-values stay "
                 f"valid (they come from the held-out images); {overlays}", stacklevel=3)
 
     def no_calibration_reason(self) -> str:
@@ -329,7 +330,7 @@ class PEDENet:
     # ---- inference ------------------------------------------------------------------------
     @torch.inference_mode()
     def anomaly_map(self, image: ImageLike, max_tile: int | None = 1024) -> np.ndarray:
-        """Anomaly map of one image: float32 H×W at the image's own resolution (energy units).
+        """Anomaly map of one image: float32 H×W at the image's own resolution (energy, or distance).
 
         ``max_tile``: images whose processed size exceeds this many pixels on a side are
         encoded in overlapping tiles (see :meth:`iter_predict`); None disables tiling.
@@ -395,7 +396,7 @@ class PEDENet:
     def thresholds(self, fpr: float | None = None, pixel_fpr: float | None = None) -> dict | None:
         """Calibrated thresholds for a target false-alarm rate of images ``fpr`` and of pixels
         ``pixel_fpr`` (defaults ``config.target_fpr``, ``config.pixel_fpr``): a dict with
-        target_fpr, image_threshold, pixel_fpr, pixel_threshold (thresholds in energy units),
+        target_fpr, image_threshold, pixel_fpr, pixel_threshold (thresholds in energy units, or distance),
         n_calibration, achievable_fpr and guaranteed_fpr; None when the model has no
         calibration. Raises ValueError for rates outside (0, 1)."""
         if self.calibration is None:
@@ -414,7 +415,7 @@ class PEDENet:
         ``config.pixel_fpr``) sets the pixel threshold of the masks.
 
         Returns:
-            :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units),
+            :class:`pedenet.inference.Predictions`: ``maps`` (float32 H_i×W_i, energy units, or distance),
             ``scores`` (float64 (N,), image scores), and when calibrated ``p_values`` (float64),
             ``anomalous`` (bool), ``masks`` (bool H_i×W_i) and ``thresholds``. A model
             without calibration warns if ``fpr`` / ``pixel_fpr`` are given. ``images`` as for

@@ -14,7 +14,6 @@ to float16 when built, so a fitted model and its reloaded checkpoint give identi
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -103,18 +102,23 @@ class MemoryBank:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MemoryBank":
-        return cls(state["bank"])
+        """Raises ValueError unless ``state`` holds a tensor under "bank" (see :meth:`__init__`)."""
+        bank = state.get("bank") if isinstance(state, dict) else None
+        if not isinstance(bank, torch.Tensor):
+            raise ValueError(f"the memory bank entry holds no 'bank' tensor (found {type(bank).__name__})")
+        return cls(bank)
 
 
 @torch.no_grad()
 def build_memory_bank(network, cache: list[torch.Tensor], size: int, seed: int,
                       progress: bool = True) -> tuple[MemoryBank, list[torch.Tensor]]:
-    """Draw about ``size`` embeddings uniformly from the positions of all training images.
+    """Draw at most ``size`` embeddings uniformly from the positions of all training images.
 
     Args:
         network: a :class:`pedenet.model.PEDENetNetwork` after training.
         cache: the training images' cached frozen features (:func:`pedenet.training.cache_frozen_features`).
-        size: the bank's size M; every position of every image when the images hold fewer.
+        size: the bank's size M: ``size // n`` positions of each of the n images, one more of
+            the first ``size % n``; fewer where an image has fewer positions (all of them).
         seed: seeds the draw.
 
     Returns:
@@ -122,12 +126,13 @@ def build_memory_bank(network, cache: list[torch.Tensor], size: int, seed: int,
     """
     device = next(network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    per = max(1, math.ceil(size / len(cache)))
+    base, extra = divmod(int(size), len(cache))
     rows, taken = [], []
-    for f in progress_bar(cache, desc="building the memory bank", unit="img", disable=not progress):
+    for i, f in enumerate(progress_bar(cache, desc="building the memory bank", unit="img",
+                                       disable=not progress)):
         emb = network.encoder.head(f.float()[None].to(device))[0]
         z = emb.reshape(emb.shape[0], -1).T
-        idx = torch.randperm(len(z), generator=gen)[:per]
+        idx = torch.randperm(len(z), generator=gen)[:base + (i < extra)]
         rows.append(z[idx.to(z.device)].float().cpu())
         taken.append(idx)
     return MemoryBank(torch.cat(rows)), taken
@@ -142,8 +147,9 @@ def leave_one_out_quantiles(network, cache: list[torch.Tensor], taken: list[torc
 
     A training patch's distance to the bank that holds it is 0; leaving its own image's rows
     out gives the distance a new normal patch sees. Up to ``n_images`` images (seeded draw),
-    ``per_image`` positions each. With a single training image, its own rows are all there
-    is, and every distance of the whole bank is used instead (all 0).
+    ``per_image`` positions each. Where an image's own rows are all the bank holds (a single
+    training image, or a bank of one row), the whole bank is used (for a single image:
+    distances near 0, float rounding only, no colour scale to speak of).
     """
     bank: MemoryBank = network.memory_bank
     device = next(network.parameters()).device
@@ -156,7 +162,8 @@ def leave_one_out_quantiles(network, cache: list[torch.Tensor], taken: list[torc
         emb = network.encoder.head(cache[i].float()[None].to(device))[0]
         z = emb.reshape(emb.shape[0], -1).T
         z = z[torch.randperm(len(z), generator=gen)[:per_image].to(z.device)]
-        leave = None if len(cache) == 1 else (starts[i], ends[i])
+        own = ends[i] - starts[i]
+        leave = (starts[i], ends[i]) if 0 < own < len(bank) else None
         values.append(bank.score_energy(z, leave_out=leave).cpu())
     e = torch.cat(values).numpy()
     return {str(q): float(np.quantile(e, q)) for q in (0.5, 0.99, 0.999, 1.0)}

@@ -34,7 +34,7 @@ MIN_HELD_OUT_FOR_SCALE = 10
 
 def color_range(model, amap: np.ndarray | None = None, headroom: float = HEADROOM,
                 source: str = "auto") -> tuple[float | None, float | None]:
-    """Colour scale ``(vmin, vmax)`` in energy units for the overlays of ``model``.
+    """Colour scale ``(vmin, vmax)`` (energy, or distance) for the overlays of ``model``.
 
     The scale runs from a typical normal pixel (coldest colour) to ``vmax = top + headroom ·
     (top − typical)``, so only pixels above (nearly) everything the normal images reached get
@@ -149,7 +149,7 @@ def heatmap_overlay(
 
     Args:
         image: float32 H×W×3 in [0, 1] (H×W grayscale and uint8 are accepted too).
-        amap: H×W anomaly map (energy units), clipped to [vmin, vmax] then scaled to [0, 1]
+        amap: H×W anomaly map (energy, or distance), clipped to [vmin, vmax] then scaled to [0, 1]
             and coloured with matplotlib colormap ``cmap``. ``vmin``/``vmax`` ``None`` use the
             map's own min/max.
         mask: optional H×W ground truth (nonzero = anomalous); its boundary

@@ -113,7 +113,14 @@ def test_distance_scores_differ_from_mixture_scores(distance_model, images):
 def test_memory_bank_size_caps_the_bank(images):
     m = pedenet.PEDENet(steps=0, embedding_dim=8, n_components=2, image_size=64, calibration_fraction=0,
                         scoring="distance", memory_bank_size=30).fit(images, progress=False)
-    assert len(m.network.memory_bank) == 6 * 5  # ceil(30 / 6) positions of each image
+    assert len(m.network.memory_bank) == 6 * 5  # 30 / 6 positions of each image
+    m = pedenet.PEDENet(steps=0, embedding_dim=8, n_components=2, image_size=64, calibration_fraction=0,
+                        scoring="distance", memory_bank_size=4).fit(images, progress=False)
+    assert len(m.network.memory_bank) == 4  # fewer rows than images: one from each of the first 4
+    assert 0 < m.normal_quantiles["0.5"]
+    m = pedenet.PEDENet(steps=0, embedding_dim=8, n_components=2, image_size=64, calibration_fraction=0,
+                        scoring="distance", memory_bank_size=1).fit(images, progress=False)
+    assert len(m.network.memory_bank) == 1 and m.normal_quantiles["1.0"] > 0
 
 
 def test_config_refuses_unknown_scoring():
@@ -132,6 +139,11 @@ def test_checkpoint_with_distance_scoring_but_no_bank_is_refused(distance_model,
     save_checkpoint(tmp_path / "broken.pt", data)
     with pytest.raises(CheckpointError, match="no memory bank"):
         pedenet.load(tmp_path / "broken.pt")
+    for bad in ({}, {"bank": [[0.0, 1.0]]}, "bank"):
+        data["memory_bank"] = bad
+        save_checkpoint(tmp_path / "broken.pt", data)
+        with pytest.raises(CheckpointError, match="memory bank entry holds no 'bank' tensor"):
+            pedenet.load(tmp_path / "broken.pt")
 
 
 def test_cli_fit_with_distance_scoring_predicts_and_refuses_export(tmp_path):
@@ -144,13 +156,17 @@ def test_cli_fit_with_distance_scoring_predicts_and_refuses_export(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["scoring"] == "distance" and cfg["memory_bank_size"] == 100
-    assert len(pedenet.load(out).network.memory_bank) <= 100 + 5
+    assert len(pedenet.load(out).network.memory_bank) == 100  # 20 of each of the 5 training images
     r = run(main, ["predict", str(out), str(data / "grass" / "test"), "--out", str(tmp_path / "pred"), "--quiet"])
     assert r.exit_code == 0, r.output
     r = run(main, ["export", str(out), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "--scoring distance" in r.output and "export supports" in r.output
     assert not (tmp_path / "m.onnx").exists()
+    r = run(main, ["fit", str(data / "grass"), "--out", str(tmp_path / "run2"), "--steps", "2",
+                   "--memory-bank-size", "100"])
+    assert r.exit_code == 2 and "--memory-bank-size applies to --scoring distance only" in r.output
+    assert not (tmp_path / "run2").exists()
 
 
 def test_resume_accepts_another_scoring_and_files_from_before_it_existed(images, tmp_path):

@@ -211,7 +211,8 @@ def _parse_blocks(value) -> tuple[int, ...]:
               "localization on MTD and bottle, ~20x slower per image, a larger model.pt, no "
               "export; compare the two with pedenet validate).")
 @click.option("--memory-bank-size", type=click.IntRange(min=1), default=DEFAULTS.memory_bank_size,
-              show_default=True, help="Training embeddings kept for --scoring distance.")
+              show_default=True, help="At most this many training embeddings are kept for --scoring distance (an "
+              "equal share of each training image).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=DEFAULTS.embedding_dim,
               show_default=True, help="Patch embedding size D.")
 @click.option("--n-components", type=click.IntRange(min=1), default=DEFAULTS.n_components,
@@ -273,6 +274,10 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
                   lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
                   pixel_fpr=pixel_fpr)
+    source = click.get_current_context().get_parameter_source("memory_bank_size")
+    if scoring != "distance" and source is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
+                               "--scoring distance, or leave --memory-bank-size out")
     try:  # settings that contradict each other: say so before reading any data
         PEDENetConfig(**config)
     except ValueError as exc:

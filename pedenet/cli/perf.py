@@ -35,6 +35,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     model's image_size (resize first, bilinear with antialiasing) or any H, W >= 32
     when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (the image
     score: mean of the map's top image_score_fraction of pixels, as predict gives).
+    Models fitted with --scoring distance are refused.
     """
     import torch
 

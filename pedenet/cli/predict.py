@@ -71,7 +71,8 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     brick_test_good_000), or get _1, _2, ... suffixes (input order) where folder names do not
     tell them apart. scores.csv
     lists path, score (the image score: mean of the map's top --image-score-fraction of
-    pixels, energy units), p_value, anomalous (the decision at the target false-alarm rate)
+    pixels, in the map's units: energy, or distance with fit --scoring distance), p_value,
+    anomalous (the decision at the target false-alarm rate)
     and the output name; <stem>_mask.png (0/255) marks the
     pixels above the pixel threshold in images decided anomalous. A model fitted with
     --calibration-fraction 0 gives scores only. Warnings (skipped files, very large images,
