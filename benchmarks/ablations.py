@@ -173,8 +173,12 @@ def run_one(data: Path, row: str, seed: int, steps: int | None = None,
             model = pedenet.PEDENet(**config).fit(images, progress=False)
         if fitted is not None:
             fitted[key] = (copy.deepcopy(model), row)
-    held = set(model.history.get("calibration_images", []))
-    train_paths = [p for p in images if str(p) not in held]
+    held = set(model.history.get("calibration_images", []))  # absolute paths
+    # compared resolved: with a relative --data the held-out images would otherwise join the
+    # EM-refit and nearest-neighbour training embeddings (as they did before 2026-12-02,
+    # docs/ablations.md)
+    resolved = {str(Path(p).resolve()) for p in held}
+    train_paths = [p for p in images if str(Path(p).resolve()) not in resolved]
     if scorer:
         _swap_scorer(model, scorer, train_paths, seed)
     fit_s = time.perf_counter() - t0

@@ -60,7 +60,8 @@ def main() -> None:
             from pedenet.data import list_images
 
             held = model.history["calibration_images"]
-            train = [p for p in list_images(Path(held[0]).parent) if str(p) not in set(held)]
+            resolved = {str(Path(p).resolve()) for p in held}
+            train = [p for p in list_images(Path(held[0]).parent) if str(Path(p).resolve()) not in resolved]
             _swap_scorer(model, "nn", train, model.config.seed)
         for name, kinds in KIND_SETS.items():
             t0 = time.perf_counter()
