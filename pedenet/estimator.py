@@ -248,10 +248,12 @@ class PEDENet:
                                     history=history, on_step=on_step)
         fit_mixture(self.network, cache, progress)
         if self.config.scoring == "distance":
+            t0 = time.perf_counter()
             bank, taken = build_memory_bank(self.network, cache, self.config.memory_bank_size,
                                             self.config.seed, progress)
             self.network.memory_bank = bank.to(self.device)
             self.normal_quantiles = leave_one_out_quantiles(self.network, cache, taken, self.config.seed)
+            history.timings["memory_bank_seconds"] = time.perf_counter() - t0
         else:
             self.normal_quantiles = training_energy_quantiles(self.network, cache)
         del cache
@@ -270,6 +272,8 @@ class PEDENet:
         self.history["de_init"] = init
         self.history["n_train_images"] = len(items)
         self.history["n_calibration_images"] = len(cal_items)
+        if self.network.memory_bank is not None:
+            self.history["memory_bank_rows"] = len(self.network.memory_bank)
         self.history["calibration_images"] = [
             os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
             for i, p in zip(cal_idx.tolist(), cal_items)]

@@ -157,6 +157,8 @@ def test_cli_fit_with_distance_scoring_predicts_and_refuses_export(tmp_path):
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["scoring"] == "distance" and cfg["memory_bank_size"] == 100
     assert len(pedenet.load(out).network.memory_bank) == 100  # 20 of each of the 5 training images
+    history = json.loads((out / "history.json").read_text())
+    assert history["memory_bank_rows"] == 100 and history["timings"]["memory_bank_seconds"] > 0
     r = run(main, ["predict", str(out), str(data / "grass" / "test"), "--out", str(tmp_path / "pred"), "--quiet"])
     assert r.exit_code == 0, r.output
     r = run(main, ["export", str(out), "--out", str(tmp_path / "m.onnx")])

@@ -120,6 +120,8 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
                      f"({n_held} held out for thresholds), {model.config.steps} steps, "
                      f"encoder {model.config.encoder}, device {device}"
+                     + (f", scoring by distance to at most {model.config.memory_bank_size} training "
+                        "embeddings" if model.config.scoring == "distance" else "")
                      + (" (resuming)" if resuming else ""))
         t0 = time.perf_counter()
         try:
