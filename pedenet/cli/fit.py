@@ -210,11 +210,11 @@ def _parse_blocks(value) -> tuple[int, ...]:
 @click.option("--scoring", type=click.Choice(SCORINGS), default=DEFAULTS.scoring, show_default=True,
               help="How a patch is scored: its energy under the Gaussian mixture (the paper), or "
               "its distance to the nearest of --memory-bank-size training embeddings (better "
-              "localization on MTD and bottle, ~20x slower per image, a larger model.pt, no "
-              "export; compare the two with pedenet validate).")
+              "localization on the test splits of MTD and bottle, ~20x slower per image, a "
+              "larger model.pt, no export; compare the two with pedenet validate).")
 @click.option("--memory-bank-size", type=click.IntRange(min=1), default=DEFAULTS.memory_bank_size,
-              show_default=True, help="At most this many training embeddings are kept for --scoring distance (an "
-              "equal share of each training image).")
+              show_default=True, help="At most this many training embeddings are kept for "
+              "--scoring distance (an equal share of each training image).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=DEFAULTS.embedding_dim,
               show_default=True, help="Patch embedding size D.")
 @click.option("--n-components", type=click.IntRange(min=1), default=DEFAULTS.n_components,
@@ -256,9 +256,10 @@ def _parse_blocks(value) -> tuple[int, ...]:
 @_verbose_option
 @_user_errors
 def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_aspect,
-        image_score_fraction, scoring, memory_bank_size, embedding_dim, n_components, feature_blocks, patch_size, batch_size,
-        encoder_lr, lr, overwrite, resume, checkpoint_every, calibration_fraction, target_fpr,
-        pixel_fpr, skip_bad_files, quiet, verbose):
+        image_score_fraction, scoring, memory_bank_size, embedding_dim, n_components,
+        feature_blocks, patch_size, batch_size, encoder_lr, lr, overwrite, resume,
+        checkpoint_every, calibration_fraction, target_fpr, pixel_fpr, skip_bad_files, quiet,
+        verbose):
     """Train a model on the defect-free images DATA/train/good.
 
     DATA is a category folder (holding train/ and test/), a dataset root with --category, or
