@@ -249,10 +249,10 @@ class PEDENet:
         fit_mixture(self.network, cache, progress)
         if self.config.scoring == "distance":
             t0 = time.perf_counter()
-            bank, taken = build_memory_bank(self.network, cache, self.config.memory_bank_size,
-                                            self.config.seed, progress)
+            bank, counts = build_memory_bank(self.network, cache, self.config.memory_bank_size,
+                                             self.config.seed, progress)
             self.network.memory_bank = bank.to(self.device)
-            self.normal_quantiles = leave_one_out_quantiles(self.network, cache, taken, self.config.seed)
+            self.normal_quantiles = leave_one_out_quantiles(self.network, cache, counts, self.config.seed)
             history.timings["memory_bank_seconds"] = time.perf_counter() - t0
         else:
             self.normal_quantiles = training_energy_quantiles(self.network, cache)

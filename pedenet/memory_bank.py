@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .progress import progress_bar
+from .scoring import normal_quantiles
 
 # Bank rows per matrix product, and query rows per call: at most 4096 × 16384 × 4 bytes
 # = 256 MiB of distances at a time, whatever the image size.
@@ -111,7 +112,7 @@ class MemoryBank:
 
 @torch.no_grad()
 def build_memory_bank(network, cache: list[torch.Tensor], size: int, seed: int,
-                      progress: bool = True) -> tuple[MemoryBank, list[torch.Tensor]]:
+                      progress: bool = True) -> tuple[MemoryBank, list[int]]:
     """Draw at most ``size`` embeddings uniformly from the positions of all training images.
 
     Args:
@@ -122,28 +123,27 @@ def build_memory_bank(network, cache: list[torch.Tensor], size: int, seed: int,
         seed: seeds the draw.
 
     Returns:
-        (the bank, for each image the flat grid positions (int64) that went into it).
+        (the bank, the number of its rows from each image: the bank holds each image's rows
+        together, in the order of ``cache``).
     """
-    device = next(network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     base, extra = divmod(int(size), len(cache))
-    rows, taken = [], []
+    rows = []
     for i, f in enumerate(progress_bar(cache, desc="building the memory bank", unit="img",
                                        disable=not progress)):
-        emb = network.encoder.head(f.float()[None].to(device))[0]
-        z = emb.reshape(emb.shape[0], -1).T
+        z = network.embeddings_of_features(f)
         idx = torch.randperm(len(z), generator=gen)[:base + (i < extra)]
         rows.append(z[idx.to(z.device)].float().cpu())
-        taken.append(idx)
-    return MemoryBank(torch.cat(rows)), taken
+    return MemoryBank(torch.cat(rows)), [len(r) for r in rows]
 
 
 @torch.no_grad()
-def leave_one_out_quantiles(network, cache: list[torch.Tensor], taken: list[torch.Tensor],
+def leave_one_out_quantiles(network, cache: list[torch.Tensor], counts: list[int],
                             seed: int, n_images: int = 50, per_image: int = 400) -> dict:
     """Quantiles 0.5, 0.99, 0.999 and 1.0 of training patches' distances to the *other*
     training images' bank rows (the colour scale of distance scoring, as
-    :func:`pedenet.training.training_energy_quantiles` is the mixture's).
+    :func:`pedenet.training.training_energy_quantiles` is the mixture's). ``counts``: the
+    bank's rows from each image of ``cache``, as :func:`build_memory_bank` returns them.
 
     A training patch's distance to the bank that holds it is 0; leaving its own image's rows
     out gives the distance a new normal patch sees. Up to ``n_images`` images (seeded draw),
@@ -152,18 +152,13 @@ def leave_one_out_quantiles(network, cache: list[torch.Tensor], taken: list[torc
     distances near 0, float rounding only, no colour scale to speak of).
     """
     bank: MemoryBank = network.memory_bank
-    device = next(network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    ends = torch.tensor([len(t) for t in taken]).cumsum(0).tolist()
-    starts = [0] + ends[:-1]
+    ends = np.cumsum(counts).tolist()
     order = torch.randperm(len(cache), generator=gen)[:n_images].tolist()
     values = []
     for i in order:
-        emb = network.encoder.head(cache[i].float()[None].to(device))[0]
-        z = emb.reshape(emb.shape[0], -1).T
+        z = network.embeddings_of_features(cache[i])
         z = z[torch.randperm(len(z), generator=gen)[:per_image].to(z.device)]
-        own = ends[i] - starts[i]
-        leave = (starts[i], ends[i]) if 0 < own < len(bank) else None
+        leave = (ends[i] - counts[i], ends[i]) if 0 < counts[i] < len(bank) else None
         values.append(bank.score_energy(z, leave_out=leave).cpu())
-    e = torch.cat(values).numpy()
-    return {str(q): float(np.quantile(e, q)) for q in (0.5, 0.99, 0.999, 1.0)}
+    return normal_quantiles(torch.cat(values).numpy())

@@ -92,6 +92,13 @@ class PEDENetNetwork(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
+    def embeddings_of_features(self, features: torch.Tensor) -> torch.Tensor:
+        """One image's cached frozen features (C×h×w, any float dtype, any device) → its
+        (h·w)×D patch embeddings, row-major over the grid, on the network's device."""
+        device = next(self.parameters()).device
+        emb = self.encoder.head(features.float()[None].to(device))[0]
+        return emb.reshape(emb.shape[0], -1).T
+
     @torch.no_grad()
     def energy_of_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         """B×D×h×w embeddings → B×h×w float64 patch scores: the energy under the fixed mixture

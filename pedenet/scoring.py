@@ -18,6 +18,15 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
+# Quantiles of normal patch scores kept as a model's colour scale (``PEDENet.normal_quantiles``).
+NORMAL_QUANTILES = (0.5, 0.99, 0.999, 1.0)
+
+
+def normal_quantiles(values: np.ndarray) -> dict[str, float]:
+    """``{"0.5": ..., "0.99": ..., "0.999": ..., "1.0": ...}`` of a 1-D array of normal
+    patch scores (energy, or distance)."""
+    return {str(q): float(np.quantile(values, q)) for q in NORMAL_QUANTILES}
+
 
 def processed_size(h: int, w: int, image_size: int, keep_aspect: bool = False) -> tuple[int, int]:
     """The size (H', W') in pixels that an H×W image is resized to before encoding.

@@ -32,7 +32,7 @@ from .encoders import PretrainedEncoder
 from .gmm import GaussianMixture, GMMAccumulator, gmm_params
 from .model import DIRECTIONS, PEDENetNetwork
 from .progress import progress_bar
-from .scoring import to_tensor
+from .scoring import normal_quantiles, to_tensor
 
 DE_SAMPLES_PER_IMAGE = 256
 LOG_EVERY = 25
@@ -385,12 +385,10 @@ def train_network(
 def fit_mixture(network: PEDENetNetwork, cache: list[torch.Tensor], progress: bool = True) -> GaussianMixture:
     """Fix φ, μ, Σ from the memberships of *all* training embeddings (accumulated statistics)."""
     cfg = network.config
-    device = next(network.parameters()).device
     network.eval()
     acc = GMMAccumulator(cfg.n_components, cfg.embedding_dim)
     for f in progress_bar(cache, desc="fitting the mixture", unit="img", disable=not progress):
-        emb = network.encoder.head(f.float()[None].to(device))[0]
-        z = emb.reshape(emb.shape[0], -1).T
+        z = network.embeddings_of_features(f)
         acc.add(z, network.membership(z))
     network.mixture = acc.finalize(cfg.ridge)
     return network.mixture
@@ -413,5 +411,4 @@ def training_energy_quantiles(network: PEDENetNetwork, cache: list[torch.Tensor]
         if len(e) > per:
             e = e[torch.randperm(len(e), generator=gen)[:per]]
         energies.append(e)
-    e = torch.cat(energies).numpy()
-    return {str(q): float(np.quantile(e, q)) for q in (0.5, 0.99, 0.999, 1.0)}
+    return normal_quantiles(torch.cat(energies).numpy())
