@@ -32,6 +32,8 @@ from .training import (
 )
 from .resume import ResumeWriter, deferred_interrupts, read_resume_state
 
+_DEFAULT_BANK = PEDENetConfig().memory_bank_size
+
 OVERFIT_SPANS = 5.0
 """See :meth:`PEDENet._warn_if_held_out_scores_far_above_training`."""
 
@@ -139,6 +141,10 @@ class PEDENet:
     Args: any field of :class:`pedenet.config.PEDENetConfig` as a keyword, plus
         device: "cpu" (default) or "cuda".
 
+    Raises ValueError for an invalid setting, and for a ``memory_bank_size`` other than the
+    default without ``scoring="distance"`` (it would have no effect). :meth:`rescore`
+    switches a fitted model's scoring without training it again.
+
     After ``fit``: ``calibration`` (:class:`pedenet.calibration.Calibration`, or None when
     ``calibration_fraction`` is 0) holds the held-out normal scores behind p-values and
     thresholds; ``history`` the training diagnostics.
@@ -148,6 +154,10 @@ class PEDENet:
         if not (str(device) == "cpu" or str(device).startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
         self.config = PEDENetConfig(**config)
+        if self.config.scoring != "distance" and self.config.memory_bank_size != _DEFAULT_BANK:
+            raise ValueError(f"memory_bank_size={self.config.memory_bank_size} has no effect with "
+                             f"scoring={self.config.scoring!r}: pass scoring='distance' too, or "
+                             "leave memory_bank_size out")
         self.device = device
         self.network: PEDENetNetwork | None = None
         self.history: dict = {}
@@ -247,27 +257,8 @@ class PEDENet:
                                     optimizer_state=opt_state, generator_state=gen_state,
                                     history=history, on_step=on_step)
         fit_mixture(self.network, cache, progress)
-        if self.config.scoring == "distance":
-            t0 = time.perf_counter()
-            bank, counts = build_memory_bank(self.network, cache, self.config.memory_bank_size,
-                                             self.config.seed, progress)
-            self.network.memory_bank = bank.to(self.device)
-            self.normal_quantiles = leave_one_out_quantiles(self.network, cache, counts, self.config.seed)
-            history.timings["memory_bank_seconds"] = time.perf_counter() - t0
-        else:
-            self.normal_quantiles = training_energy_quantiles(self.network, cache)
+        history.timings.update(self._fit_scoring(cache, cal_items, progress))
         del cache
-        self.calibration = None
-        if cal_items:
-            t0 = time.perf_counter()
-            maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
-                                                  desc="calibrating", unit="img", disable=not progress)]
-            self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
-                                         pixel_fpr=self.config.pixel_fpr,
-                                         score_fraction=self.config.image_score_fraction)
-            self.calibration.image_threshold(stacklevel=3)  # warns if the target is out of reach
-            self._warn_if_held_out_scores_far_above_training()
-            history.timings["calibration_seconds"] = time.perf_counter() - t0
         self.history = history.to_dict()
         self.history["de_init"] = init
         self.history["n_train_images"] = len(items)
@@ -282,6 +273,106 @@ class PEDENet:
         if checkpoint is not None and not keep_checkpoint:
             Path(checkpoint).unlink(missing_ok=True)
         return self
+
+    def rescore(self, images, scoring: str, memory_bank_size: int | None = None,
+                progress: bool = True) -> "PEDENet":
+        """Switch a fitted model to another patch scoring without training it again.
+
+        Training does not depend on the scoring, so the result equals a fit with the new
+        ``scoring`` (same images, seed and settings): the frozen features of the training
+        images are computed again, then the memory bank (scoring ``"distance"``; removed for
+        ``"mixture"``), the colour scale and the held-out thresholds are rebuilt. The network
+        and the mixture do not change. Takes the images' encoding, the bank and the held-out
+        images' scoring: minutes where the fit took the training too.
+
+        Args:
+            images: the images ``fit`` was given (all of them: the same seeded split is drawn
+                again to find the training and the held-out ones).
+            scoring: ``"mixture"`` or ``"distance"`` (see :class:`pedenet.config.PEDENetConfig`).
+            memory_bank_size: M for scoring ``"distance"`` (None: the model's setting,
+                default 200 000).
+            progress: show progress bars.
+
+        Returns:
+            self.
+
+        Raises:
+            RuntimeError: the model is not fitted.
+            ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, or
+                images other than those the model was fitted on (another count, or held-out
+                images of other file names than ``history["calibration_images"]``).
+            pedenet.data.DataError: an image that cannot be read.
+        """
+        import dataclasses
+
+        net = self._require_fitted()
+        if memory_bank_size is not None and scoring != "distance":
+            raise ValueError(f"memory_bank_size is used by scoring 'distance' only, not {scoring!r}")
+        config = dataclasses.replace(self.config, scoring=scoring, memory_bank_size=(
+            self.config.memory_bank_size if memory_bank_size is None else memory_bank_size))
+        all_items = _expand(images)
+        train_idx, cal_idx = split_calibration(len(all_items), config.calibration_fraction, config.seed)
+        items = [all_items[i] for i in train_idx]
+        cal_items = [all_items[i] for i in cal_idx]
+        self._check_same_images(items, cal_items)
+        self.config = net.config = config
+        cache = cache_frozen_features(net, _loaders(items, self.min_image_side), progress,
+                                      fit_stats=False)
+        timings = self._fit_scoring(cache, cal_items, progress)
+        del cache
+        stale = ("memory_bank_seconds", "calibration_seconds")
+        self.history["timings"] = {**{k: v for k, v in self.history.get("timings", {}).items()
+                                      if k not in stale}, **timings}
+        self.history.pop("memory_bank_rows", None)
+        if net.memory_bank is not None:
+            self.history["memory_bank_rows"] = len(net.memory_bank)
+        return self
+
+    def _check_same_images(self, items: list, cal_items: list) -> None:
+        """Raise ValueError unless ``items`` (training) and ``cal_items`` (held out) are as
+        many as fit had, and the held-out files have the names fit recorded."""
+        h = self.history
+        n_train, n_cal = h.get("n_train_images"), h.get("n_calibration_images")
+        if (n_train, n_cal) != (len(items), len(cal_items)) and n_train is not None:
+            raise ValueError(f"the model was fitted on {n_train} training and {n_cal} held-out "
+                             f"images; these images split into {len(items)} and {len(cal_items)}: "
+                             "pass the images fit was given")
+        recorded = [Path(c).name for c in h.get("calibration_images", []) if not c.startswith("<input")]
+        given = [Path(os.fspath(c)).name for c in cal_items if isinstance(c, (str, os.PathLike))]
+        if recorded and given and recorded != given:
+            diff = next(f"{a} against {b}" for a, b in zip(recorded, given) if a != b)
+            raise ValueError(f"these images are not those the model was fitted on: a held-out "
+                             f"image differs ({diff}, recorded first); pass the images fit was given")
+
+    def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, progress: bool) -> dict:
+        """What follows training and the mixture: the memory bank (scoring "distance"), the
+        colour scale of normal scores (``normal_quantiles``) and the thresholds from the
+        held-out ``cal_items`` (``calibration``; None when none are held out). ``cache``: the
+        training images' frozen features. Returns the stage timings in seconds
+        (``memory_bank_seconds``, ``calibration_seconds``)."""
+        timings = {}
+        self.network.memory_bank = None
+        if self.config.scoring == "distance":
+            t0 = time.perf_counter()
+            bank, counts = build_memory_bank(self.network, cache, self.config.memory_bank_size,
+                                             self.config.seed, progress)
+            self.network.memory_bank = bank.to(self.device)
+            self.normal_quantiles = leave_one_out_quantiles(self.network, cache, counts, self.config.seed)
+            timings["memory_bank_seconds"] = time.perf_counter() - t0
+        else:
+            self.normal_quantiles = training_energy_quantiles(self.network, cache)
+        self.calibration = None
+        if cal_items:
+            t0 = time.perf_counter()
+            maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
+                                                  desc="calibrating", unit="img", disable=not progress)]
+            self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
+                                         pixel_fpr=self.config.pixel_fpr,
+                                         score_fraction=self.config.image_score_fraction)
+            self.calibration.image_threshold(stacklevel=4)  # warns if the target is out of reach
+            self._warn_if_held_out_scores_far_above_training()
+            timings["calibration_seconds"] = time.perf_counter() - t0
+        return timings
 
     def _require_fitted(self) -> PEDENetNetwork:
         if self.network is None or self.network.mixture is None:
@@ -317,7 +408,7 @@ class PEDENet:
                 f"score {median:.4g}; the training patches' hottest colour starts at {vmax:.4g}): "
                 f"the model fits its training images much better than new normal ones - use "
                 f"more training images{advice}. Thresholds and p-values stay "
-                f"valid (they come from the held-out images); {overlays}", stacklevel=3)
+                f"valid (they come from the held-out images); {overlays}", stacklevel=4)
 
     def no_calibration_reason(self) -> str:
         """Why the fitted model holds out no normal images (no thresholds, p-values or
@@ -484,7 +575,8 @@ class PEDENet:
         data = load_checkpoint(path)
         try:
             config = PEDENetConfig.from_dict(data["config"])
-            model = cls(device=device, **config.to_dict())
+            model = cls(device=device)  # not cls(**config): a model rescored to the mixture
+            model.config = config       # keeps the memory_bank_size it had
             net = PEDENetNetwork(config, load_weights=False)
             net.load_state_dict(data["state_dict"], strict=True)
             net.mixture = GaussianMixture.from_state_dict(data["mixture"])

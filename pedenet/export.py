@@ -207,7 +207,8 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
     if model.config.scoring != "mixture":
         raise ValueError(f"this model scores patches by {model.config.scoring} to a memory bank "
                          "(fitted with --scoring distance); export supports the mixture's scoring "
-                         "only: refit with --scoring mixture to export, or score with pedenet predict")
+                         "only: `pedenet rescore RUN_DIR --scoring mixture --out NEW_RUN` makes an "
+                         "exportable copy (no training), or score with pedenet predict")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:  # fail early, naming the file the user gave (not the temporary one)

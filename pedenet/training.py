@@ -76,12 +76,15 @@ def _seed_everything(seed: int) -> torch.Generator:
 
 
 def cache_frozen_features(
-    network: PEDENetNetwork, loaders: Sequence[Callable[[], np.ndarray]], progress: bool = True
+    network: PEDENetNetwork, loaders: Sequence[Callable[[], np.ndarray]], progress: bool = True,
+    fit_stats: bool = True,
 ) -> list[torch.Tensor]:
     """Run the frozen part of the encoder once per image: list of C×h×w float16 tensors.
 
-    For the pretrained encoder this also fits the feature standardization and initializes
-    the reduction by PCA (both from the training features).
+    For the pretrained encoder the features are standardized; with ``fit_stats`` (before
+    training) this also fits the standardization and initializes the reduction by PCA (both
+    from the training features); without it (a trained network) the network's own
+    standardization is used and nothing in it changes.
     """
     enc = network.encoder
     size = network.config.image_size
@@ -92,12 +95,14 @@ def cache_frozen_features(
         f = enc.raw_features(x) if isinstance(enc, PretrainedEncoder) else enc.frozen_features(x)
         cache.append(f[0].to("cpu", torch.float16))
     if isinstance(enc, PretrainedEncoder):
-        gen = torch.Generator().manual_seed(network.config.seed)
-        sample = _sample_positions(cache, 200_000, gen).float()
-        enc.set_feature_stats(sample)
+        if fit_stats:
+            gen = torch.Generator().manual_seed(network.config.seed)
+            sample = _sample_positions(cache, 200_000, gen).float()
+            enc.set_feature_stats(sample)
         mean, std = enc.feature_mean.cpu()[:, None, None], enc.feature_std.cpu()[:, None, None]
         cache = [((f.float() - mean) / std).to(torch.float16) for f in cache]
-        enc.init_projection((sample - mean[:, 0, 0]) / std[:, 0, 0])
+        if fit_stats:
+            enc.init_projection((sample - mean[:, 0, 0]) / std[:, 0, 0])
     return cache
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``pedenet fit | evaluate | predict | validate | demo | export | benchmark``.
+"""Command line: ``pedenet fit | evaluate | predict | validate | rescore | demo | export | benchmark``.
 
 Run folder (``RUN_DIR``) written by ``pedenet fit`` and read by the other verbs::
 
@@ -17,7 +17,7 @@ warning. Existing results are never replaced without ``--overwrite``. See docs/c
 
 This module holds the ``main`` group (the ``pedenet`` console script) and registers the
 commands, one module each: :mod:`.fit`, :mod:`.evaluate`, :mod:`.predict`, :mod:`.validate`,
-:mod:`.demo` and :mod:`.perf` (``export``, ``benchmark``); their shared helpers are in
+:mod:`.rescore`, :mod:`.demo` and :mod:`.perf` (``export``, ``benchmark``); their shared helpers are in
 :mod:`.common`.
 """
 
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from . import demo, evaluate, fit, perf, predict, validate  # noqa: E402
+from . import demo, evaluate, fit, perf, predict, rescore, validate  # noqa: E402
 from .common import _short_warnings  # noqa: E402
 
 
@@ -50,7 +50,8 @@ def main(ctx: click.Context) -> None:
     ctx.with_resource(_short_warnings())
 
 
-for _command in (fit.fit, evaluate.evaluate, predict.predict, validate.validate, demo.demo,
+for _command in (fit.fit, evaluate.evaluate, predict.predict, validate.validate,
+                 rescore.rescore, demo.demo,
                  perf.export_command, perf.benchmark_command):
     main.add_command(_command)
 del _command

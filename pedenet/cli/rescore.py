@@ -1,0 +1,128 @@
+"""``pedenet rescore``: a run with the other patch scoring (mixture / distance), without training."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+
+import click
+
+from ..config import SCORINGS
+from .common import (UserError, _check_run_dir, _device_option, _info, _load_model, _model_path,
+                     _read_json, _set_verbose, _short_warnings, _thresholds_line, _user_errors,
+                     _verbose_option, _write_json)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--scoring", type=click.Choice(SCORINGS), required=True,
+              help="The new scoring: energy under the Gaussian mixture, or distance to the "
+              "nearest of --memory-bank-size training embeddings.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="New run folder to write (RUN_DIR is left as it is).")
+@click.option("--memory-bank-size", type=click.IntRange(min=1), default=None,
+              help="At most this many training embeddings for --scoring distance  [default: "
+              "RUN_DIR's setting: 200000 unless fit was given another]")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Where the data `fit` ran on is now, if it has moved: its category folder (or "
+              "plain folder of normal images), or the dataset root holding that category.")
+@_device_option
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="Replace a model already in --out.")
+@click.option("--quiet", is_flag=True, default=False, show_default=True,
+              help="No progress bars, messages or warnings (warnings are still recorded in "
+              "config.json).")
+@_verbose_option
+@_user_errors
+def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite, quiet, verbose):
+    """Copy RUN_DIR's model to --out with another patch scoring, without training again.
+
+    Training does not depend on the scoring, so the new run equals a fit with --scoring
+    SCORING (same data, seed and options): the training images are encoded again, the
+    memory bank (distance) is built or dropped (mixture), and the thresholds are set again
+    from the held-out images. Minutes, where the fit took the training too. Compare the two
+    runs with `pedenet validate`, then keep one.
+    """
+    from ..estimator import PEDENet  # noqa: F401  (loads torch before the work starts)
+
+    _set_verbose(verbose, quiet)
+    if memory_bank_size is not None and scoring != "distance":
+        raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
+                               "--scoring distance, or leave --memory-bank-size out")
+    model_path = _model_path(run_dir)
+    run_dir = model_path.parent
+    if Path(out_dir).resolve() == run_dir.resolve():
+        raise UserError(f"{out_dir}: is RUN_DIR itself; choose a new --out folder (RUN_DIR is "
+                        "kept as it is)", exit_code=2)
+    _check_run_dir(Path(out_dir), overwrite=overwrite, resume=False)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: not found; rescore reads the training images' folder "
+                        "from it (refit with `pedenet fit`, or use PEDENet.rescore in Python)")
+    record = _read_json(config_path)
+    model = _load_model(run_dir, device)
+    if scoring == model.config.scoring and memory_bank_size in (None, model.config.memory_bank_size):
+        raise UserError(f"{run_dir}: already scores by {scoring}"
+                        + (f" with a memory bank of at most {model.config.memory_bank_size}"
+                           if scoring == "distance" else "") + "; nothing to change", exit_code=2)
+    cat_dir = _training_folder(record, config_path, data)
+    paths = _training_images(record, cat_dir)
+    warned: list[str] = []
+    t0 = time.perf_counter()
+    with _short_warnings(warned, quiet):
+        _info(quiet, f"rescoring {run_dir} by {scoring}: {len(paths)} normal images from {cat_dir}")
+        try:
+            model.rescore(paths, scoring, memory_bank_size, progress=not quiet)
+        except ValueError as exc:
+            raise UserError(f"{cat_dir}: {exc} (the folder changed since fit: refit instead)") from None
+    seconds = time.perf_counter() - t0
+    record.update(
+        category_dir=str(cat_dir.resolve()), config=model.config.to_dict(),
+        thresholds=model.thresholds(), warnings=list(record.get("warnings", [])) + warned,
+        rescored={"from": str(run_dir.resolve()), "seconds": seconds,
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    record.setdefault("timings", {})["fit_stages"] = dict(model.history.get("timings", {}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "validation.json", "report.html"):  # of a replaced model
+        (out_dir / stale).unlink(missing_ok=True)
+    _write_json(out_dir / "config.json", record)
+    _write_json(out_dir / "history.json", model.history)
+    model.save(out_dir / "model.pt")  # last: model.pt marks a complete run
+    _info(quiet, f"rescored in {seconds:.1f} s -> {out_dir}")
+    _info(quiet, _thresholds_line(model.thresholds(), model))
+
+
+def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path:
+    """The folder fit read its images from: ``data`` when given (its category under a
+    dataset root), else config.json's ``category_dir``. Raises UserError when it is missing."""
+    if data is None:
+        if not record.get("category_dir"):
+            raise UserError(f"{config_path}: records no data folder; pass --data")
+        folder = Path(record["category_dir"])
+        if not folder.is_dir():
+            raise UserError(f"{folder}: the data folder fit read is gone; if the data moved, "
+                            "pass --data with its new folder", exit_code=2)
+        return folder
+    folder = Path(data)
+    if not folder.is_dir():
+        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
+    category = record.get("category")
+    if category and not (folder / "train").is_dir() and (folder / category).is_dir():
+        folder = folder / category  # the dataset root was given
+    return folder
+
+
+def _training_images(record: dict, folder: Path) -> list[Path]:
+    """The images fit was given, in its order: ``folder``'s train/good (or, for a plain
+    folder, the images directly inside), without the files fit skipped."""
+    from ..data import DataError, list_images, train_samples
+
+    try:
+        paths = list_images(folder) if record.get("plain_folder") else [
+            s.path for s in train_samples(folder)]
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    skipped = {Path(s).name for s in record.get("skipped_files", [])}
+    return [p for p in paths if Path(p).name not in skipped]

@@ -1,0 +1,164 @@
+"""Rescoring a fitted model (mixture <-> distance) without training: equals a fit with that scoring."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pedenet
+from pedenet.builtin import make_builtin_dataset
+from pedenet.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # few held-out images, on purpose
+
+SMALL = dict(steps=3, embedding_dim=8, n_components=2, image_size=64, calibration_fraction=1 / 3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(3)
+    return [rng.random((64, 64, 3), dtype=np.float32) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def fitted(images):
+    """The same images and seed fitted both ways (3 training steps, so the trained head differs
+    from its PCA initialization: a rescore that re-initialized it would show)."""
+    return (pedenet.PEDENet(**SMALL).fit(images, progress=False),
+            pedenet.PEDENet(**SMALL, scoring="distance", memory_bank_size=100).fit(images, progress=False))
+
+
+def _same_scoring(a, b, images):
+    assert a.config == b.config
+    np.testing.assert_array_equal(a.anomaly_map(images[0]), b.anomaly_map(images[0]))
+    np.testing.assert_array_equal(a.predict(images).scores, b.predict(images).scores)
+    assert a.normal_quantiles == b.normal_quantiles
+    assert a.thresholds() == b.thresholds()
+
+
+def test_rescore_to_distance_equals_a_distance_fit_and_back(fitted, images):
+    mixture, distance = fitted
+    m = copy.deepcopy(mixture)
+    head = {k: v.clone() for k, v in m.network.state_dict().items()}
+    assert m.rescore(images, "distance", memory_bank_size=100, progress=False) is m
+    assert len(m.network.memory_bank) == len(distance.network.memory_bank) == 100
+    torch.testing.assert_close(m.network.memory_bank.bank, distance.network.memory_bank.bank,
+                               rtol=0, atol=0)
+    _same_scoring(m, distance, images)
+    assert all(torch.equal(v, m.network.state_dict()[k]) for k, v in head.items())  # untouched
+    assert m.history["memory_bank_rows"] == 100 and m.history["timings"]["memory_bank_seconds"] > 0
+    m.rescore(images, "mixture", progress=False)
+    assert m.network.memory_bank is None and "memory_bank_rows" not in m.history
+    assert "memory_bank_seconds" not in m.history["timings"]
+    m.config.memory_bank_size = mixture.config.memory_bank_size  # kept from the distance step
+    _same_scoring(m, mixture, images)
+
+
+def test_rescore_refuses_other_images_and_a_bank_size_for_the_mixture(fitted, images):
+    m = copy.deepcopy(fitted[0])
+    with pytest.raises(ValueError, match="fitted on 4 training and 2 held-out images; these images split"):
+        m.rescore(images[:5], "distance", progress=False)
+    with pytest.raises(ValueError, match="memory_bank_size is used by scoring 'distance' only"):
+        m.rescore(images, "mixture", memory_bank_size=10, progress=False)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        m.rescore(images, "knn", progress=False)
+    assert m.config.scoring == "mixture" and m.network.memory_bank is None  # nothing changed
+    with pytest.raises(RuntimeError, match="not fitted"):
+        pedenet.PEDENet().rescore(images, "distance")
+
+
+def test_estimator_refuses_a_bank_size_without_distance_scoring_but_loads_a_rescored_model(
+        fitted, images, tmp_path):
+    with pytest.raises(ValueError, match="memory_bank_size=50 has no effect with scoring='mixture'"):
+        pedenet.PEDENet(memory_bank_size=50)
+    assert pedenet.PEDENet(scoring="distance", memory_bank_size=50).config.memory_bank_size == 50
+    m = copy.deepcopy(fitted[1]).rescore(images, "mixture", progress=False)
+    assert m.config.memory_bank_size == 100  # the distance fit's, kept
+    m.save(tmp_path / "m.pt")
+    back = pedenet.load(tmp_path / "m.pt")
+    assert back.config == m.config
+    np.testing.assert_array_equal(back.anomaly_map(images[1]), m.anomaly_map(images[1]))
+
+
+@pytest.fixture(scope="module")
+def grass(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rescore")
+    data = make_builtin_dataset(root / "ds", categories=("grass",), n_train=6, n_test_good=1,
+                                n_test_defect=1, size=64)
+    return data / "grass", root
+
+
+def _fit(run, data, out, *extra):
+    r = run(main, ["fit", str(data), "--out", str(out), "--steps", "2", "--quiet", *extra])
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_rescore_writes_a_run_equal_to_a_distance_fit(grass):
+    data, root = grass
+    run = CliRunner().invoke
+    _fit(run, data, root / "mix")
+    _fit(run, data, root / "dist", "--scoring", "distance", "--memory-bank-size", "100")
+    r = run(main, ["rescore", str(root / "mix"), "--scoring", "distance", "--memory-bank-size", "100",
+                   "--out", str(root / "re")])
+    assert r.exit_code == 0, r.output
+    assert "rescored in" in r.output
+    got, want = pedenet.load(root / "re"), pedenet.load(root / "dist")
+    image = str(next((data / "test").rglob("*.png")))
+    np.testing.assert_array_equal(got.anomaly_map(image), want.anomaly_map(image))
+    assert got.thresholds() == want.thresholds()
+    record = json.loads((root / "re" / "config.json").read_text())
+    assert record["config"] == json.loads((root / "dist" / "config.json").read_text())["config"]
+    assert record["rescored"]["from"] == str((root / "mix").resolve())
+    assert record["thresholds"] == want.thresholds()
+    assert pedenet.load(root / "mix").config.scoring == "mixture"  # RUN_DIR left as it was
+    # and back: the rescored run's mixture scores as the mixture fit does
+    r = run(main, ["rescore", str(root / "re"), "--scoring", "mixture", "--out", str(root / "back"),
+                   "--quiet"])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(pedenet.load(root / "back").anomaly_map(image),
+                                  pedenet.load(root / "mix").anomaly_map(image))
+
+
+def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
+    data, root = grass
+    run = CliRunner().invoke
+    if not (root / "mix" / "model.pt").exists():
+        _fit(run, data, root / "mix")
+    mix = str(root / "mix")
+    r = run(main, ["rescore", mix, "--scoring", "mixture", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "already scores by mixture; nothing to change" in r.output
+    r = run(main, ["rescore", mix, "--scoring", "distance", "--out", mix])
+    assert r.exit_code == 2 and "is RUN_DIR itself" in r.output
+    r = run(main, ["rescore", mix, "--scoring", "mixture", "--memory-bank-size", "5", "--out",
+                   str(tmp_path / "a")])
+    assert r.exit_code == 2 and "--memory-bank-size applies to --scoring distance only" in r.output
+    r = run(main, ["rescore", str(tmp_path / "nothing"), "--scoring", "distance", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "run folder does not exist" in r.output
+    # the data moved: found with --data (the dataset root here), refused without it
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data.parent, moved)
+    record_path = root / "mix" / "config.json"
+    record = json.loads(record_path.read_text())
+    gone = dict(record, category_dir=str(tmp_path / "gone"), category="grass")
+    copied = tmp_path / "mix_copy"
+    shutil.copytree(root / "mix", copied)
+    (copied / "config.json").write_text(json.dumps(gone))
+    r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "the data folder fit read is gone" in r.output and "--data" in r.output
+    r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "b"),
+                   "--data", str(moved), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["category_dir"] == str(
+        (moved / "grass").resolve())
+    # a training folder that changed since fit is refused, naming the folder
+    sorted((moved / "grass" / "train" / "good").iterdir())[0].unlink()
+    r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "c"),
+                   "--data", str(moved / "grass")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "refit instead" in r.output and str(moved / "grass") in r.output
+    assert not (tmp_path / "c" / "model.pt").exists()
