@@ -111,6 +111,13 @@ def _loaders(images: Sequence[ImageLike], min_side: int = 0):
     return [(lambda im=im: check_side(as_rgb_array(im), min_side, im)) for im in images]
 
 
+def _names(indices, items: list) -> list[str]:
+    """How history["calibration_images"] records held-out images: a file's absolute path,
+    ``<input i>`` for an array or PIL image (i: its index among the images given)."""
+    return [os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
+            for i, p in zip(indices.tolist(), items)]
+
+
 def _expand(images: Union[ImageLike, Iterable[ImageLike]]) -> list:
     """A folder → its images (sorted); a single image → [image]; a list stays a list."""
     from .data import find_images
@@ -265,9 +272,7 @@ class PEDENet:
         self.history["n_calibration_images"] = len(cal_items)
         if self.network.memory_bank is not None:
             self.history["memory_bank_rows"] = len(self.network.memory_bank)
-        self.history["calibration_images"] = [
-            os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else f"<input {i}>"
-            for i, p in zip(cal_idx.tolist(), cal_items)]
+        self.history["calibration_images"] = _names(cal_idx, cal_items)
         if state is not None:
             self.history["resumed_from_step"] = start
         if checkpoint is not None and not keep_checkpoint:
@@ -281,9 +286,15 @@ class PEDENet:
         Training does not depend on the scoring, so the result equals a fit with the new
         ``scoring`` (same images, seed and settings): the frozen features of the training
         images are computed again, then the memory bank (scoring ``"distance"``; removed for
-        ``"mixture"``), the colour scale and the held-out thresholds are rebuilt. The network
-        and the mixture do not change. Takes the images' encoding, the bank and the held-out
-        images' scoring: minutes where the fit took the training too.
+        ``"mixture"``, whose ``memory_bank_size`` returns to the default), the colour scale and
+        the held-out thresholds are rebuilt. The network and the mixture do not change. It
+        costs the images' encoding, the bank and the held-out images' scoring, not the
+        training. All or nothing: when it raises (or is interrupted), the model is as before.
+
+        The images are checked to be the fit's: as many, the held-out ones of the recorded
+        file names, and (pretrained encoder) their features' per-channel mean equal to the one
+        fitted then (:func:`pedenet.training.cache_frozen_features`); that catches other data,
+        not a change to one image among many.
 
         Args:
             images: the images ``fit`` was given (all of them: the same seeded split is drawn
@@ -299,15 +310,19 @@ class PEDENet:
         Raises:
             RuntimeError: the model is not fitted.
             ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, or
-                images other than those the model was fitted on (another count, or held-out
-                images of other file names than ``history["calibration_images"]``).
+                images other than those the model was fitted on (another count, held-out
+                images of other file names than ``history["calibration_images"]``, or other
+                features).
             pedenet.data.DataError: an image that cannot be read.
         """
+        import copy
         import dataclasses
 
         net = self._require_fitted()
         if memory_bank_size is not None and scoring != "distance":
             raise ValueError(f"memory_bank_size is used by scoring 'distance' only, not {scoring!r}")
+        if scoring != "distance":
+            memory_bank_size = _DEFAULT_BANK  # as a fit with scoring "mixture" has it
         config = dataclasses.replace(self.config, scoring=scoring, memory_bank_size=(
             self.config.memory_bank_size if memory_bank_size is None else memory_bank_size))
         all_items = _expand(images)
@@ -315,10 +330,17 @@ class PEDENet:
         items = [all_items[i] for i in train_idx]
         cal_items = [all_items[i] for i in cal_idx]
         self._check_same_images(items, cal_items)
-        self.config = net.config = config
-        cache = cache_frozen_features(net, _loaders(items, self.min_image_side), progress,
-                                      fit_stats=False)
-        timings = self._fit_scoring(cache, cal_items, progress)
+        before = (self.config, net.config, net.memory_bank, self.normal_quantiles,
+                  self.calibration, copy.deepcopy(self.history))
+        try:  # all or nothing: an error or Ctrl-C part way leaves the model as it was
+            self.config = net.config = config
+            cache = cache_frozen_features(net, _loaders(items, self.min_image_side), progress,
+                                          fit_stats=False)
+            timings = self._fit_scoring(cache, cal_items, progress)
+        except BaseException:
+            (self.config, net.config, net.memory_bank, self.normal_quantiles,
+             self.calibration, self.history) = before
+            raise
         del cache
         stale = ("memory_bank_seconds", "calibration_seconds")
         self.history["timings"] = {**{k: v for k, v in self.history.get("timings", {}).items()
@@ -326,6 +348,7 @@ class PEDENet:
         self.history.pop("memory_bank_rows", None)
         if net.memory_bank is not None:
             self.history["memory_bank_rows"] = len(net.memory_bank)
+        self.history["calibration_images"] = _names(cal_idx, cal_items)  # where they are now
         return self
 
     def _check_same_images(self, items: list, cal_items: list) -> None:

@@ -75,6 +75,12 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+STATS_TOLERANCE = 1e-3
+"""Largest per-channel difference, in standard deviations, between the recomputed and the
+fitted feature mean that :func:`cache_frozen_features` accepts for a trained network
+(float rounding across devices and thread counts is far below it; other data far above)."""
+
+
 def cache_frozen_features(
     network: PEDENetNetwork, loaders: Sequence[Callable[[], np.ndarray]], progress: bool = True,
     fit_stats: bool = True,
@@ -84,7 +90,10 @@ def cache_frozen_features(
     For the pretrained encoder the features are standardized; with ``fit_stats`` (before
     training) this also fits the standardization and initializes the reduction by PCA (both
     from the training features); without it (a trained network) the network's own
-    standardization is used and nothing in it changes.
+    standardization is used and nothing in it changes, and the features' per-channel mean
+    (over the positions fit sampled) must equal the one fitted, within
+    ``STATS_TOLERANCE`` standard deviations: ValueError otherwise (other images than the
+    network was trained on).
     """
     enc = network.encoder
     size = network.config.image_size
@@ -95,10 +104,17 @@ def cache_frozen_features(
         f = enc.raw_features(x) if isinstance(enc, PretrainedEncoder) else enc.frozen_features(x)
         cache.append(f[0].to("cpu", torch.float16))
     if isinstance(enc, PretrainedEncoder):
+        gen = torch.Generator().manual_seed(network.config.seed)
+        sample = _sample_positions(cache, 200_000, gen).float()
         if fit_stats:
-            gen = torch.Generator().manual_seed(network.config.seed)
-            sample = _sample_positions(cache, 200_000, gen).float()
             enc.set_feature_stats(sample)
+        else:
+            off = float(((sample.double().mean(0) - enc.feature_mean.cpu().double()).abs()
+                         / enc.feature_std.cpu().double()).max())
+            if off > STATS_TOLERANCE:
+                raise ValueError(f"these are not the images the network was trained on: their "
+                                 f"features' mean differs from the fitted one by up to {off:.2g} "
+                                 "standard deviations")
         mean, std = enc.feature_mean.cpu()[:, None, None], enc.feature_std.cpu()[:, None, None]
         cache = [((f.float() - mean) / std).to(torch.float16) for f in cache]
         if fit_stats:

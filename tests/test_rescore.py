@@ -53,8 +53,7 @@ def test_rescore_to_distance_equals_a_distance_fit_and_back(fitted, images):
     m.rescore(images, "mixture", progress=False)
     assert m.network.memory_bank is None and "memory_bank_rows" not in m.history
     assert "memory_bank_seconds" not in m.history["timings"]
-    m.config.memory_bank_size = mixture.config.memory_bank_size  # kept from the distance step
-    _same_scoring(m, mixture, images)
+    _same_scoring(m, mixture, images)  # config included: the bank size is the default again
 
 
 def test_rescore_refuses_other_images_and_a_bank_size_for_the_mixture(fitted, images):
@@ -76,11 +75,30 @@ def test_estimator_refuses_a_bank_size_without_distance_scoring_but_loads_a_resc
         pedenet.PEDENet(memory_bank_size=50)
     assert pedenet.PEDENet(scoring="distance", memory_bank_size=50).config.memory_bank_size == 50
     m = copy.deepcopy(fitted[1]).rescore(images, "mixture", progress=False)
-    assert m.config.memory_bank_size == 100  # the distance fit's, kept
+    assert m.config == pedenet.PEDENet(**SMALL).config  # memory_bank_size back to the default
     m.save(tmp_path / "m.pt")
     back = pedenet.load(tmp_path / "m.pt")
     assert back.config == m.config
     np.testing.assert_array_equal(back.anomaly_map(images[1]), m.anomaly_map(images[1]))
+
+
+def test_rescore_refuses_other_data_and_leaves_the_model_as_it_was(fitted, images):
+    """Arrays carry no names: the features' mean tells other images apart. A failure part way
+    (an unreadable training image) restores every part of the model."""
+    m = copy.deepcopy(fitted[0])
+    state = (m.config, m.normal_quantiles, m.thresholds(), copy.deepcopy(m.history))
+    other = [np.clip(im * 0.5 + 0.25, 0, 1) for im in images]
+    with pytest.raises(ValueError, match="not the images the network was trained on: their "
+                                         "features' mean differs"):
+        m.rescore(other, "distance", progress=False)
+    bad = list(images)
+    bad[0] = "/nonexistent/never.png"  # index 0 trains (split_calibration(6, 1/3, 0) holds out 1, 4)
+    assert "never.png" not in str(m.history["calibration_images"])
+    with pytest.raises(pedenet.data.DataError, match="never.png"):
+        m.rescore(bad, "distance", progress=False)
+    assert (m.config, m.normal_quantiles, m.thresholds(), m.history) == state
+    assert m.network.memory_bank is None and m.network.config is m.config
+    np.testing.assert_array_equal(m.anomaly_map(images[0]), fitted[0].anomaly_map(images[0]))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +149,7 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
     r = run(main, ["rescore", mix, "--scoring", "mixture", "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "already scores by mixture; nothing to change" in r.output
     r = run(main, ["rescore", mix, "--scoring", "distance", "--out", mix])
-    assert r.exit_code == 2 and "is RUN_DIR itself" in r.output
+    assert r.exit_code == 2 and "is RUN_DIR or inside it" in r.output
     r = run(main, ["rescore", mix, "--scoring", "mixture", "--memory-bank-size", "5", "--out",
                    str(tmp_path / "a")])
     assert r.exit_code == 2 and "--memory-bank-size applies to --scoring distance only" in r.output
@@ -160,5 +178,63 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
     r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "c"),
                    "--data", str(moved / "grass")])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert "refit instead" in r.output and str(moved / "grass") in r.output
+    assert "pass the folder fit read (--data), or refit" in r.output and str(moved / "grass") in r.output
     assert not (tmp_path / "c" / "model.pt").exists()
+
+
+def test_cli_rescore_records_where_the_data_is_now_and_replaces_cleanly(grass, tmp_path):
+    """After --data, the new run's held-out paths point at the moved data (validate needs no
+    --data); warnings are the rescore's own (the fit's kept apart, not piled up); --overwrite
+    removes what the replaced model left; --out inside RUN_DIR, a damaged config.json and
+    train/good given as --data are refused in one line."""
+    import shutil
+
+    data, root = grass
+    run = CliRunner().invoke
+    ds = tmp_path / "ds"
+    shutil.copytree(data.parent, ds)
+    _fit(run, ds / "grass", tmp_path / "mix")
+    moved = tmp_path / "moved"
+    ds.rename(moved)
+    r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--out",
+                   str(tmp_path / "dist"), "--data", str(moved), "--quiet"])  # the dataset root
+    assert r.exit_code == 0, r.output
+    history = json.loads((tmp_path / "dist" / "history.json").read_text())
+    assert history["calibration_images"] and all(
+        p.startswith(str((moved / "grass").resolve())) for p in history["calibration_images"])
+    r = run(main, ["validate", str(tmp_path / "dist"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "dist" / "config.json").read_text())
+    assert record["data"] == str(moved.resolve())
+    fit_warnings = json.loads((tmp_path / "mix" / "config.json").read_text())["warnings"]
+    assert record["fit_warnings"] == fit_warnings
+    (tmp_path / "dist" / "overlays").mkdir()
+    (tmp_path / "dist" / "resume.pt").write_bytes(b"old")
+    r = run(main, ["rescore", str(tmp_path / "dist"), "--scoring", "mixture", "--out",
+                   str(tmp_path / "dist"), "--overwrite"])
+    assert r.exit_code == 2 and "is RUN_DIR or inside it" in r.output
+    r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--out",
+                   str(tmp_path / "mix" / "sub"), "--data", str(moved)])
+    assert r.exit_code == 2 and "is RUN_DIR or inside it" in r.output
+    assert not (tmp_path / "mix" / "sub").exists()
+    r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--memory-bank-size",
+                   "50", "--out", str(tmp_path / "dist"), "--data", str(moved / "grass"), "--overwrite",
+                   "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "dist" / "overlays").exists() and not (tmp_path / "dist" / "resume.pt").exists()
+    assert not (tmp_path / "dist" / "validation.json").exists()
+    again = json.loads((tmp_path / "dist" / "config.json").read_text())
+    assert again["fit_warnings"] == fit_warnings and again["warnings"] == record["warnings"]
+    r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--out",
+                   str(tmp_path / "x"), "--data", str(moved / "grass" / "train" / "good")])
+    assert r.exit_code == 2 and "no train/good here" in r.output
+    assert f"pass {moved / 'grass'}, the category folder" in r.output
+    for damaged in ("[1, 2]", json.dumps({"category_dir": 5}), json.dumps(dict(record, warnings=None))):
+        (tmp_path / "mix" / "config.json").write_text(damaged)
+        r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--out",
+                       str(tmp_path / "x"), "--data", str(moved)])
+        assert r.exit_code == 1 and "not a pedenet run record" in r.output, (damaged, r.output)
+        assert "Traceback" not in r.output
+    r = run(main, ["rescore", str(tmp_path / "dist" / "config.json"), "--scoring", "mixture",
+                   "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "config.json" in r.output and "Traceback" not in r.output

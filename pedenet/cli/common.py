@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -395,9 +396,19 @@ def _check_writable(folder: Path) -> None:
                         "somewhere writable and pass that", exit_code=2) from None
 
 
-def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+def _remove_stale_results(run_dir: Path, keep_resume: bool = False) -> None:
+    """Delete what an earlier model left in ``run_dir`` (its evaluation, validation, report,
+    overlays, and unless ``keep_resume`` an unfinished fit's resume.pt): stale beside a new
+    model. For --overwrite."""
+    for name in ("metrics.json", "validation.json", "report.html") + (() if keep_resume else ("resume.pt",)):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "overlays", ignore_errors=True)
+
+
+def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, can_resume: bool = True) -> None:
     """Refuse to replace anything in ``run_dir`` unless asked (--overwrite / --resume), and
-    refuse a ``run_dir`` that can't be created or written (:func:`_check_out_folder`)."""
+    refuse a ``run_dir`` that can't be created or written (:func:`_check_out_folder`).
+    ``can_resume``: the command has --resume (fit), so the messages may suggest it."""
     _check_out_folder(run_dir)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
@@ -410,8 +421,10 @@ def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         raise UserError(f"{model_path}: a model already exists{done}; pass --overwrite to replace it "
                         "or choose another --out", exit_code=2)
     if resume_path.exists() and not (resume or overwrite):
+        how = ("pass --resume to continue it, or --overwrite to start over" if can_resume else
+               "choose another --out, or pass --overwrite to replace it")
         raise UserError(f"{resume_path}: an unfinished fit was interrupted{_at_step(resume_path)}; "
-                        "pass --resume to continue it, or --overwrite to start over", exit_code=2)
+                        f"{how}", exit_code=2)
     if not (model_path.exists() or resume_path.exists()) and not (overwrite or resume):
         raise UserError(f"{run_dir}: holds an incomplete run (no model.pt); pass --overwrite to "
                         "replace it or choose another --out", exit_code=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,9 +17,9 @@ from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarni
                     categories_under, find_images, is_category_dir, list_images, resolve_category,
                     train_samples)
 from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
-                     _device_option, _info, _interrupt_exit_code, _interrupt_name, _set_verbose,
-                     _short_warnings, _thresholds_line, _user_errors, _verbose_option,
-                     _write_json)
+                     _device_option, _info, _interrupt_exit_code, _interrupt_name,
+                     _remove_stale_results, _set_verbose, _short_warnings, _thresholds_line,
+                     _user_errors, _verbose_option, _write_json)
 
 
 def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, overwrite: bool,
@@ -99,12 +98,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
         resuming = resume and resume_path.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:  # results of the previous model would be stale
-            (run_dir / "metrics.json").unlink(missing_ok=True)
-            (run_dir / "validation.json").unlink(missing_ok=True)
-            (run_dir / "report.html").unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "overlays", ignore_errors=True)
-            if not resuming:
-                resume_path.unlink(missing_ok=True)
+            _remove_stale_results(run_dir, keep_resume=resuming)
         if resume and not resuming:
             _info(quiet, f"--resume: no {resume_path}; starting from step 0")
         _debug(f"config: {json.dumps(model.config.to_dict())}")

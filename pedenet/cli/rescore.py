@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from pathlib import Path
 
 import click
 
 from ..config import SCORINGS
-from .common import (UserError, _check_run_dir, _device_option, _info, _load_model, _model_path,
-                     _read_json, _set_verbose, _short_warnings, _thresholds_line, _user_errors,
-                     _verbose_option, _write_json)
+from ..data import DataError
+from .common import (UserError, _check_run_dir, _debug, _device_option, _info, _load_model,
+                     _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
+                     _thresholds_line, _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -31,8 +33,7 @@ from .common import (UserError, _check_run_dir, _device_option, _info, _load_mod
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace a model already in --out.")
 @click.option("--quiet", is_flag=True, default=False, show_default=True,
-              help="No progress bars, messages or warnings (warnings are still recorded in "
-              "config.json).")
+              help="No progress bars or messages (warnings are still recorded in config.json).")
 @_verbose_option
 @_user_errors
 def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite, quiet, verbose):
@@ -41,27 +42,27 @@ def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite
     Training does not depend on the scoring, so the new run equals a fit with --scoring
     SCORING (same data, seed and options): the training images are encoded again, the
     memory bank (distance) is built or dropped (mixture), and the thresholds are set again
-    from the held-out images. Minutes, where the fit took the training too. Compare the two
-    runs with `pedenet validate`, then keep one.
+    from the held-out images. It takes minutes where the fit also trained. Compare the two
+    runs with `pedenet validate`, then keep one. The training images must be those fit read
+    (checked: their count, the held-out file names and the features' mean).
     """
-    from ..estimator import PEDENet  # noqa: F401  (loads torch before the work starts)
-
     _set_verbose(verbose, quiet)
     if memory_bank_size is not None and scoring != "distance":
         raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
                                "--scoring distance, or leave --memory-bank-size out")
     model_path = _model_path(run_dir)
     run_dir = model_path.parent
-    if Path(out_dir).resolve() == run_dir.resolve():
-        raise UserError(f"{out_dir}: is RUN_DIR itself; choose a new --out folder (RUN_DIR is "
-                        "kept as it is)", exit_code=2)
-    _check_run_dir(Path(out_dir), overwrite=overwrite, resume=False)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise UserError(f"{out_dir}: is RUN_DIR or inside it; choose a new --out folder beside "
+                        "it (RUN_DIR is kept as it is)", exit_code=2)
+    _check_run_dir(out_dir, overwrite=overwrite, resume=False, can_resume=False)
+    model = _load_model(model_path, device)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path}: not found; rescore reads the training images' folder "
                         "from it (refit with `pedenet fit`, or use PEDENet.rescore in Python)")
-    record = _read_json(config_path)
-    model = _load_model(run_dir, device)
+    record = _run_record(config_path)
     if scoring == model.config.scoring and memory_bank_size in (None, model.config.memory_bank_size):
         raise UserError(f"{run_dir}: already scores by {scoring}"
                         + (f" with a memory bank of at most {model.config.memory_bank_size}"
@@ -74,24 +75,44 @@ def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite
         _info(quiet, f"rescoring {run_dir} by {scoring}: {len(paths)} normal images from {cat_dir}")
         try:
             model.rescore(paths, scoring, memory_bank_size, progress=not quiet)
+        except DataError as exc:  # an unreadable image: fit read it, so it changed since
+            raise UserError(f"{exc} (fit read it: restore the file)") from None
         except ValueError as exc:
-            raise UserError(f"{cat_dir}: {exc} (the folder changed since fit: refit instead)") from None
+            raise UserError(f"{cat_dir}: {exc} - pass the folder fit read (--data), or refit") from None
     seconds = time.perf_counter() - t0
+    _debug(f"config: {json.dumps(model.config.to_dict())}")
+    _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))
+    record.setdefault("fit_warnings", record.get("warnings", []))  # the original fit's
     record.update(
         category_dir=str(cat_dir.resolve()), config=model.config.to_dict(),
-        thresholds=model.thresholds(), warnings=list(record.get("warnings", [])) + warned,
+        thresholds=model.thresholds(), warnings=warned,
         rescored={"from": str(run_dir.resolve()), "seconds": seconds,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    if data is not None:
+        record["data"] = str(Path(data).resolve())
     record.setdefault("timings", {})["fit_stages"] = dict(model.history.get("timings", {}))
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "validation.json", "report.html"):  # of a replaced model
-        (out_dir / stale).unlink(missing_ok=True)
+    if overwrite:  # the earlier model goes first: an interruption leaves no mismatched pair
+        (out_dir / "model.pt").unlink(missing_ok=True)
+        _remove_stale_results(out_dir)
     _write_json(out_dir / "config.json", record)
     _write_json(out_dir / "history.json", model.history)
     model.save(out_dir / "model.pt")  # last: model.pt marks a complete run
     _info(quiet, f"rescored in {seconds:.1f} s -> {out_dir}")
     _info(quiet, _thresholds_line(model.thresholds(), model))
+
+
+def _run_record(config_path: Path) -> dict:
+    """RUN_DIR/config.json, checked for the fields rescore uses (UserError otherwise)."""
+    record = _read_json(config_path)
+    expected = {"category_dir": str, "category": (str, type(None)), "plain_folder": bool,
+                "skipped_files": list, "warnings": list, "timings": dict}
+    wrong = [k for k, kind in expected.items() if k in record and not isinstance(record[k], kind)] \
+        if isinstance(record, dict) else ["the whole file (not a JSON object)"]
+    if wrong:
+        raise UserError(f"{config_path}: not a pedenet run record as `fit` writes it (wrong: "
+                        f"{', '.join(wrong)}); restore it, or refit")
+    return record
 
 
 def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path:
@@ -108,16 +129,23 @@ def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path
     folder = Path(data)
     if not folder.is_dir():
         raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
-    category = record.get("category")
-    if category and not (folder / "train").is_dir() and (folder / category).is_dir():
+    category = record.get("category") or (Path(record["category_dir"]).name
+                                          if record.get("category_dir") else None)
+    if category and not record.get("plain_folder") and not (folder / "train").is_dir() \
+            and (folder / category).is_dir():
         folder = folder / category  # the dataset root was given
+    if not record.get("plain_folder") and not (folder / "train" / "good").is_dir():
+        hint = (f"pass {folder.parent.parent}, the category folder holding it"
+                if folder.name == "good" and folder.parent.name == "train"
+                else "pass the category folder (holding train/good) or the dataset root holding it")
+        raise UserError(f"{data}: no train/good here; {hint}", exit_code=2)
     return folder
 
 
 def _training_images(record: dict, folder: Path) -> list[Path]:
     """The images fit was given, in its order: ``folder``'s train/good (or, for a plain
     folder, the images directly inside), without the files fit skipped."""
-    from ..data import DataError, list_images, train_samples
+    from ..data import list_images, train_samples
 
     try:
         paths = list_images(folder) if record.get("plain_folder") else [
