@@ -167,7 +167,7 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
     shutil.copytree(root / "mix", copied)
     (copied / "config.json").write_text(json.dumps(gone))
     r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "the data folder fit read is gone" in r.output and "--data" in r.output
+    assert r.exit_code == 1 and "the data folder fit read is gone" in r.output and "--data" in r.output
     r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "b"),
                    "--data", str(moved), "--quiet"])
     assert r.exit_code == 0, r.output

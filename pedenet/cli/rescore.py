@@ -124,7 +124,7 @@ def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path
         folder = Path(record["category_dir"])
         if not folder.is_dir():
             raise UserError(f"{folder}: the data folder fit read is gone; if the data moved, "
-                            "pass --data with its new folder", exit_code=2)
+                            "pass --data with its new folder")
         return folder
     folder = Path(data)
     if not folder.is_dir():
