@@ -598,8 +598,8 @@ class PEDENet:
         data = load_checkpoint(path)
         try:
             config = PEDENetConfig.from_dict(data["config"])
-            model = cls(device=device)  # not cls(**config): a model rescored to the mixture
-            model.config = config       # keeps the memory_bank_size it had
+            model = cls(device=device)  # not cls(**config): files saved before the constructor
+            model.config = config       # refused memory_bank_size without distance scoring load too
             net = PEDENetNetwork(config, load_weights=False)
             net.load_state_dict(data["state_dict"], strict=True)
             net.mixture = GaussianMixture.from_state_dict(data["mixture"])

@@ -80,6 +80,13 @@ def test_estimator_refuses_a_bank_size_without_distance_scoring_but_loads_a_resc
     back = pedenet.load(tmp_path / "m.pt")
     assert back.config == m.config
     np.testing.assert_array_equal(back.anomaly_map(images[1]), m.anomaly_map(images[1]))
+    # a file from before the constructor refused the combination still loads
+    from pedenet.checkpoint import load_checkpoint, save_checkpoint
+
+    data = load_checkpoint(tmp_path / "m.pt")
+    data["config"]["memory_bank_size"] = 50
+    save_checkpoint(tmp_path / "old.pt", data)
+    assert pedenet.load(tmp_path / "old.pt").config.memory_bank_size == 50
 
 
 def test_rescore_refuses_other_data_and_leaves_the_model_as_it_was(fitted, images):
