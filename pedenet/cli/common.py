@@ -231,6 +231,18 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: cannot read ({_one_line(exc)}); fix or delete the file") from None
 
 
+def _data_moved_to(data: Path, category: str | None) -> Path:
+    """The category folder under ``data``, the --data of a verb whose data has moved since
+    fit: ``data`` itself, or ``data/<category>`` when ``data`` is the dataset root holding
+    it. Raises UserError (exit code 2) when ``data`` is not a folder."""
+    folder = Path(data)
+    if not folder.is_dir():
+        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
+    if category and not (folder / "train").is_dir() and (folder / category).is_dir():
+        folder = folder / category  # the dataset root was given
+    return folder
+
+
 def _check_device(device: str) -> None:
     if device == "cuda":
         import torch

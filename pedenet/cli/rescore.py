@@ -11,8 +11,8 @@ import click
 
 from ..config import SCORINGS
 from ..data import DataError
-from .common import (UserError, _check_run_dir, _debug, _device_option, _info, _load_model,
-                     _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
+from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_option, _info,
+                     _load_model, _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
                      _thresholds_line, _user_errors, _verbose_option, _write_json)
 
 
@@ -126,14 +126,9 @@ def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path
             raise UserError(f"{folder}: the data folder fit read is gone; if the data moved, "
                             "pass --data with its new folder")
         return folder
-    folder = Path(data)
-    if not folder.is_dir():
-        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
-    category = record.get("category") or (Path(record["category_dir"]).name
-                                          if record.get("category_dir") else None)
-    if category and not record.get("plain_folder") and not (folder / "train").is_dir() \
-            and (folder / category).is_dir():
-        folder = folder / category  # the dataset root was given
+    category = None if record.get("plain_folder") else (
+        record.get("category") or (Path(record["category_dir"]).name if record.get("category_dir") else None))
+    folder = _data_moved_to(data, category)
     if not record.get("plain_folder") and not (folder / "train" / "good").is_dir():
         hint = (f"pass {folder.parent.parent}, the category folder holding it"
                 if folder.name == "good" and folder.parent.name == "train"

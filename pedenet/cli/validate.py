@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, _check_writable, _checked, _debug, _device_option, _info,
-                     _load_model, _model_path, _read_json, _set_verbose, _short_warnings,
+from .common import (UserError, _check_writable, _checked, _data_moved_to, _debug,
+                     _device_option, _info, _load_model, _model_path, _read_json, _set_verbose, _short_warnings,
                      _user_errors, _verbose_option, _write_json)
 
 
@@ -98,18 +98,13 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     to ``data`` (or to ``data/<category>`` when ``data`` is the dataset root). Raises
     UserError when the config records no data folder, a held-out path lies outside it, or
     ``data`` is not a folder."""
-    if not Path(data).is_dir():
-        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
     recorded = _read_json(config_path) if config_path.is_file() else {}
+    new_root = _data_moved_to(data, recorded.get("category"))
     old = recorded.get("category_dir")
     if not old:
         raise UserError(f"{config_path}: not found or records no data folder, so --data cannot "
                         "relocate the held-out images")
     old_dirs = [Path(old), Path(old).resolve()]
-    category = recorded.get("category")
-    new_root = Path(data)
-    if category and not (new_root / "train").is_dir() and (new_root / category).is_dir():
-        new_root = new_root / category  # the dataset root was given
     out = []
     for h in held:
         for base in old_dirs:
