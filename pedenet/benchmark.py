@@ -6,7 +6,8 @@ Sections (each also written to the JSON file):
   array, preprocessing and map included, after 3 s of warm-up calls: the steady state) and
   batched throughput (``PEDENet.predict``,
   batch 16) at 256×256 (the model's ``image_size``) and at native MTD-like sizes
-  (103×300, 400×632; ``image_size`` 0);
+  (103×300, 400×632), processed at that size (``image_size`` 0) whatever the model's
+  ``image_size`` (a model fitted at 256 resizes them in ``predict``: its cost is the 256 row);
 * ``exported`` (not with ``--quick``): latency of the exported model (``pedenet export``)
   on one image in onnxruntime and as TorchScript;
 * ``scratch_patch_vs_dense`` (and ``scratch_patch_vs_dense_64``): the scratch encoder (32 px
@@ -599,7 +600,8 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
             [(s, 0) for s in NATIVE_SIZES]:
         r = bench_inference(model, size, image_size, quick)
         inference.append(r)
-        log(f"inference {size[0]}x{size[1]} (image_size {image_size}): "
+        how = "processed at native size" if image_size == 0 else f"resized to {image_size}x{image_size}"
+        log(f"inference {size[0]}x{size[1]} ({how}): "
             f"p50 {r['latency_ms_p50']:.1f} ms, p95 {r['latency_ms_p95']:.1f} ms, "
             f"{r['images_per_s']:.1f} images/s (predict, batches of {r['effective_batch']}), "
             f"peak RSS {r['peak_rss_mb']:.0f} MiB")

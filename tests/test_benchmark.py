@@ -61,6 +61,9 @@ def test_benchmark_quick_json(tmp_path):
         if not path.endswith(("max_abs_difference", "image_size")):
             assert value > 0, path
     assert "images/s" in result.output and "GFLOP/s" in result.output
+    # the native rows say how they were processed, not a bare "image_size 0"
+    assert "103x300 (processed at native size)" in result.output
+    assert "(image_size 0)" not in result.output
 
 
 def test_mixture_from_bank_recovers_separated_clusters():
