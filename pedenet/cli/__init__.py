@@ -15,6 +15,19 @@ User errors (missing or unreadable data, bad checkpoints, existing runs) end wit
 mask) is checked before any work starts; ``--skip-bad-files`` leaves bad ones out with a
 warning. Existing results are never replaced without ``--overwrite``. See docs/conventions.md.
 
+Exit codes, one rule for every command (docs/conventions.md, "Exit codes")::
+
+    0       success
+    1       the content of files or the environment: unreadable images or masks, a data folder
+            without the MVTec AD layout or images, a damaged or incompatible checkpoint or
+            config.json, recorded data that is gone, out of memory, no CUDA, disk full or no
+            permission to write
+    2       the command line is wrong or would destroy something: usage errors, contradictory
+            options, a path argument that does not exist or is the wrong kind, refusals to
+            replace outputs without --overwrite, a --resume that does not match, --out inside
+            RUN_DIR
+    128+N   interrupted by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)
+
 This module holds the ``main`` group (the ``pedenet`` console script) and registers the
 commands, one module each: :mod:`.fit`, :mod:`.evaluate`, :mod:`.predict`, :mod:`.validate`,
 :mod:`.rescore`, :mod:`.demo` and :mod:`.perf` (``export``, ``benchmark``); their shared helpers are in

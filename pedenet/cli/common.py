@@ -30,7 +30,9 @@ DEFAULTS = PEDENetConfig()
 
 
 class UserError(click.ClickException):
-    """A one-line ``Error: ...`` message with a chosen exit code (default 1)."""
+    """A one-line ``Error: ...`` message with a chosen exit code: 1 (the default) for the
+    content of files or the environment, 2 for a wrong command line or a refusal to replace
+    outputs, 128+N for signal N (docs/conventions.md, "Exit codes")."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
