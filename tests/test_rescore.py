@@ -161,7 +161,7 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
                    str(tmp_path / "a")])
     assert r.exit_code == 2 and "--memory-bank-size applies to --scoring distance only" in r.output
     r = run(main, ["rescore", str(tmp_path / "nothing"), "--scoring", "distance", "--out", str(tmp_path / "a")])
-    assert r.exit_code == 1 and "run folder does not exist" in r.output
+    assert r.exit_code == 2 and "run folder does not exist" in r.output
     # the data moved: found with --data (the dataset root here), refused without it
     import shutil
 

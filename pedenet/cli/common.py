@@ -266,8 +266,9 @@ def _model_path(run_dir: Path) -> Path:
     if run_dir.is_file():
         return run_dir
     path = run_dir / "model.pt"
-    if not run_dir.exists():
-        raise UserError(f"{run_dir}: run folder does not exist; run `pedenet fit DATA --out {run_dir}` first")
+    if not run_dir.exists():  # a RUN_DIR argument that does not exist: a usage error
+        raise UserError(f"{run_dir}: run folder does not exist; run `pedenet fit DATA --out {run_dir}` "
+                        "first", exit_code=2)
     if not path.is_file():
         if not _is_run_dir(run_dir):
             raise UserError(f"{run_dir}: not a pedenet run folder (no model.pt); pass the folder "

@@ -39,6 +39,11 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
                     f"pedenet validate {run_dir} to score synthetic defects") from None
             raise UserError(f"{exc} (the test data recorded in {cfg_path} at fit time); pass "
                             "--data DATA if it has moved") from None
+    if not Path(data).is_dir():  # a --data that does not exist or is a file: a usage error
+        try:
+            resolve_category(data)  # for its message
+        except DataError as exc:
+            raise UserError(str(exc), exit_code=2) from None
     if category is not None:
         return resolve_category(data, category)
     try:

@@ -47,10 +47,10 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     with _short_warnings(warned, quiet):
         accepted = ("pass a folder of normal images, a category folder in the MVTec AD layout "
                     "(train/good, test/<defect>), or a dataset root with --category")
-        if not Path(data).exists():
-            raise DataError(f"{data}: does not exist; {accepted}")
+        if not Path(data).exists():  # a DATA argument that does not exist: a usage error
+            raise UserError(f"{data}: does not exist; {accepted}", exit_code=2)
         if not Path(data).is_dir():
-            raise DataError(f"{data}: is a file, not a folder; {accepted}")
+            raise UserError(f"{data}: is a file, not a folder; {accepted}", exit_code=2)
         plain_folder = False  # trained on a plain folder of normal images (no test split)
         try:
             cat_dir = resolve_category(data, category)

@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from ..checkpoint import atomic_write_bytes
-from ..data import find_images, load_image
+from ..data import IMAGE_EXTENSIONS, DataError, find_images, load_image
 from .common import (UserError, _check_out_folder, _checked, _debug, _device_option, _info,
                      _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress,
                      _rate_options, _set_verbose, _short_warnings, _thresholds_line,
@@ -110,11 +110,18 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     earlier = earlier_prediction_files(out_dir) if out_dir.is_dir() else []
     if resume:  # a report of the earlier, finished run stays unless --report writes a new one
         earlier = [f for f in earlier if f.name != "report.html"]
+    for item in map(Path, inputs):  # an INPUT that does not exist or is no image file: a usage error
+        if not item.is_dir() and (not item.exists() or item.suffix.lower() not in IMAGE_EXTENSIONS):
+            try:
+                find_images([item])  # for its message
+            except DataError as exc:
+                raise UserError(str(exc), exit_code=2) from None
     out_resolved = out_dir.resolve()
     images = [p for p in find_images(list(inputs))
               if out_resolved not in p.resolve().parents]  # never read our own outputs
     if not images:
-        raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out")
+        raise UserError(f"{out_dir}: all inputs lie inside the --out folder; choose another --out",
+                        exit_code=2)
     named = {Path(i).resolve() for i in inputs if Path(i).is_file()}  # named files are kept
     drop: set[Path] = set()
     for folder, files in earlier_prediction_outputs(images).items():
