@@ -595,7 +595,7 @@ def test_evaluate_and_validate_refuse_a_run_folder_they_cannot_write_before_scor
     monkeypatch.setattr(evaluation, "evaluate", never)
     monkeypatch.setattr(validation, "validate", never)
     for command in ("evaluate", "validate"):
-        one_line_error(run(command, rd), rd, "cannot write results", "Read-only file system", code=2)
+        one_line_error(run(command, rd), rd, "cannot write results", "Read-only file system", code=1)
     assert tree(rd) == before
 
 

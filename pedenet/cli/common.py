@@ -371,8 +371,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def _check_out_folder(folder: Path, option: str = "--out") -> None:
     """Fail at once, in one line, when ``folder`` can't be used as an output folder: it is a
-    file, a file stands where one of its parent folders would be created, or its nearest
-    existing parent is not writable. Creates nothing. Raises UserError (exit code 2)."""
+    file, a file stands where one of its parent folders would be created (exit code 2), or its
+    nearest existing parent is not writable (exit code 1). Creates nothing. Raises UserError."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder; choose another {option}", exit_code=2)
@@ -381,8 +381,8 @@ def _check_out_folder(folder: Path, option: str = "--out") -> None:
 
 def _check_out_file(path: Path, option: str = "--out") -> None:
     """As :func:`_check_out_folder`, for an output file (click's ``dir_okay=False`` already
-    refuses a folder): refuse a path whose folder can't be created or written. Creates
-    nothing. Raises UserError (exit code 2)."""
+    refuses a folder): refuse a path whose folder can't be created (exit code 2) or written
+    (exit code 1). Creates nothing. Raises UserError."""
     path = Path(path)
     _check_parents(path, path.parent, option, "written")
 
@@ -393,22 +393,22 @@ def _check_parents(named: Path, folder: Path, option: str, verb: str) -> None:
         raise UserError(f"{named}: cannot be {verb} because {existing} is a file, not a folder; "
                         f"choose another {option}", exit_code=2)
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{named}: no permission to write in {existing}; choose another {option}",
-                        exit_code=2)
+        # a permission error, found before writing: the environment's (exit code 1)
+        raise UserError(f"{named}: no permission to write in {existing}; choose another {option}")
 
 
 def _check_writable(folder: Path) -> None:
     """Fail at once, in one line, when the existing ``folder`` (a run folder that results will
     be written into) can't take a new file: creates and removes a temporary file there, which
     also catches what permission bits don't show (read-only mounts, immutable folders, root).
-    Raises UserError (exit code 2)."""
+    Raises UserError (exit code 1: a permission error, found before writing)."""
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".pedenet-write-check.", suffix=".tmp"):
             pass
     except OSError as exc:
         raise UserError(f"{folder}: cannot write results into this run folder "
                         f"({exc.strerror or exc}); make it writable, or copy the run folder "
-                        "somewhere writable and pass that", exit_code=2) from None
+                        "somewhere writable and pass that") from None
 
 
 def _remove_stale_results(run_dir: Path, keep_resume: bool = False) -> None:
