@@ -36,7 +36,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PEDENetConfig
 
 __all__ = ["TrainingInterrupted", "ResumeWriter", "deferred_interrupts", "read_resume_state",
-           "image_fingerprints"]
+           "ResumeMismatchError", "image_fingerprints"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -172,12 +172,17 @@ def resume_step(path) -> int | None:
 SET_AFTER_TRAINING = ("scoring", "memory_bank_size")
 
 
+class ResumeMismatchError(CheckpointError):
+    """The resume file is sound but belongs to other settings or other training images."""
+
+
 def read_resume_state(path, config: PEDENetConfig, items) -> dict:
     """Load a resume file and check that it belongs to this config and these images (the
     settings of ``SET_AFTER_TRAINING`` excepted).
 
     Raises:
-        CheckpointError: unreadable file, other settings, other images, or a bad step.
+        CheckpointError: unreadable file or a bad step; ResumeMismatchError (a
+            CheckpointError): other settings or other images.
     """
     data = load_checkpoint(path, kind="resume")
     saved = data["config"] if isinstance(data["config"], dict) else {}
@@ -186,13 +191,13 @@ def read_resume_state(path, config: PEDENetConfig, items) -> dict:
              if saved.get(k) != want.get(k) and k not in SET_AFTER_TRAINING]
     if diffs:
         listing = ", ".join(f"{k} {saved.get(k)!r} there, {want.get(k)!r} here" for k in diffs[:4])
-        raise CheckpointError(
+        raise ResumeMismatchError(
             f"{path}: the interrupted run used other settings ({listing}); resume with the "
             "same options, or start over (pedenet fit --overwrite, without --resume)")
     images = image_fingerprints(items)
     if [list(x) for x in data.get("images", [])] != images:
         n_then = len(data.get("images", []))
-        raise CheckpointError(
+        raise ResumeMismatchError(
             f"{path}: the training images changed since the interrupted run ({n_then} trained "
             f"on then, {len(images)} now - the held-out images not counted - or files moved or "
             "replaced); resume needs the same images - restore them, or start over (pedenet fit "

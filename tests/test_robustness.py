@@ -492,11 +492,11 @@ def test_interrupted_fit_resumes_to_the_same_result(dataset, uninterrupted, tmp_
     # a plain rerun does not silently start over
     one_line_error(run("fit", dataset, "--out", out, *args), "resume.pt", "--resume", code=2)
     # commands that need the model say the fit was interrupted and how to finish it
-    one_line_error(run("evaluate", out), "interrupted", f"at step {saved_step}", "--resume")
+    one_line_error(run("evaluate", out), "interrupted", f"at step {saved_step}", "--resume", code=1)
     # other settings: refused before a resumed fit is announced, the saved state is kept
     other = run("fit", dataset, "--out", out, "--image-size", "64", "--steps", "7",
                 "--checkpoint-every", "2", "--seed", "4", "--resume")
-    one_line_error(other, "steps")
+    one_line_error(other, "steps", code=2)  # a --resume that does not match: a usage error
     assert "(resuming)" not in other.output and "fitting" not in other.output
     assert resume_step(out / "resume.pt") == saved_step
     calls = []
@@ -513,7 +513,7 @@ def test_resume_file_problems(dataset, tmp_path):
     out.mkdir()
     (out / "resume.pt").write_bytes(b"half-written garbage")
     one_line_error(run("fit", dataset, "--out", out, *FIT, "--resume"), out / "resume.pt",
-                   "not a pedenet checkpoint", "not a PyTorch file", "--overwrite")
+                   "not a pedenet checkpoint", "not a PyTorch file", "--overwrite", code=1)
     # --resume without a resume file starts from step 0
     out2 = tmp_path / "run2"
     result = ok(run("fit", dataset, "--out", out2, "--image-size", "64", "--steps", "3", "--resume"))

@@ -108,9 +108,12 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
                                                 model.config.seed)
         n_held = len(held_idx)
         if resuming:  # other options or images: say so before announcing a resumed fit
-            from ..resume import read_resume_state
+            from ..resume import ResumeMismatchError, read_resume_state
 
-            read_resume_state(resume_path, model.config, [paths[i] for i in train_idx])
+            try:
+                read_resume_state(resume_path, model.config, [paths[i] for i in train_idx])
+            except ResumeMismatchError as exc:  # other options or images: a usage error
+                raise UserError(str(exc), exit_code=2) from None
         _info(quiet, f"fitting {cat_dir}: {len(paths)} normal images "
                      f"({n_held} held out for thresholds), {model.config.steps} steps, "
                      f"encoder {model.config.encoder}, device {device}"
