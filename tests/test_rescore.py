@@ -234,7 +234,7 @@ def test_cli_rescore_records_where_the_data_is_now_and_replaces_cleanly(grass, t
     assert again["fit_warnings"] == fit_warnings and again["warnings"] == record["warnings"]
     r = run(main, ["rescore", str(tmp_path / "mix"), "--scoring", "distance", "--out",
                    str(tmp_path / "x"), "--data", str(moved / "grass" / "train" / "good")])
-    assert r.exit_code == 2 and "no train/good here" in r.output
+    assert r.exit_code == 1 and "no train/good here" in r.output
     assert f"pass {moved / 'grass'}, the category folder" in r.output
     for damaged in ("[1, 2]", json.dumps({"category_dir": 5}), json.dumps(dict(record, warnings=None))):
         (tmp_path / "mix" / "config.json").write_text(damaged)

@@ -133,7 +133,7 @@ def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path
         hint = (f"pass {folder.parent.parent}, the category folder holding it"
                 if folder.name == "good" and folder.parent.name == "train"
                 else "pass the category folder (holding train/good) or the dataset root holding it")
-        raise UserError(f"{data}: no train/good here; {hint}", exit_code=2)
+        raise UserError(f"{data}: no train/good here; {hint}")  # not the MVTec AD layout
     return folder
 
 
