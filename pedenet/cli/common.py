@@ -97,6 +97,14 @@ def _termination_as_interrupt():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether torch raised ``exc`` for want of memory (torch.cuda.OutOfMemoryError, or the CPU
+    allocator's "can't allocate memory")."""
+    text = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower()
+            or "can't allocate memory" in text)
+
+
 def _user_errors(fn):
     """Turn expected user-input errors into one-line click errors (no traceback); SIGTERM and
     SIGHUP interrupt the command as Ctrl-C does (:class:`Terminated`)."""
@@ -121,6 +129,12 @@ def _user_errors(fn):
             raise UserError(_one_line(exc)) from None
         except MemoryError:
             raise UserError("out of memory; use a smaller --image-size or --batch-size, or "
+                            "smaller images") from None
+        except RuntimeError as exc:  # torch's: CUDA out of memory, or a failed CPU allocation
+            if not _out_of_memory(exc):
+                raise
+            where = " on the GPU" if type(exc).__name__ == "OutOfMemoryError" else ""
+            raise UserError(f"out of memory{where}; use a smaller --image-size or --batch-size, or "
                             "smaller images") from None
         except KeyboardInterrupt as exc:  # where a command has no more specific message
             raise UserError(f"interrupted ({_interrupt_name(exc)})",
