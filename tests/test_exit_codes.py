@@ -104,10 +104,16 @@ class Case:
         return p
 
     def no_write_permission(self, folder: Path) -> Path:
-        """``folder`` looks unwritable to the up-front check (tests may run as root)."""
-        real = common.os.access
-        self.mp.setattr(common.os, "access",
-                        lambda p, mode, *a, **k: False if Path(p) == folder else real(p, mode, *a, **k))
+        """``folder`` refuses new entries as a folder without write permission does (tests may
+        run as root, where permission bits do not stop writing)."""
+        real = common.tempfile.mkdtemp
+
+        def denied(*args, **kwargs):
+            if Path(kwargs.get("dir", "")) == folder:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, **kwargs)
+
+        self.mp.setattr(common.tempfile, "mkdtemp", denied)
         return folder
 
     def read_only_run(self) -> Path:
@@ -155,7 +161,7 @@ CASES = [
     ("fit", "corrupt image", 1,
      lambda c: ["fit", c.corrupt_png().parent, "--out", c.tmp / "r", *FIT], "bad.png"),
     ("fit", "no write permission", 1,
-     lambda c: ["fit", c.ds, "--out", c.no_write_permission(c.folder("ro")) / "r", *FIT], "no permission"),
+     lambda c: ["fit", c.ds, "--out", c.no_write_permission(c.folder("ro")) / "r", *FIT], "Permission denied"),
     pytest.param("fit", "no CUDA", 1, lambda c: ["fit", c.ds, "--out", c.tmp / "r", *FIT, "--device", "cuda"],
                  "CUDA", marks=no_cuda),
     # ---- evaluate
@@ -252,7 +258,7 @@ CASES = [
     ("demo", "bad --steps", 2, lambda c: ["demo", "--steps", "0", "--out", c.tmp / "d"], "--steps"),
     ("demo", "--out is a file", 2, lambda c: ["demo", "--out", c.file("d")], "is a file"),
     ("demo", "no write permission", 1,
-     lambda c: ["demo", "--out", c.no_write_permission(c.folder("ro")) / "d"], "no permission"),
+     lambda c: ["demo", "--out", c.no_write_permission(c.folder("ro")) / "d"], "Permission denied"),
     # ---- export
     ("export", "RUN_DIR does not exist", 2,
      lambda c: ["export", c.tmp / "nowhere", "--out", c.tmp / "m.ts"], "does not exist"),
@@ -266,7 +272,7 @@ CASES = [
     ("export", "corrupt model.pt", 1,
      lambda c: ["export", c.copy_run(model_pt="garbage"), "--out", c.tmp / "m.ts"], "model.pt"),
     ("export", "no write permission", 1,
-     lambda c: ["export", c.run, "--out", c.no_write_permission(c.folder("ro")) / "m.ts"], "no permission"),
+     lambda c: ["export", c.run, "--out", c.no_write_permission(c.folder("ro")) / "m.ts"], "Permission denied"),
     # ---- benchmark
     ("benchmark", "RUN_DIR does not exist", 2, lambda c: ["benchmark", c.tmp / "nowhere"], "does not exist"),
     ("benchmark", "--json under a file", 2,
@@ -274,7 +280,7 @@ CASES = [
     ("benchmark", "unknown option", 2, lambda c: ["benchmark", "--fast"], "--fast"),
     ("benchmark", "no write permission for --json", 1,
      lambda c: ["benchmark", c.run, "--json", c.no_write_permission(c.folder("ro")) / "b.json"],
-     "no permission"),
+     "Permission denied"),
     ("benchmark", "corrupt model file", 1,
      lambda c: ["benchmark", c.copy_run(model_pt="garbage") / "model.pt", "--quick"], "model.pt"),
 ]
@@ -306,3 +312,18 @@ def test_every_verb_has_a_case_of_each_code():
     covered = {(_values(c)[0], _values(c)[2]) for c in CASES}
     for verb in ("fit", "evaluate", "predict", "validate", "rescore", "demo", "export", "benchmark"):
         assert {(verb, 1), (verb, 2)} <= covered, verb
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("verb", ["predict", "export"])
+def test_out_in_a_pseudo_filesystem_is_refused_before_work(verb, dataset, run_dir, tmp_path):
+    """/proc takes no new files even for root, whose permission bits let everything through:
+    the up-front check tries, and says so in one line instead of an errno after the work."""
+    out = Path("/proc") / f"pedenet-exit-code-test-{verb}"
+    args = (["predict", run_dir, dataset / "test" / "good", "--out", out] if verb == "predict"
+            else ["export", run_dir, "--out", out.with_suffix(".onnx")])
+    result = run(args)
+    assert result.exit_code == 1, result.output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith("Error: /proc/pedenet-exit-code-test") and "choose another --out" in last
+    assert "Traceback" not in result.output and "thresholds" not in result.output  # before the work

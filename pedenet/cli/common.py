@@ -386,7 +386,8 @@ def _nearest_existing(path: Path) -> Path:
 def _check_out_folder(folder: Path, option: str = "--out") -> None:
     """Fail at once, in one line, when ``folder`` can't be used as an output folder: it is a
     file, a file stands where one of its parent folders would be created (exit code 2), or its
-    nearest existing parent is not writable (exit code 1). Creates nothing. Raises UserError."""
+    nearest existing parent can't take a new folder (exit code 1: permission bits, a read-only
+    mount, /proc or /sys; :func:`_write_probe`). Leaves nothing behind. Raises UserError."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder; choose another {option}", exit_code=2)
@@ -396,7 +397,7 @@ def _check_out_folder(folder: Path, option: str = "--out") -> None:
 def _check_out_file(path: Path, option: str = "--out") -> None:
     """As :func:`_check_out_folder`, for an output file (click's ``dir_okay=False`` already
     refuses a folder): refuse a path whose folder can't be created (exit code 2) or written
-    (exit code 1). Creates nothing. Raises UserError."""
+    (exit code 1). Leaves nothing behind. Raises UserError."""
     path = Path(path)
     _check_parents(path, path.parent, option, "written")
 
@@ -406,23 +407,37 @@ def _check_parents(named: Path, folder: Path, option: str, verb: str) -> None:
     if existing.exists() and not existing.is_dir():
         raise UserError(f"{named}: cannot be {verb} because {existing} is a file, not a folder; "
                         f"choose another {option}", exit_code=2)
-    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        # a permission error, found before writing: the environment's (exit code 1)
-        raise UserError(f"{named}: no permission to write in {existing}; choose another {option}")
+    if existing.exists():
+        problem = _write_probe(existing, make_folder=True)
+        if problem:  # found before writing, but the environment's (exit code 1)
+            raise UserError(f"{named}: cannot be {verb}: {existing} takes no new files ({problem}); "
+                            f"choose another {option}")
+
+
+def _write_probe(where: Path, make_folder: bool = False) -> str | None:
+    """Why the existing folder ``where`` can't take a new file (with ``make_folder``: a new
+    folder), as the system says it (``"Permission denied"``, ``"Read-only file system"``), or
+    None when it can. Creates and removes a hidden temporary entry there, which also catches
+    what permission bits don't show (read-only mounts, /proc and /sys, running as root)."""
+    try:
+        if make_folder:
+            os.rmdir(tempfile.mkdtemp(dir=where, prefix=".pedenet-write-check."))
+        else:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".pedenet-write-check.", suffix=".tmp"):
+                pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _check_writable(folder: Path) -> None:
     """Fail at once, in one line, when the existing ``folder`` (a run folder that results will
-    be written into) can't take a new file: creates and removes a temporary file there, which
-    also catches what permission bits don't show (read-only mounts, immutable folders, root).
-    Raises UserError (exit code 1: a permission error, found before writing)."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pedenet-write-check.", suffix=".tmp"):
-            pass
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot write results into this run folder "
-                        f"({exc.strerror or exc}); make it writable, or copy the run folder "
-                        "somewhere writable and pass that") from None
+    be written into) can't take a new file (:func:`_write_probe`). Raises UserError (exit code
+    1: the environment's, found before writing)."""
+    problem = _write_probe(folder)
+    if problem:
+        raise UserError(f"{folder}: cannot write results into this run folder ({problem}); make "
+                        "it writable, or copy the run folder somewhere writable and pass that")
 
 
 def _remove_stale_results(run_dir: Path, keep_resume: bool = False) -> None:
