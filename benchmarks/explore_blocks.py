@@ -10,6 +10,9 @@ that the ranking carries over, not to choose.
     python benchmarks/explore_blocks.py extract ../shared/data/mtd runs/explore/mtd256.npz --image-size 256
     python benchmarks/explore_blocks.py screen runs/explore/mtd256.npz --blocks 4,10,14,15 --D 128 --pixel
 
+``extract --kinds region`` builds the validation set from large region defects instead
+(``pedenet validate --kinds``).
+
 One JSON line per ``screen`` run (val_* = validation image AUROC, test_* = test image AUROC;
 q0 = maximum of the map, q0.01 = mean of its top 1 %; pix, pro = test pixel AUROC and
 AU-PRO@0.3 at the original resolution with ``--pixel``).
@@ -29,8 +32,12 @@ import torch
 ALL_BLOCKS = (4, 7, 10, 14, 15)
 
 
-def extract(data: str, out: str, image_size: int) -> None:
-    """Cache the features of ``ALL_BLOCKS`` (float16, C×h×w per image) for train, validation and test."""
+def extract(data: str, out: str, image_size: int, kinds: str = "") -> None:
+    """Cache the features of ``ALL_BLOCKS`` (float16, C×h×w per image) for train, validation and test.
+
+    ``kinds``: the validation set's synthetic defect kinds, comma-separated (``pedenet validate
+    --kinds``; empty: the default kinds)."""
+    from pedenet.validation import DEFECT_TYPES
     from pedenet.calibration import split_calibration
     from pedenet.data import load_image, load_mask, test_samples, train_samples
     from pedenet.encoders import PretrainedEncoder
@@ -46,7 +53,9 @@ def extract(data: str, out: str, image_size: int) -> None:
     train = train_samples(data)
     train_idx, held_idx = split_calibration(len(train), 0.2, 0)
     test = test_samples(data)
-    val_images, _, val_labels = synthetic_validation_set([load_image(train[i].path) for i in held_idx], seed=0)
+    val_images, _, val_labels = synthetic_validation_set(
+        [load_image(train[i].path) for i in held_idx], seed=0,
+        kinds=tuple(kinds.split(",")) if kinds else DEFECT_TYPES)
     t0 = time.time()
     f_train = np.stack([feats(load_image(train[i].path)) for i in train_idx])
     f_val = np.stack([feats(a) for a in val_images])
@@ -133,6 +142,7 @@ def main() -> None:
     e.add_argument("data")
     e.add_argument("out")
     e.add_argument("--image-size", type=int, default=256)
+    e.add_argument("--kinds", default="", help="validation defect kinds, e.g. region (default: the default kinds)")
     s = sub.add_parser("screen")
     s.add_argument("npz")
     s.add_argument("--blocks", default="4,10,14,15")
@@ -143,7 +153,7 @@ def main() -> None:
     s.add_argument("--pixel", action="store_true")
     args = ap.parse_args()
     if args.cmd == "extract":
-        extract(args.data, args.out, args.image_size)
+        extract(args.data, args.out, args.image_size, args.kinds)
     else:
         screen(args)
 
