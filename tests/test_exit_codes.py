@@ -11,6 +11,7 @@ import functools
 import json
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,12 @@ class Case:
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(p)
         p.write_bytes(p.read_bytes()[:60])
         return p
+
+    def without_module(self, name: str) -> Path:
+        """Make ``import name`` fail as if the package were not installed; returns the scratch
+        folder (for use inside an argument list)."""
+        self.mp.setitem(sys.modules, name, None)
+        return self.tmp
 
     def no_write_permission(self, folder: Path) -> Path:
         """``folder`` refuses new entries as a folder without write permission does (tests may
@@ -271,6 +278,8 @@ CASES = [
      lambda c: ["export", c.run, "--out", c.run / "model.pt", "--overwrite"], "run's own files"),
     ("export", "corrupt model.pt", 1,
      lambda c: ["export", c.copy_run(model_pt="garbage"), "--out", c.tmp / "m.ts"], "model.pt"),
+    ("export", "onnx package not installed", 1,
+     lambda c: ["export", c.run, "--out", c.without_module("onnx") / "m.onnx"], "pip install"),
     ("export", "no write permission", 1,
      lambda c: ["export", c.run, "--out", c.no_write_permission(c.folder("ro")) / "m.ts"], "Permission denied"),
     # ---- benchmark

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (RESULT_FILES, RUN_FILES, _check_out_file, _info, _load_model, _model_path,
-                     _user_errors, _write_json)
+from .common import (RESULT_FILES, RUN_FILES, UserError, _check_out_file, _info, _load_model,
+                     _model_path, _user_errors, _write_json)
 
 
 @click.command("export")
@@ -42,6 +42,13 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     from ..export import export_model
 
     fmt = _export_format(fmt, out_file)
+    if fmt == "onnx":  # an environment problem: one line with the fix, before any work
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise UserError("--format onnx needs the onnx package, which is not installed: "
+                            "pip install 'pedenet[export]' (onnx and onnxruntime), or export "
+                            "--format torchscript") from None
     _check_out_file(out_file)
     model_path = _model_path(run_dir)
     own = {(model_path.parent / name).resolve() for name in RUN_FILES + RESULT_FILES}
