@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,11 @@ def main() -> None:
     import pedenet
     from pedenet.metrics import image_auroc
     from pedenet.scoring import image_score
+    from pedenet.data import test_samples
     from pedenet.validation import synthetic_validation_set
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from explore_validation_kinds import KIND_SETS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -43,17 +48,12 @@ def main() -> None:
     q = model.config.image_score_fraction
     held = model.history["calibration_images"]
     sets = {}
-    for name, kinds in (("validation_default", ("scratch", "spot", "patch")), ("validation_region", ("region",))):
+    for name, kinds in KIND_SETS.items():
         arrays, _, labels = synthetic_validation_set(held, 0, kinds)
-        sets[name] = (model.predict(arrays).maps, list(labels), None)
-    test = Path(args.data) / "test"
-    paths, labels, defects = [], [], []
-    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
-        for path in sorted(folder.iterdir()):
-            paths.append(path)
-            labels.append(int(folder.name != "good"))
-            defects.append(folder.name)
-    sets["test"] = (model.predict(paths, progress=True).maps, labels, defects)
+        sets[f"validation_{name}"] = (model.predict(arrays).maps, list(labels), None)
+    test = test_samples(args.data)
+    sets["test"] = (model.predict([t.path for t in test], progress=True).maps,
+                    [t.label for t in test], [t.defect for t in test])
     for b in (float(v) for v in args.border.split(",")):
         rec = {"model": args.model, "border": b}
         for name, (maps, labels, defects) in sets.items():

@@ -18,14 +18,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 import warnings
+from pathlib import Path
 
 
 def main() -> None:
     import pedenet
     from pedenet.evaluation import evaluate
     from pedenet.validation import validate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from explore_validation_kinds import KIND_SETS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -41,7 +46,7 @@ def main() -> None:
         model.config = dataclasses.replace(model.config, smoothing_sigma=sigma)
         t0 = time.perf_counter()
         rec = {"model": args.model, "smoothing_sigma": sigma}
-        for name, kinds in (("default", ("scratch", "spot", "patch")), ("region", ("region",))):
+        for name, kinds in KIND_SETS.items():
             v = validate(model, held, seed=0, kinds=kinds)
             rec[f"validation_{name}"] = {k: round(v[k], 4) for k in keys}
         if not args.no_test:

@@ -22,8 +22,10 @@ import time
 import warnings
 from pathlib import Path
 
+from pedenet.validation import DEFECT_TYPES
+
 QS = (0.0, 0.003, 0.01, 0.03)
-KIND_SETS = {"default": ("scratch", "spot", "patch"), "region": ("region",)}
+KIND_SETS = {"default": DEFECT_TYPES, "region": ("region",)}  # the validation sets compared
 
 
 def _score(model, kinds: tuple, qs) -> dict:

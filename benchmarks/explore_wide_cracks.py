@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 
 def main() -> None:
     import pedenet
-    from PIL import Image
     from scipy.ndimage import binary_dilation
 
+    from pedenet.data import load_mask, test_samples
     from pedenet.metrics import image_auroc
     from pedenet.scoring import image_score
 
@@ -43,24 +42,22 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     model = pedenet.load(args.model)
     q = model.config.image_score_fraction
-    data = Path(args.data)
+    samples = [t for t in test_samples(args.data) if t.defect in ("good", "crack")]
+    maps = model.predict([t.path for t in samples], progress=True).maps
     rows = []
-    for defect in ("good", "crack"):
-        paths = sorted((data / "test" / defect).glob("*.*"))
-        maps = model.predict(paths, progress=True).maps
-        for path, amap in zip(paths, maps):
-            h, w = amap.shape
-            bh, bw = max(1, int(args.border * h)), max(1, int(args.border * w))
-            y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
-            row = {"defect": defect, "width": w, "score": image_score(amap, q),
-                   "score_inner": image_score(amap[bh:h - bh, bw:w - bw], q),
-                   "max_at_edge": bool(y < bh or y >= h - bh or x < bw or x >= w - bw)}
-            if defect == "crack":
-                mask = np.asarray(Image.open(data / "ground_truth" / defect / f"{path.stem}_mask.png")) > 0
-                mask = mask if mask.ndim == 2 else mask.any(axis=2)
-                row["max_on_crack"] = bool(binary_dilation(mask, iterations=args.near)[y, x])
-                row["crack_pixels"] = int(mask.sum())
-            rows.append(row)
+    for sample, amap in zip(samples, maps):
+        defect = sample.defect
+        h, w = amap.shape
+        bh, bw = max(1, int(args.border * h)), max(1, int(args.border * w))
+        y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+        row = {"defect": defect, "width": w, "score": image_score(amap, q),
+               "score_inner": image_score(amap[bh:h - bh, bw:w - bw], q),
+               "max_at_edge": bool(y < bh or y >= h - bh or x < bw or x >= w - bw)}
+        if defect == "crack":
+            mask = load_mask(sample.mask_path, amap.shape, sample.path)
+            row["max_on_crack"] = bool(binary_dilation(mask, iterations=args.near)[y, x])
+            row["crack_pixels"] = int(mask.sum())
+        rows.append(row)
     out = {"model": args.model, "wide_above_px": args.wide, "border": args.border}
     for group, keep in (("narrow", lambda r: r["width"] <= args.wide), ("wide", lambda r: r["width"] > args.wide)):
         g = [r for r in rows if keep(r)]
