@@ -103,7 +103,6 @@ class AnomalyMapModule(nn.Module):
 
     def energy(self, emb: torch.Tensor) -> torch.Tensor:
         """B×D×h×w embeddings → B×h×w energy (the dtype of ``log_norm``)."""
-        b, d = emb.shape[0], emb.shape[1]
         z = emb.flatten(2).transpose(1, 2).to(self.mu.dtype)  # B×N×D
         diff = z.unsqueeze(1) - self.mu.unsqueeze(0).unsqueeze(2)  # B×K×N×D
         y = torch.matmul(diff, self.chol_inv_t.unsqueeze(0))  # B×K×N×D: (L⁻¹(z−μ))ᵀ
@@ -237,11 +236,18 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
     return path
 
 
-def _export_onnx(module: nn.Module, x: torch.Tensor, path: Path, dynamic_hw: bool, meta: dict) -> None:
+def import_onnx():
+    """The ``onnx`` module. Raises ImportError naming the install command when it is missing."""
     try:
         import onnx
-    except ImportError as exc:  # pragma: no cover - install problem
-        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime") from exc
+    except ImportError as exc:
+        raise ImportError("ONNX export needs the onnx package, which is not installed: "
+                          "pip install 'pedenet[export]' (onnx and onnxruntime)") from exc
+    return onnx
+
+
+def _export_onnx(module: nn.Module, x: torch.Tensor, path: Path, dynamic_hw: bool, meta: dict) -> None:
+    onnx = import_onnx()
     axes = {"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
     if dynamic_hw:
         axes["image"].update({2: "height", 3: "width"})

@@ -39,16 +39,14 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     """
     import torch
 
-    from ..export import export_model
+    from ..export import export_model, import_onnx
 
     fmt = _export_format(fmt, out_file)
     if fmt == "onnx":  # an environment problem: one line with the fix, before any work
         try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise UserError("--format onnx needs the onnx package, which is not installed: "
-                            "pip install 'pedenet[export]' (onnx and onnxruntime), or export "
-                            "--format torchscript") from None
+            import_onnx()
+        except ImportError as exc:
+            raise UserError(f"{exc}; or export --format torchscript") from None
     _check_out_file(out_file)
     model_path = _model_path(run_dir)
     own = {(model_path.parent / name).resolve() for name in RUN_FILES + RESULT_FILES}
