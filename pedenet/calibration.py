@@ -189,7 +189,7 @@ def _rate(value) -> float:
 
 def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
               max_pixels: int = MAX_PIXEL_SAMPLES, pixel_fpr: float = 0.01,
-              score_fraction: float = 0.0) -> Calibration:
+              score_fraction: float = 0.0, score_border: float = 0.0) -> Calibration:
     """Build a :class:`Calibration` from the anomaly maps of held-out normal images.
 
     Args:
@@ -203,6 +203,8 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
         score_fraction: the image score of :func:`pedenet.scoring.image_score` (0 = map
             maximum); pass the model's ``config.image_score_fraction`` so the held-out scores
             are the ones ``PEDENet.predict`` gives.
+        score_border: the edge band left out of the image score (the model's
+            ``config.image_score_border``; 0 = none). The pixel threshold uses every pixel.
 
     Raises:
         ValueError: no maps, a map with NaN/Inf, or ``target_fpr`` outside (0, 1).
@@ -213,7 +215,7 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
         raise ValueError("calibration needs at least one held-out normal image")
     if not all(np.isfinite(m).all() for m in maps):
         raise ValueError("a held-out anomaly map contains NaN or Inf")
-    scores = np.sort(np.array([image_score(m, score_fraction) for m in maps], dtype=np.float64))
+    scores = np.sort(np.array([image_score(m, score_fraction, score_border) for m in maps], dtype=np.float64))
     pixels = np.concatenate([m.ravel() for m in maps])
     if len(pixels) > max_pixels:
         rng = np.random.default_rng([int(seed), 104729])

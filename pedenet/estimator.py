@@ -391,7 +391,8 @@ class PEDENet:
                                                   desc="calibrating", unit="img", disable=not progress)]
             self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
                                          pixel_fpr=self.config.pixel_fpr,
-                                         score_fraction=self.config.image_score_fraction)
+                                         score_fraction=self.config.image_score_fraction,
+                                         score_border=self.config.image_score_border)
             self.calibration.image_threshold(stacklevel=4)  # warns if the target is out of reach
             self._warn_if_held_out_scores_far_above_training()
             timings["calibration_seconds"] = time.perf_counter() - t0
@@ -501,8 +502,8 @@ class PEDENet:
         pixels under ``torch.inference_mode``; nothing is kept after it is
         yielded, so memory stays flat for any number of images. ``map`` is float32 H×W at
         the image's own resolution and equals :meth:`anomaly_map` (to float rounding of the
-        batched convolutions); ``score`` is its image score (``config.image_score_fraction``,
-        :func:`pedenet.scoring.image_score`). Images larger than ``max_tile``
+        batched convolutions); ``score`` is its image score (``config.image_score_fraction`` and
+        ``image_score_border``, :func:`pedenet.scoring.image_score`). Images larger than ``max_tile``
         pixels on a side after preprocessing are encoded in overlapping tiles
         (:meth:`pedenet.model.PEDENetNetwork.patch_energy`); None disables tiling.
         """

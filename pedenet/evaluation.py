@@ -209,7 +209,8 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         results = ((amap, score) for _, amap, score in model.iter_predict(paths))
     else:
         fraction = getattr(getattr(model, "config", None), "image_score_fraction", 0.0)
-        results = ((amap, image_score(amap, fraction))
+        border = getattr(getattr(model, "config", None), "image_score_border", 0.0)
+        results = ((amap, image_score(amap, fraction, border))
                    for amap in (np.asarray(model.anomaly_map(p), dtype=np.float32) for p in paths))
     infer_seconds = 0.0
     t0 = time.perf_counter()

@@ -15,7 +15,9 @@ outputs: ``anomaly_map`` float32 B×H×W (energy, −log density; higher = more 
 input's resolution, and ``score`` float32 B (the image score of
 :func:`pedenet.scoring.image_score`: the mean of the map's largest ``image_score_fraction``
 of pixels, a top-k whose k = round(f·H·W) is computed from the input's shape inside the
-graph, so it stays exact for any input size; or the map's maximum when the fraction is 0).
+graph, so it stays exact for any input size; or the map's maximum when the fraction is 0;
+with ``image_score_border`` b > 0, the pixels within floor(b·H) rows / floor(b·W) columns
+of the edge are left out of the score, also sized inside the graph).
 
 Steps (identical to ``PEDENet.anomaly_map`` for an input already at the processed size):
 patch embeddings → energy E(z) = −logsumexp_k(log φ_k − ½ log|Σ_k| − D/2 log 2π −
@@ -68,12 +70,14 @@ class AnomalyMapModule(nn.Module):
             patch can reach 10⁴–10⁶ and float32 then loses small differences between normal
             patches). The encoder always runs in float32.
         score_fraction: the config's ``image_score_fraction`` (0: score = map maximum).
+        score_border: the config's ``image_score_border`` (0: every pixel is scored).
     """
 
     def __init__(self, network, smoothing_sigma: float, energy_dtype: torch.dtype | str = "auto",
-                 score_fraction: float = 0.0):
+                 score_fraction: float = 0.0, score_border: float = 0.0):
         super().__init__()
         self.score_fraction = float(score_fraction)
+        self.score_border = float(score_border)
         if network.mixture is None:
             raise ValueError("the network has no fitted mixture: fit or load a model first")
         self.encoder = copy.deepcopy(network.encoder).cpu().eval()
@@ -140,12 +144,22 @@ class AnomalyMapModule(nn.Module):
 
     def score(self, amap: torch.Tensor) -> torch.Tensor:
         """B×H×W maps → B image scores (float32), as :func:`pedenet.scoring.image_score`."""
+        # sizes are computed from the traced shape, so that they follow the input size after
+        # export (a Python int would be frozen at the tracing size)
+        n = torch._shape_as_tensor(amap.flatten(1))[1].to(torch.float64)  # pixels scored
+        if self.score_border > 0:
+            # the edge band gets -inf, so that max / top-k see only the inner pixels
+            shape = torch._shape_as_tensor(amap)
+            h, w = shape[1].to(torch.float64), shape[2].to(torch.float64)
+            bh, bw = torch.floor(h * self.score_border), torch.floor(w * self.score_border)
+            rows = torch.arange(amap.shape[1], dtype=torch.float64, device=amap.device)
+            cols = torch.arange(amap.shape[2], dtype=torch.float64, device=amap.device)
+            inner = ((rows >= bh) & (rows < h - bh)).unsqueeze(1) & ((cols >= bw) & (cols < w - bw)).unsqueeze(0)
+            amap = amap.masked_fill(~inner.unsqueeze(0), float("-inf"))
+            n = (h - 2.0 * bh) * (w - 2.0 * bw)
         flat = amap.flatten(1)
         if self.score_fraction <= 0:
             return flat.amax(dim=1)
-        # k = round(f·H·W) ≥ 1 computed from the traced shape, so that it follows the input
-        # size after export (a Python int would be frozen at the tracing size)
-        n = torch._shape_as_tensor(flat)[1].to(torch.float64)
         k = torch.clamp(torch.round(n * self.score_fraction), min=1.0).to(torch.int64)
         top = torch.topk(flat, k, dim=1).values  # B×k, the largest pixels
         return top.double().mean(1).float()
@@ -164,8 +178,10 @@ def _metadata(model) -> dict:
                  "side = image_size, aspect kept; any size >= patch_size when image_size is 0); "
                  "no normalization (done inside)",
         "outputs": "anomaly_map float32 BxHxW (energy), score float32 B (mean of the map's largest "
-                   "image_score_fraction of pixels; its maximum when 0)",
+                   "image_score_fraction of pixels; its maximum when 0; pixels within "
+                   "floor(image_score_border x side) of the edge left out)",
         "image_score_fraction": float(model.config.image_score_fraction),
+        "image_score_border": float(model.config.image_score_border),
         "normal_quantiles": dict(model.normal_quantiles),
         # pedenet's overlay colour scale (energy at the coldest and hottest colour):
         # pedenet.visualization.color_range, from the held-out maps when there are enough
@@ -180,7 +196,8 @@ def build_module(model, energy_dtype: torch.dtype | str = "auto") -> AnomalyMapM
     """The :class:`AnomalyMapModule` of a fitted :class:`pedenet.PEDENet` (CPU, eval mode)."""
     net = model._require_fitted()
     return AnomalyMapModule(net, model.config.smoothing_sigma, energy_dtype,
-                            model.config.image_score_fraction).eval()
+                            model.config.image_score_fraction,
+                            model.config.image_score_border).eval()
 
 
 def example_input(model) -> torch.Tensor:

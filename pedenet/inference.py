@@ -153,7 +153,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
 
     ``model`` is a fitted :class:`pedenet.PEDENet`; ``map`` is float32 H×W at the image's
     own resolution, ``score`` its image score (float, :func:`pedenet.scoring.image_score` with
-    ``config.image_score_fraction``). See :meth:`pedenet.PEDENet.iter_predict`.
+    ``config.image_score_fraction`` and ``config.image_score_border``). See :meth:`pedenet.PEDENet.iter_predict`.
     """
     from .estimator import as_rgb_array, check_side
 
@@ -161,7 +161,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     net = model._require_fitted()
     size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
-    fraction = model.config.image_score_fraction
+    fraction, border = model.config.image_score_fraction, model.config.image_score_border
     device = model.device
     budget = BATCH_PIXELS["cuda" if str(device).startswith("cuda") else "cpu"]
 
@@ -176,7 +176,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
         for (i, original, _), grid in zip(batch, grids):
             amap = grid_to_map(grid, stride=net.stride, offset=net.offset, processed_size=processed,
                                original_size=original, sigma=sigma)
-            yield i, amap, image_score(amap, fraction)
+            yield i, amap, image_score(amap, fraction, border)
 
     batch: list = []
     for i, (original, x) in enumerate(prefetched(iter_items(images), load, depth=2 * batch_size)):

@@ -45,8 +45,9 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "grass"
+    # an edge band: predict, its --resume check and evaluate score images with the run's band
     result = run("fit", dataset, "--category", "grass", "--out", out, "--steps", STEPS,
-                 "--seed", "7", "--quiet")
+                 "--seed", "7", "--image-score-border", "0.05", "--quiet")
     assert result.exit_code == 0, result.output
     return out
 
@@ -55,6 +56,7 @@ def test_fit_writes_run_folder(run_dir, dataset):
     assert (run_dir / "model.pt").is_file()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["seed"] == 7 and cfg["config"]["seed"] == 7
+    assert cfg["config"]["image_score_border"] == 0.05
     assert cfg["config"]["steps"] == int(STEPS)
     assert cfg["pedenet_version"] == __version__
     assert Path(cfg["data"]) == dataset.resolve() and cfg["category"] == "grass"
@@ -127,7 +129,8 @@ def test_predict_maps_overlays_scores(run_dir, dataset, tmp_path):
     for row, shape in zip(rows, [(50, 61), (40, 64)]):
         amap = np.load(out / f"{row['name']}_map.npy")
         assert amap.dtype == np.float32 and amap.shape == shape
-        assert float(row["score"]) == image_score(amap, 0.003)  # the default image score
+        # the default fraction, the run's band: (50, 61) → rows 2-47, columns 3-57 scored
+        assert float(row["score"]) == image_score(amap, 0.003, 0.05)
         with Image.open(out / f"{row['name']}_overlay.png") as img:
             assert img.mode == "RGB" and img.size == (shape[1], shape[0])
     # tiff output

@@ -8,6 +8,8 @@ about −200 to 10⁴) are irrelevant to anomaly ranking, their spread is what m
 ~2e-6 (ONNX) and ~1e-6 (TorchScript), float32 rounding of the encoder and the smoothing.
 """
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -18,8 +20,8 @@ from click.testing import CliRunner
 from pedenet import PEDENet
 from pedenet.builtin import make_builtin_dataset
 from pedenet.cli import main
-from pedenet.export import build_module, export_model, read_metadata
-from pedenet.scoring import image_score, to_tensor
+from pedenet.export import AnomalyMapModule, build_module, export_model, read_metadata
+from pedenet.scoring import border_widths, image_score, to_tensor
 from pedenet.visualization import color_range, color_source
 
 TOL = 1e-4
@@ -89,7 +91,7 @@ def _check(model, arr, amap, score):
     assert err <= TOL, (err, spread)
     # the model's image score (mean of the top image_score_fraction of pixels; k follows the size)
     assert model.config.image_score_fraction > 0
-    expected = image_score(ref, model.config.image_score_fraction)
+    expected = image_score(ref, model.config.image_score_fraction, model.config.image_score_border)
     assert abs(float(score) - expected) <= TOL * spread
     return (float(ref.max()) - expected) / spread
 
@@ -143,6 +145,40 @@ def test_export_any_size_when_image_size_is_zero(pretrained_native, images, tmp_
         assert _declared_shapes(path) == {"image": ["batch", 3, "height", "width"],
                                           "anomaly_map": ["batch", "height", "width"],
                                           "score": ["batch"]}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_leaves_the_edge_band_out_of_the_score_at_any_size(pretrained_native, images,
+                                                                  tmp_path, fmt):
+    """image_score_border: the band's width follows each input's size in the exported graph
+    (traced at 256×256) and the score equals pedenet.scoring.image_score with the band."""
+    model = copy.deepcopy(pretrained_native)
+    model.config = dataclasses.replace(model.config, image_score_border=0.1)
+    path, run = _exported(model, tmp_path, fmt)
+    assert read_metadata(path)["image_score_border"] == 0.1
+    for arr in _test_images(images, [(70, 90), (41, 120)]):
+        amap, score = run(path, to_tensor(arr, 0).numpy())
+        _check(model, arr, amap[0], score[0])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05])
+def test_exported_score_ignores_a_peak_in_the_edge_band(scratch64, fraction):
+    """A map whose highest pixels lie in the band: the module's score (the graph's code) is
+    the numpy image_score of the inner pixels, for bands of 0 to 1 pixel up to many."""
+    rng = np.random.default_rng(1)
+    for h, w, border in [(64, 64, 0.05), (41, 120, 0.1), (33, 35, 0.02), (20, 50, 0.45)]:
+        module = AnomalyMapModule(scratch64.network, 4.0, score_fraction=fraction, score_border=border)
+        amap = rng.random((h, w)).astype(np.float32)
+        bh, bw = border_widths((h, w), border)
+        band = np.ones((h, w), bool)
+        band[bh:h - bh, bw:w - bw] = False
+        amap[band] += 100.0  # the band holds every one of the largest pixels (when it exists)
+        got = module.score(torch.from_numpy(amap)[None]).item()
+        expected = image_score(amap, fraction, border)
+        assert got == pytest.approx(expected, rel=1e-6)
+        assert expected < 1.0 + 1e-6  # the inner pixels only
+        if band.any():
+            assert image_score(amap, fraction) > 100.0
 
 
 def test_float32_energy_export_also_meets_the_tolerance(scratch64, images):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pedenet.scoring import grid_to_map, image_score, to_tensor, top_count
+from pedenet.scoring import border_widths, grid_to_map, image_score, to_tensor, top_count
 
 
 def test_constant_grid_gives_constant_map_at_original_size():
@@ -116,6 +116,28 @@ def test_image_score_is_max_or_mean_of_the_top_fraction():
         image_score(np.zeros((0, 4)), 0.01)
 
 
+def test_image_score_border_leaves_the_edge_band_out():
+    amap = np.zeros((40, 60), np.float32)
+    amap[10:30, 10:50] = np.arange(800, dtype=np.float32).reshape(20, 40)  # inner values 0..799
+    assert border_widths((40, 60), 0.1) == (4, 6) and border_widths((40, 60), 0.02) == (0, 1)
+    assert image_score(amap, 0.0, 0.1) == 799.0 == image_score(amap, 0.0)
+    assert image_score(amap, 0.0, 0.25) == 19 * 40 + 34  # rows 10-29, columns 15-44 scored
+    amap[3, 30] = amap[20, 5] = 1e6  # in the band at b = 0.1 (rows < 4, columns < 6)
+    assert image_score(amap, 0.0) == 1e6
+    assert image_score(amap, 0.0, 0.1) == 799.0
+    # the fraction counts the scored pixels: (40 - 8) × (60 - 12) = 1536; 1 % → 15 pixels
+    assert image_score(amap, 0.01, 0.1) == pytest.approx(np.mean(np.arange(785, 800)))
+    assert image_score(amap, 0.0, 0.0) == image_score(amap, 0.0)
+    # a band of almost half each side still leaves at least one row and column
+    assert image_score(np.arange(9.0).reshape(3, 3), 0.0, 0.49) == 4.0  # floor(1.47) = 1 → centre
+    assert image_score(np.arange(9.0).reshape(3, 3), 0.0, 0.3) == 8.0  # floor(0.9) = 0: no band
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ValueError, match="border"):
+            image_score(amap, 0.0, bad)
+    with pytest.raises(ValueError, match="2-D"):
+        image_score(amap.ravel(), 0.0, 0.1)
+
+
 def test_predict_and_calibration_use_the_configured_image_score():
     import pedenet
     from pedenet.config import PEDENetConfig
@@ -124,15 +146,19 @@ def test_predict_and_calibration_use_the_configured_image_score():
     images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(6)]
     model = pedenet.PEDENet(steps=0, embedding_dim=8, n_components=2, image_size=64,
                             feature_blocks=(4, 10), image_score_fraction=0.05,
-                            calibration_fraction=0.34).fit(images, progress=False)
+                            image_score_border=0.1, calibration_fraction=0.34).fit(images, progress=False)
     pred = model.predict(images)
-    assert pred.scores.tolist() == pytest.approx([image_score(m, 0.05) for m in pred.maps], rel=1e-12)
+    assert pred.scores.tolist() == pytest.approx([image_score(m, 0.05, 0.1) for m in pred.maps], rel=1e-12)
+    assert pred.scores.tolist() != pytest.approx([image_score(m, 0.05) for m in pred.maps], rel=1e-6)
     assert (pred.scores < np.array([m.max() for m in pred.maps])).all()
     held = [images[int(p.split()[-1].rstrip(">"))] for p in model.history["calibration_images"]]
     assert sorted(model.calibration.scores.tolist()) == pytest.approx(
         sorted(model.predict(held).scores.tolist()), rel=1e-12)
     with pytest.raises(ValueError, match="image_score_fraction"):
         PEDENetConfig(image_score_fraction=1.0)
+    for bad in (0.5, -0.01):
+        with pytest.raises(ValueError, match="image_score_border"):
+            PEDENetConfig(image_score_border=bad)
 
 
 def test_keep_aspect_resizes_the_short_side_and_keeps_the_ratio():

@@ -34,7 +34,8 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     Input: float32 B×3×H×W, RGB in [0, 1] (normalization is inside), H = W = the
     model's image_size (resize first, bilinear with antialiasing) or any H, W >= 32
     when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (the image
-    score: mean of the map's top image_score_fraction of pixels, as predict gives).
+    score: mean of the map's top image_score_fraction of pixels, leaving out the
+    image_score_border band at the edge, as predict gives).
     Models fitted with --scoring distance are refused.
     """
     import torch

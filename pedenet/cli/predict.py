@@ -71,7 +71,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     brick_test_good_000), or get _1, _2, ... suffixes (input order) where folder names do not
     tell them apart. scores.csv
     lists path, score (the image score: mean of the map's top --image-score-fraction of
-    pixels, in the map's units: energy, or distance with fit --scoring distance), p_value,
+    pixels, the fit's --image-score-border band left out, in the map's units: energy, or distance with fit --scoring distance), p_value,
     anomalous (the decision at the target false-alarm rate)
     and the output name; <stem>_mask.png (0/255) marks the
     pixels above the pixel threshold in images decided anomalous. A model fitted with
@@ -156,7 +156,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     if resume:  # decisions follow the kept scores, as in a fresh prediction
         kept = {i: decide(row) for i, row in _resumable(
             out_dir, settings, images, names, th is not None,
-            model.config.image_score_fraction).items()}
+            model.config.image_score_fraction, model.config.image_score_border).items()}
     _info(quiet, _thresholds_line(th, model))
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = color_range(model)
@@ -334,13 +334,13 @@ def _image_files(name: str, fmt: str, masks: bool, clusters: bool) -> list[str]:
 
 
 def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[str],
-               masks: bool, score_fraction: float) -> dict[int, dict]:
+               masks: bool, score_fraction: float, score_border: float = 0.0) -> dict[int, dict]:
     """--resume: the rows of ``out_dir``'s scores.csv to keep, by index into ``images``.
 
     A row is kept when its image is among ``images`` (paths compared after resolving them, a
     relative one against the folder the earlier run worked in) under the same output name, and
     its files all exist and read back: the PNGs pass Pillow's check and the map gives the
-    row's score (``score_fraction``, :func:`pedenet.scoring.image_score`). Other rows' images
+    row's score (``score_fraction``, ``score_border``, :func:`pedenet.scoring.image_score`). Other rows' images
     are predicted again, with one warning that says why. A kept row's path is written as given
     now. Raises UserError when the earlier run's settings (predict.json) differ from
     ``settings`` (other than the version and working folder), when it lists images that are not
@@ -393,7 +393,7 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
     for row, i in matched:
         files = [out_dir / f for f in _image_files(row["name"], settings["format"], masks,
                                                    settings["clusters"])]
-        problem = _kept_files_problem(files, row["score"], score_fraction)
+        problem = _kept_files_problem(files, row["score"], score_fraction, score_border)
         if problem:
             redo.append(problem)
             continue
@@ -405,7 +405,8 @@ def _resumable(out_dir: Path, settings: dict, images: list[Path], names: list[st
     return kept
 
 
-def _kept_files_problem(files: list[Path], score: float, score_fraction: float) -> str | None:
+def _kept_files_problem(files: list[Path], score: float, score_fraction: float,
+                        score_border: float = 0.0) -> str | None:
     """Why an image's earlier outputs cannot be kept ("FILE: missing", "FILE: unreadable
     (...)", "FILE: gives the image score X, scores.csv lists Y"), or None when they can."""
     from PIL import Image
@@ -423,7 +424,7 @@ def _kept_files_problem(files: list[Path], score: float, score_fraction: float) 
                 amap = _read_map(f)
                 if amap.ndim != 2:
                     return f"{f}: not a 2-D anomaly map (shape {amap.shape})"
-                got = image_score(amap, score_fraction)
+                got = image_score(amap, score_fraction, score_border)
                 if not np.isclose(got, score, rtol=1e-9, atol=0.0):
                     return f"{f}: gives the image score {got:.6g}, scores.csv lists {score:.6g}"
         except Exception as exc:  # any reader's error: the file is not what predict wrote
