@@ -279,12 +279,13 @@ class PEDENet:
             Path(checkpoint).unlink(missing_ok=True)
         return self
 
-    def rescore(self, images, scoring: str, memory_bank_size: int | None = None,
-                progress: bool = True) -> "PEDENet":
-        """Switch a fitted model to another patch scoring without training it again.
+    def rescore(self, images, scoring: str | None = None, memory_bank_size: int | None = None,
+                progress: bool = True, image_score_border: float | None = None) -> "PEDENet":
+        """Switch a fitted model to another patch scoring or image-score edge band without
+        training it again.
 
-        Training does not depend on the scoring, so the result equals a fit with the new
-        ``scoring`` (same images, seed and settings): the frozen features of the training
+        Training depends on neither, so the result equals a fit with the new ``scoring`` and
+        ``image_score_border`` (same images, seed and settings): the frozen features of the training
         images are computed again, then the memory bank (scoring ``"distance"``; removed for
         ``"mixture"``, whose ``memory_bank_size`` returns to the default), the colour scale and
         the held-out thresholds are rebuilt. The network and the mixture do not change. It
@@ -299,17 +300,21 @@ class PEDENet:
         Args:
             images: the images ``fit`` was given (all of them: the same seeded split is drawn
                 again to find the training and the held-out ones).
-            scoring: ``"mixture"`` or ``"distance"`` (see :class:`pedenet.config.PEDENetConfig`).
+            scoring: ``"mixture"`` or ``"distance"`` (see :class:`pedenet.config.PEDENetConfig`);
+                None: the model's own.
             memory_bank_size: M for scoring ``"distance"`` (None: the model's setting,
                 default 200 000).
             progress: show progress bars.
+            image_score_border: the config's ``image_score_border`` in [0, 0.5) (None: the
+                model's own); the thresholds are calibrated again with it.
 
         Returns:
             self.
 
         Raises:
             RuntimeError: the model is not fitted.
-            ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, or
+            ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, a
+                border outside [0, 0.5), or
                 images other than those the model was fitted on (another count, held-out
                 images of other file names than ``history["calibration_images"]``, or other
                 features).
@@ -319,12 +324,15 @@ class PEDENet:
         import dataclasses
 
         net = self._require_fitted()
+        scoring = self.config.scoring if scoring is None else scoring
         if memory_bank_size is not None and scoring != "distance":
             raise ValueError(f"memory_bank_size is used by scoring 'distance' only, not {scoring!r}")
         if scoring != "distance":
             memory_bank_size = _DEFAULT_BANK  # as a fit with scoring "mixture" has it
         config = dataclasses.replace(self.config, scoring=scoring, memory_bank_size=(
-            self.config.memory_bank_size if memory_bank_size is None else memory_bank_size))
+            self.config.memory_bank_size if memory_bank_size is None else memory_bank_size),
+            image_score_border=(self.config.image_score_border if image_score_border is None
+                                else image_score_border))
         all_items = _expand(images)
         train_idx, cal_idx = split_calibration(len(all_items), config.calibration_fraction, config.seed)
         items = [all_items[i] for i in train_idx]

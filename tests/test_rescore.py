@@ -1,4 +1,5 @@
-"""Rescoring a fitted model (mixture <-> distance) without training: equals a fit with that scoring."""
+"""Rescoring a fitted model (mixture <-> distance, image-score edge band) without training:
+equals a fit with that scoring and band."""
 
 import copy
 import json
@@ -54,6 +55,16 @@ def test_rescore_to_distance_equals_a_distance_fit_and_back(fitted, images):
     assert m.network.memory_bank is None and "memory_bank_rows" not in m.history
     assert "memory_bank_seconds" not in m.history["timings"]
     _same_scoring(m, mixture, images)  # config included: the bank size is the default again
+
+
+def test_rescore_to_an_edge_band_equals_a_fit_with_it(fitted, images):
+    banded = pedenet.PEDENet(**SMALL, image_score_border=0.2).fit(images, progress=False)
+    m = copy.deepcopy(fitted[0]).rescore(images, image_score_border=0.2, progress=False)
+    assert m.config.scoring == "mixture" and m.config.image_score_border == 0.2
+    _same_scoring(m, banded, images)  # the held-out thresholds are those of the band
+    assert m.predict(images).scores.tolist() != fitted[0].predict(images).scores.tolist()
+    with pytest.raises(ValueError, match="image_score_border"):
+        copy.deepcopy(fitted[0]).rescore(images, image_score_border=0.5, progress=False)
 
 
 def test_rescore_refuses_other_images_and_a_bank_size_for_the_mixture(fitted, images):
@@ -147,6 +158,22 @@ def test_cli_rescore_writes_a_run_equal_to_a_distance_fit(grass):
                                   pedenet.load(root / "mix").anomaly_map(image))
 
 
+def test_cli_rescore_to_an_edge_band_equals_a_fit_with_it(grass):
+    data, root = grass
+    run = CliRunner().invoke
+    if not (root / "mix" / "model.pt").exists():
+        _fit(run, data, root / "mix")
+    _fit(run, data, root / "band", "--image-score-border", "0.1")
+    r = run(main, ["rescore", str(root / "mix"), "--image-score-border", "0.1", "--out",
+                   str(root / "reband")])
+    assert r.exit_code == 0, r.output
+    assert "by mixture, image-score border 0.1" in r.output
+    got, want = pedenet.load(root / "reband"), pedenet.load(root / "band")
+    assert got.config == want.config and got.thresholds() == want.thresholds()
+    test = sorted(str(p) for p in (data / "test").rglob("*.png"))
+    np.testing.assert_array_equal(got.predict(test).scores, want.predict(test).scores)
+
+
 def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
     data, root = grass
     run = CliRunner().invoke
@@ -154,7 +181,10 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
         _fit(run, data, root / "mix")
     mix = str(root / "mix")
     r = run(main, ["rescore", mix, "--scoring", "mixture", "--out", str(tmp_path / "a")])
-    assert r.exit_code == 2 and "already scores by mixture; nothing to change" in r.output
+    assert r.exit_code == 2 and ("already scores by mixture and an image-score border of 0; "
+                                 "nothing to change") in r.output
+    r = run(main, ["rescore", mix, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "nothing to change: give --scoring, --image-score-border" in r.output
     r = run(main, ["rescore", mix, "--scoring", "distance", "--out", mix])
     assert r.exit_code == 2 and "is RUN_DIR or inside it" in r.output
     r = run(main, ["rescore", mix, "--scoring", "mixture", "--memory-bank-size", "5", "--out",

@@ -1,4 +1,5 @@
-"""``pedenet rescore``: a run with the other patch scoring (mixture / distance), without training."""
+"""``pedenet rescore``: a run with another patch scoring (mixture / distance) or image-score edge
+band, without training."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--scoring", type=click.Choice(SCORINGS), required=True,
+@click.option("--scoring", type=click.Choice(SCORINGS), default=None,
               help="The new scoring: energy under the Gaussian mixture, or distance to the "
-              "nearest of --memory-bank-size training embeddings.")
+              "nearest of --memory-bank-size training embeddings  [default: RUN_DIR's]")
+@click.option("--image-score-border", type=click.FloatRange(0, 0.5, max_open=True), default=None,
+              help="The new edge band left out of the image score, a fraction of each side "
+              "(fit --image-score-border)  [default: RUN_DIR's]")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="New run folder to write (RUN_DIR is left as it is).")
 @click.option("--memory-bank-size", type=click.IntRange(min=1), default=None,
@@ -36,17 +40,21 @@ from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_
               help="No progress bars or messages (warnings are still recorded in config.json).")
 @_verbose_option
 @_user_errors
-def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite, quiet, verbose):
-    """Copy RUN_DIR's model to --out with another patch scoring, without training again.
+def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, data, device,
+            overwrite, quiet, verbose):
+    """Copy RUN_DIR's model to --out with another patch scoring or image-score edge band,
+    without training again.
 
-    Training does not depend on the scoring, so the new run equals a fit with --scoring
-    SCORING (same data, seed and options): the training images are encoded again, the
+    Training depends on neither, so the new run equals a fit with the new --scoring and
+    --image-score-border (same data, seed and options): the training images are encoded again, the
     memory bank (distance) is built or dropped (mixture), and the thresholds are set again
     from the held-out images (on MTD: under a minute, where the fit took half an hour).
     Compare the two runs with `pedenet validate`, then keep one. The training images must be
     those fit read (checked: their count, the held-out file names and the features' mean).
     """
     _set_verbose(verbose, quiet)
+    if scoring is None and image_score_border is None and memory_bank_size is None:
+        raise click.UsageError("nothing to change: give --scoring, --image-score-border or both")
     if memory_bank_size is not None and scoring != "distance":
         raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
                                "--scoring distance, or leave --memory-bank-size out")
@@ -63,18 +71,23 @@ def rescore(run_dir, scoring, out_dir, memory_bank_size, data, device, overwrite
         raise UserError(f"{config_path}: not found; rescore reads the training images' folder "
                         "from it (refit with `pedenet fit`, or use PEDENet.rescore in Python)")
     record = _run_record(config_path)
-    if scoring == model.config.scoring and memory_bank_size in (None, model.config.memory_bank_size):
+    scoring = model.config.scoring if scoring is None else scoring
+    border = model.config.image_score_border if image_score_border is None else image_score_border
+    if (scoring == model.config.scoring and memory_bank_size in (None, model.config.memory_bank_size)
+            and border == model.config.image_score_border):
         raise UserError(f"{run_dir}: already scores by {scoring}"
                         + (f" with a memory bank of at most {model.config.memory_bank_size}"
-                           if scoring == "distance" else "") + "; nothing to change", exit_code=2)
+                           if scoring == "distance" else "")
+                        + f" and an image-score border of {border:g}; nothing to change", exit_code=2)
     cat_dir = _training_folder(record, config_path, data)
     paths = _training_images(record, cat_dir)
     warned: list[str] = []
     t0 = time.perf_counter()
     with _short_warnings(warned, quiet):
-        _info(quiet, f"rescoring {run_dir} by {scoring}: {len(paths)} normal images from {cat_dir}")
+        _info(quiet, f"rescoring {run_dir} by {scoring}, image-score border {border:g}: "
+              f"{len(paths)} normal images from {cat_dir}")
         try:
-            model.rescore(paths, scoring, memory_bank_size, progress=not quiet)
+            model.rescore(paths, scoring, memory_bank_size, progress=not quiet, image_score_border=border)
         except DataError as exc:  # an unreadable image: fit read it, so it changed since
             raise UserError(f"{exc} (fit read it: restore the file)") from None
         except ValueError as exc:
