@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn
 import tifffile
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -57,6 +59,7 @@ def test_fit_writes_run_folder(run_dir, dataset):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["seed"] == 7 and cfg["config"]["seed"] == 7
     assert cfg["config"]["image_score_border"] == 0.05
+    assert cfg["packages"]["torch"] == torch.__version__ and cfg["packages"]["numpy"] == np.__version__
     assert cfg["config"]["steps"] == int(STEPS)
     assert cfg["pedenet_version"] == __version__
     assert Path(cfg["data"]) == dataset.resolve() and cfg["category"] == "grass"
@@ -86,6 +89,7 @@ def test_evaluate_writes_metrics_and_overlays(run_dir):
     for name in ("overall", *DEFECT_TYPES):
         assert name in result.stdout
     m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["packages"]["scikit-learn"] == sklearn.__version__
     for entry in [m["overall"], *m["per_defect"].values()]:
         for key in ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "au_pro_0.3"):
             assert 0.0 <= entry[key] <= 1.0
@@ -747,3 +751,17 @@ def test_python_dash_m_pedenet_is_the_command_line():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Usage: python -m pedenet" in r.stdout and "fit" in r.stdout and "predict" in r.stdout
+
+
+def test_package_versions_name_the_installed_ones(monkeypatch):
+    import platform
+
+    import scipy
+
+    from pedenet import environment
+
+    v = environment.package_versions()
+    assert v["python"] == platform.python_version() and v["scipy"] == scipy.__version__
+    assert set(v) == {"python", *environment.PACKAGES}
+    monkeypatch.setattr(environment, "PACKAGES", ("numpy", "no-such-distribution-xyz"))
+    assert environment.package_versions()["no-such-distribution-xyz"] is None

@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from .. import __version__
+from ..environment import package_versions
 from .common import (DEFAULTS, UserError, _check_out_folder, _device_option, _info, _one_line,
                      _set_verbose, _user_errors, _verbose_option, _write_json, _write_text)
 from .evaluate import _evaluate_run
@@ -113,6 +114,7 @@ def demo(out_dir, steps, categories, seed, target_fpr, device, quiet, verbose):
     total = time.perf_counter() - t_start
     summary = {
         "pedenet_version": __version__,
+        "packages": package_versions(),
         "dataset": str(Path(root).resolve()),
         "steps": steps,
         "seed": seed,

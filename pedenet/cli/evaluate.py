@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..data import DataError, list_images, load_image, load_mask, resolve_category
+from ..environment import package_versions
 from .common import (UserError, _check_writable, _debug, _device_option, _info, _load_model,
                      _model_path, _progress, _rate_options, _read_json, _set_verbose,
                      _short_warnings, _thresholds_line, _unique_names, _user_errors,
@@ -97,7 +98,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
         (run_dir / "report.html").unlink(missing_ok=True)
         record = {"run_dir": str(run_dir.resolve()), "model": str(model_path.resolve()),
                   "evaluated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  **result, "warnings": warned}
+                  "packages": package_versions(), **result, "warnings": warned}
         _write_json(run_dir / "metrics.json", record)
         n_recorded = len(warned)
         if overlays:

@@ -13,6 +13,7 @@ import click
 
 from .. import __version__
 from ..config import ENCODERS, SCORINGS, PEDENetConfig
+from ..environment import package_versions
 from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning,
                     categories_under, find_images, is_category_dir, list_images, resolve_category,
                     train_samples)
@@ -141,6 +142,7 @@ def _fit_run(data: Path, category: str | None, run_dir: Path, *, device: str, ov
     train_seconds = time.perf_counter() - t0
     record = {
         "pedenet_version": __version__,
+        "packages": package_versions(),
         "seed": model.config.seed,
         "data": str(Path(data).resolve()),
         "category": category,

@@ -12,6 +12,7 @@ import click
 
 from ..config import SCORINGS
 from ..data import DataError
+from ..environment import package_versions
 from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_option, _info,
                      _load_model, _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
                      _thresholds_line, _user_errors, _verbose_option, _write_json)
@@ -99,7 +100,7 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
     record.update(
         category_dir=str(cat_dir.resolve()), config=model.config.to_dict(),
         thresholds=model.thresholds(), warnings=warned,
-        rescored={"from": str(run_dir.resolve()), "seconds": seconds,
+        rescored={"from": str(run_dir.resolve()), "seconds": seconds, "packages": package_versions(),
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     if data is not None:
         record["data"] = str(Path(data).resolve())
