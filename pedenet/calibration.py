@@ -207,7 +207,8 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
             ``config.image_score_border``; 0 = none). The pixel threshold uses every pixel.
 
     Raises:
-        ValueError: no maps, a map with NaN/Inf, or ``target_fpr`` outside (0, 1).
+        ValueError: no maps, a map with NaN/Inf, ``target_fpr`` outside (0, 1), or
+            ``score_border`` outside [0, 0.5).
     """
     target_fpr, pixel_fpr = _check_fpr(target_fpr), _check_fpr(pixel_fpr)
     maps = [np.asarray(m, dtype=np.float32) for m in maps]

@@ -53,8 +53,9 @@ class PEDENetConfig:
         memory_bank_size: M, the most training embeddings kept with scoring ``"distance"``:
             an equal share of each training image's positions, drawn uniformly (all of them
             when the images hold fewer).
-        image_score_fraction: the image score is the mean of this fraction of the map's
-            largest pixels (:func:`pedenet.scoring.image_score`); 0 = the map's maximum.
+        image_score_fraction: the image score is the mean of this fraction of the scored
+            pixels (the map less the ``image_score_border`` band), the largest ones
+            (:func:`pedenet.scoring.image_score`); 0 = their maximum.
             Default 0.003, chosen on validation images (docs/ablations.md); checkpoints saved
             before this setting existed use 0.
         image_score_border: b in [0, 0.5): the image score leaves out a band of floor(b·H)

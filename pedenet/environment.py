@@ -3,8 +3,10 @@
 Results are deterministic within one installation, but not across package versions: the
 built-in demo's brick image AUROC moved from 0.980 to 0.920 with no change to pedenet's code
 when numpy, SciPy, scikit-learn, scikit-image and Pillow were upgraded (docs/results.md).
-``fit`` (config.json), ``evaluate`` (metrics.json) and ``demo`` (summary.json) record
-:func:`package_versions`, so that a figure can be traced to the environment that gave it.
+``fit`` (config.json ``packages``), ``rescore`` (config.json ``rescored.packages``; the
+top-level entry stays the fit's, whose training it keeps), ``evaluate`` (metrics.json) and
+``demo`` (summary.json) record :func:`package_versions`, so that a figure can be traced to the
+environment that gave it.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def resume_step(path) -> int | None:
 
 # Settings used only after the training steps (they may differ on resume; resume files
 # written before they existed lack them).
-SET_AFTER_TRAINING = ("scoring", "memory_bank_size")
+SET_AFTER_TRAINING = ("scoring", "memory_bank_size", "image_score_fraction", "image_score_border")
 
 
 class ResumeMismatchError(CheckpointError):

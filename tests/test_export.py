@@ -163,8 +163,9 @@ def test_export_leaves_the_edge_band_out_of_the_score_at_any_size(pretrained_nat
 
 @pytest.mark.parametrize("fraction", [0.0, 0.05])
 def test_exported_score_ignores_a_peak_in_the_edge_band(scratch64, fraction):
-    """A map whose highest pixels lie in the band: the module's score (the graph's code) is
-    the numpy image_score of the inner pixels, for bands of 0 to 1 pixel up to many."""
+    """A map whose highest pixels lie in the band: the module's score, called in PyTorch (the
+    exported graph is checked above), is the numpy image_score of the inner pixels, for bands
+    of no pixel (33 × 35 at 0.02), a few pixels and nearly half of each side."""
     rng = np.random.default_rng(1)
     for h, w, border in [(64, 64, 0.05), (41, 120, 0.1), (33, 35, 0.02), (20, 50, 0.45)]:
         module = AnomalyMapModule(scratch64.network, 4.0, score_fraction=fraction, score_border=border)

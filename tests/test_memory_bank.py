@@ -183,9 +183,10 @@ def test_resume_accepts_another_scoring_and_files_from_before_it_existed(images,
     pedenet.PEDENet(**cfg).fit(images, progress=False, checkpoint=ck, checkpoint_every=1,
                                keep_checkpoint=True)
     data = load_checkpoint(ck, kind="resume")
-    del data["config"]["scoring"], data["config"]["memory_bank_size"]
+    del data["config"]["scoring"], data["config"]["memory_bank_size"], data["config"]["image_score_border"]
     save_checkpoint(ck, data)
-    state = read_resume_state(ck, PEDENetConfig(**cfg, scoring="distance", memory_bank_size=50), images)
+    state = read_resume_state(ck, PEDENetConfig(**cfg, scoring="distance", memory_bank_size=50,
+                                                image_score_border=0.1, image_score_fraction=0.01), images)
     assert state["step"] == 1  # the last periodic save (none at the final step)
     with pytest.raises(CheckpointError, match="steps 2 there, 3 here"):  # training settings still count
         read_resume_state(ck, PEDENetConfig(**{**cfg, "steps": 3}), images)

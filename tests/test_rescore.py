@@ -156,6 +156,12 @@ def test_cli_rescore_writes_a_run_equal_to_a_distance_fit(grass):
     assert r.exit_code == 0, r.output
     np.testing.assert_array_equal(pedenet.load(root / "back").anomaly_map(image),
                                   pedenet.load(root / "mix").anomaly_map(image))
+    # a distance run's bank size alone: --scoring defaults to the run's own
+    r = run(main, ["rescore", str(root / "dist"), "--memory-bank-size", "50", "--out",
+                   str(root / "d50"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert pedenet.load(root / "d50").config.memory_bank_size == 50
+    assert len(pedenet.load(root / "d50").network.memory_bank) == 50
 
 
 def test_cli_rescore_to_an_edge_band_equals_a_fit_with_it(grass):
@@ -185,6 +191,8 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
                                  "nothing to change") in r.output
     r = run(main, ["rescore", mix, "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "nothing to change: give --scoring, --image-score-border" in r.output
+    r = run(main, ["rescore", mix, "--image-score-border", "nan", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "nan is not in [0, 0.5)" in r.output
     r = run(main, ["rescore", mix, "--scoring", "distance", "--out", mix])
     assert r.exit_code == 2 and "is RUN_DIR or inside it" in r.output
     r = run(main, ["rescore", mix, "--scoring", "mixture", "--memory-bank-size", "5", "--out",

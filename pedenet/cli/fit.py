@@ -205,7 +205,8 @@ def _parse_blocks(value) -> tuple[int, ...]:
               help="Resize the shorter side to --image-size and keep the aspect ratio (no squashing).")
 @click.option("--image-score-fraction", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULTS.image_score_fraction, show_default=True,
-              help="Image score = mean of this fraction of the map's largest pixels (0: the map's maximum).")
+              help="Image score = mean of this fraction of the scored pixels (the map less "
+              "--image-score-border's band), the largest ones (0: their maximum).")
 @click.option("--image-score-border", type=click.FloatRange(0, 0.5, max_open=True),
               default=DEFAULTS.image_score_border, show_default=True,
               help="Leave a band of this fraction of each side at the map's edge out of the image "

@@ -55,10 +55,10 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
     """
     _set_verbose(verbose, quiet)
     if scoring is None and image_score_border is None and memory_bank_size is None:
-        raise click.UsageError("nothing to change: give --scoring, --image-score-border or both")
-    if memory_bank_size is not None and scoring != "distance":
-        raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
-                               "--scoring distance, or leave --memory-bank-size out")
+        raise click.UsageError("nothing to change: give --scoring, --image-score-border or "
+                               "--memory-bank-size (a distance run's)")
+    if image_score_border is not None and not 0.0 <= image_score_border < 0.5:  # NaN passes FloatRange
+        raise click.BadParameter(f"{image_score_border} is not in [0, 0.5)", param_hint="--image-score-border")
     model_path = _model_path(run_dir)
     run_dir = model_path.parent
     out_dir = Path(out_dir)
@@ -73,6 +73,9 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
                         "from it (refit with `pedenet fit`, or use PEDENet.rescore in Python)")
     record = _run_record(config_path)
     scoring = model.config.scoring if scoring is None else scoring
+    if memory_bank_size is not None and scoring != "distance":
+        raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
+                               "--scoring distance, or leave --memory-bank-size out")
     border = model.config.image_score_border if image_score_border is None else image_score_border
     if (scoring == model.config.scoring and memory_bank_size in (None, model.config.memory_bank_size)
             and border == model.config.image_score_border):
