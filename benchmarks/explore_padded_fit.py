@@ -27,7 +27,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch.nn.functional as F
 
 
@@ -57,6 +56,7 @@ def main() -> None:
     ap.add_argument("data", help="category folder (train/good, test/...)")
     ap.add_argument("--pad", type=int, default=32, help="padding in processed pixels (multiple of 32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the fit default)")
     ap.add_argument("--out", required=True, help="folder for model.pt")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -64,11 +64,12 @@ def main() -> None:
 
     import pedenet
     from pedenet.evaluation import evaluate
-    from pedenet.scoring import border_widths, image_score
+    from pedenet.scoring import image_score
     from pedenet.metrics import image_auroc
     from pedenet.validation import validate
 
     sys.path.insert(0, str(Path(__file__).parent))
+    from explore_padding import edge_peak_share
     from explore_validation_kinds import KIND_SETS
 
     out = Path(args.out)
@@ -76,7 +77,8 @@ def main() -> None:
     if (out / "model.pt").is_file():
         model = pedenet.load(out / "model.pt")
     else:
-        model = pedenet.PEDENet(seed=args.seed).fit(Path(args.data) / "train" / "good", progress=False)
+        steps = {} if args.steps is None else {"steps": args.steps}
+        model = pedenet.PEDENet(seed=args.seed, **steps).fit(Path(args.data) / "train" / "good", progress=False)
         out.mkdir(parents=True, exist_ok=True)
         model.save(out / "model.pt")
     rec = {"pad": args.pad, "seed": args.seed, "fit_seconds": round(time.perf_counter() - t0, 1)}
@@ -91,13 +93,7 @@ def main() -> None:
     labels = [e["label"] for e in res["images"]]
     q = model.config.image_score_fraction
     rec["test_image_auroc_band_0.05"] = round(image_auroc([image_score(m, q, 0.05) for m in maps], labels), 4)
-    at_edge = []
-    for lab, m in zip(labels, maps):
-        if lab == 0:
-            bh, bw = border_widths(m.shape, 0.05)
-            r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-            at_edge.append(not (bh <= r < m.shape[0] - bh and bw <= c < m.shape[1] - bw))
-    rec["normal_max_in_edge_band"] = round(float(np.mean(at_edge)), 3)
+    rec["normal_max_in_edge_band"] = edge_peak_share(res["images"], maps)
     rec["held_out"] = len(held)
     print(json.dumps(rec), flush=True)
 

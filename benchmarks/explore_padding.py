@@ -46,10 +46,23 @@ def padded_energy(net, pad: int):
     return plain, energy
 
 
+def edge_peak_share(images: list[dict], maps: list, band: float = 0.05) -> float:
+    """Share of the normal images (``evaluate``'s per-image entries) whose map peaks in the
+    outer ``band`` × each side."""
+    from pedenet.scoring import border_widths
+
+    at_edge = []
+    for e, m in zip(images, maps):
+        if e["label"] == 0:
+            bh, bw = border_widths(m.shape, band)
+            r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+            at_edge.append(not (bh <= r < m.shape[0] - bh and bw <= c < m.shape[1] - bw))
+    return round(float(np.mean(at_edge)), 3)
+
+
 def main() -> None:
     import pedenet
     from pedenet.evaluation import evaluate
-    from pedenet.scoring import border_widths
     from pedenet.validation import validate
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -77,13 +90,7 @@ def main() -> None:
             res, maps = evaluate(model, args.data, progress=False, return_maps=True)
             rec["test"] = {k: round(res["overall"][k], 4) for k in keys}
             rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}
-            at_edge = []
-            for e, m in zip(res["images"], maps):
-                if e["label"] == 0:
-                    bh, bw = border_widths(m.shape, 0.05)
-                    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-                    at_edge.append(not (bh <= r < m.shape[0] - bh and bw <= c < m.shape[1] - bw))
-            rec["normal_max_in_edge_band"] = round(float(np.mean(at_edge)), 3)
+            rec["normal_max_in_edge_band"] = edge_peak_share(res["images"], maps)
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         del net.patch_energy  # back to the class's method
         print(json.dumps(rec), flush=True)
