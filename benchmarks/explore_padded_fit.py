@@ -66,11 +66,10 @@ def main() -> None:
     from pedenet.evaluation import evaluate
     from pedenet.scoring import image_score
     from pedenet.metrics import image_auroc
-    from pedenet.validation import validate
 
     sys.path.insert(0, str(Path(__file__).parent))
     from explore_padding import edge_peak_share
-    from explore_validation_kinds import KIND_SETS
+    from explore_validation_kinds import validation_by_kind_set
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -84,9 +83,7 @@ def main() -> None:
     rec = {"pad": args.pad, "seed": args.seed, "fit_seconds": round(time.perf_counter() - t0, 1)}
     keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")
     held = model.history["calibration_images"]
-    for name, kinds in KIND_SETS.items():
-        v = validate(model, held, seed=0, kinds=kinds)
-        rec[f"validation_{name}"] = {k: round(v[k], 4) for k in keys}
+    rec.update(validation_by_kind_set(model, held))
     res, maps = evaluate(model, args.data, progress=False, return_maps=True)
     rec["test"] = {k: round(res["overall"][k], 4) for k in keys}
     rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}

@@ -63,10 +63,9 @@ def edge_peak_share(images: list[dict], maps: list, band: float = 0.05) -> float
 def main() -> None:
     import pedenet
     from pedenet.evaluation import evaluate
-    from pedenet.validation import validate
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import KIND_SETS
+    from explore_validation_kinds import validation_by_kind_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -83,9 +82,7 @@ def main() -> None:
         plain, net.patch_energy = padded_energy(net, pad)
         t0 = time.perf_counter()
         rec = {"model": args.model, "pad": pad}
-        for name, kinds in KIND_SETS.items():
-            v = validate(model, held, seed=0, kinds=kinds)
-            rec[f"validation_{name}"] = {k: round(v[k], 4) for k in keys}
+        rec.update(validation_by_kind_set(model, held))
         if not args.no_test:
             res, maps = evaluate(model, args.data, progress=False, return_maps=True)
             rec["test"] = {k: round(res["overall"][k], 4) for k in keys}

@@ -27,10 +27,9 @@ from pathlib import Path
 def main() -> None:
     import pedenet
     from pedenet.evaluation import evaluate
-    from pedenet.validation import validate
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import KIND_SETS
+    from explore_validation_kinds import validation_by_kind_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -46,9 +45,7 @@ def main() -> None:
         model.config = dataclasses.replace(model.config, smoothing_sigma=sigma)
         t0 = time.perf_counter()
         rec = {"model": args.model, "smoothing_sigma": sigma}
-        for name, kinds in KIND_SETS.items():
-            v = validate(model, held, seed=0, kinds=kinds)
-            rec[f"validation_{name}"] = {k: round(v[k], 4) for k in keys}
+        rec.update(validation_by_kind_set(model, held))
         if not args.no_test:
             r = evaluate(model, args.data, progress=False)["overall"]
             rec["test"] = {k: round(r[k], 4) for k in keys}

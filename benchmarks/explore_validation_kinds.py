@@ -28,6 +28,21 @@ QS = (0.0, 0.003, 0.01, 0.03)
 KIND_SETS = {"default": DEFECT_TYPES, "region": ("region",)}  # the validation sets compared
 
 
+KEYS = ("image_auroc", "pixel_auroc", "au_pro_0.3")
+
+
+def validation_by_kind_set(model, held) -> dict:
+    """``{"validation_<set>": {image_auroc, pixel_auroc, au_pro_0.3}}`` (rounded to 4 digits)
+    of ``model`` on the held-out images ``held``, for each of :data:`KIND_SETS` (seed 0)."""
+    from pedenet.validation import validate
+
+    out = {}
+    for name, kinds in KIND_SETS.items():
+        v = validate(model, held, seed=0, kinds=kinds)
+        out[f"validation_{name}"] = {k: round(v[k], 4) for k in KEYS}
+    return out
+
+
 def _score(model, kinds: tuple, qs) -> dict:
     from pedenet.metrics import image_auroc, pixel_metrics
     from pedenet.scoring import image_score
