@@ -7,7 +7,9 @@ synthetic defect each: a scratch, a spot of shifted intensity, or a patch of for
 drawn as in the built-in dataset (:mod:`pedenet.builtin`), so the masks are exact; on request
 also a ``region``: a band over 15-45 % of the image whose texture is the image's own, magnified
 (a large, low-contrast defect whose size follows the image, like a differently ground
-surface). Its image
+surface), or an ``edge``: the same kind of change over a piece cut off at the image's border or
+a corner, 3-10 % of the image (like a chipped edge: real defects often reach the border, and
+the default kinds are drawn whole inside it). Its image
 AUROC, pixel AUROC and AU-PRO rank configurations; they are not an estimate of the test
 figures (real defects differ from synthetic ones).
 """
@@ -23,12 +25,15 @@ from .builtin import _DEFECTS, DEFECT_TYPES, TEXTURES
 __all__ = ["FewImagesWarning", "VALIDATION_KINDS", "add_synthetic_defect", "defect_kinds",
            "synthetic_validation_set", "validate"]
 
-VALIDATION_KINDS = (*DEFECT_TYPES, "region")
+VALIDATION_KINDS = (*DEFECT_TYPES, "region", "edge")
 """Every synthetic defect kind :func:`validate` can draw. The default set is
-:data:`pedenet.builtin.DEFECT_TYPES` (scratch, spot, patch); ``region`` is opt-in."""
+:data:`pedenet.builtin.DEFECT_TYPES` (scratch, spot, patch); ``region`` and ``edge`` are opt-in."""
 
 REGION_FRACTION = (0.15, 0.45)
 """Range of the share of the image's pixels that a ``region`` defect covers."""
+
+EDGE_FRACTION = (0.03, 0.10)
+"""Range of the share of the image's pixels that an ``edge`` defect covers."""
 
 REGION_ZOOM = (1.5, 2.5)
 """Range of the magnification of the image's own texture inside a ``region`` defect."""
@@ -60,29 +65,29 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
     Args:
         image: float32 H×W×3 in [0, 1] (``pedenet.data.load_image``), both sides >= 48 px.
         rng: numpy random Generator (all randomness comes from it).
-        kind: "scratch", "spot" or "patch" (:data:`pedenet.builtin.DEFECT_TYPES`), or
-            "region"; None draws one of the first three.
+        kind: "scratch", "spot" or "patch" (:data:`pedenet.builtin.DEFECT_TYPES`), "region"
+            or "edge"; None draws one of the first three.
 
     Returns:
         ``(defective, mask)``: float32 H×W×3 copy with the defect, bool H×W mask.
         scratch, spot, patch: the defect is drawn on the gray image (channel mean) in a random
         square window of side min(H, W, 256) pixels and added to every channel as the same
         intensity change; the mask is True exactly where the (gray) intensity changed.
-        region: see :func:`_region`; the mask is the region.
+        region, edge: see :func:`_region`; the mask is the changed piece.
 
     Raises:
         ValueError: unknown ``kind``, or an image side below 48 px.
     """
     kind = DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))] if kind is None else kind
-    if kind not in _DEFECTS and kind != "region":
+    if kind not in _DEFECTS and kind not in ("region", "edge"):
         raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(VALIDATION_KINDS)}")
     img = np.asarray(image, dtype=np.float32)
     h, w = img.shape[:2]
     s = min(h, w, MAX_WINDOW)
     if s < MIN_SIDE:
         raise ValueError(f"image is {w}x{h} px; synthetic defects need both sides >= {MIN_SIDE} px")
-    if kind == "region":
-        return _region(img, rng)
+    if kind in ("region", "edge"):
+        return _region(img, rng, at_edge=kind == "edge")
     r0, c0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
     gray = np.clip(np.rint(img[r0:r0 + s, c0:c0 + s].mean(axis=2) * 255), 0, 255).astype(np.uint8)
     others = [np.asarray(f(), dtype=np.uint8) for f in TEXTURES.values()]
@@ -96,10 +101,14 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
     return out, mask
 
 
-def _region(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _region(img: np.ndarray, rng: np.random.Generator,
+            at_edge: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A large, low-contrast defect whose size follows the image: a band between two parallel
     lines at a random angle, covering a share of the pixels drawn from :data:`REGION_FRACTION`
-    (it may touch the image border, then it is a half-plane), filled with the image's own
+    (it may touch the image border, then it is a half-plane). With ``at_edge`` (the ``edge``
+    kind) the share is drawn from :data:`EDGE_FRACTION` and the band always starts at the
+    image's border: the piece beyond one line, a strip along a side or a corner cut off
+    diagonally, as the angle falls. Either is filled with the image's own
     texture magnified by a factor from :data:`REGION_ZOOM` (a random window of side 1/zoom,
     resized bilinearly), shifted and scaled per channel to the band's original mean and
     standard deviation: the texture's scale changes, its brightness does not. Where that
@@ -108,11 +117,14 @@ def _region(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     from PIL import Image
 
     h, w = img.shape[:2]
-    share = rng.uniform(*REGION_FRACTION)
+    share = rng.uniform(*(EDGE_FRACTION if at_edge else REGION_FRACTION))
     theta = rng.uniform(0.0, np.pi)
     yy, xx = np.mgrid[0:h, 0:w]
     proj = xx * np.cos(theta) + yy * np.sin(theta)
-    start = rng.uniform(0.0, 1.0 - share)
+    if at_edge:  # from one end of the projection: the piece touches the border
+        start = 0.0 if rng.integers(2) == 0 else 1.0 - share
+    else:
+        start = rng.uniform(0.0, 1.0 - share)
     lo, hi = np.quantile(proj, [start, start + share])
     band = (proj >= lo) & (proj <= hi)
     zoom = rng.uniform(*REGION_ZOOM)

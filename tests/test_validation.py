@@ -105,6 +105,27 @@ def test_region_defect_is_a_large_band_of_the_image_own_texture_magnified(shape)
         assert 0 <= bad.min() and bad.max() <= 1
 
 
+@pytest.mark.parametrize("shape", [(100, 300, 3), (400, 120, 3), (64, 64, 3)])
+def test_edge_defect_is_a_piece_cut_off_at_the_border(shape):
+    from pedenet.validation import EDGE_FRACTION
+
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0.2, 0.8, shape).astype(np.float32)
+    sides = set()
+    for seed in range(12):
+        bad, mask = add_synthetic_defect(img, np.random.default_rng(seed), "edge")
+        assert bad.shape == img.shape and mask.shape == shape[:2] and mask.dtype == bool
+        assert EDGE_FRACTION[0] - 0.01 <= mask.mean() <= EDGE_FRACTION[1] + 0.01
+        assert np.array_equal(bad[~mask], img[~mask]) and np.abs(bad - img)[mask].mean() > 0.01
+        touched = {n for n, line in (("top", mask[0]), ("bottom", mask[-1]), ("left", mask[:, 0]),
+                                     ("right", mask[:, -1])) if line.any()}
+        assert touched  # on the border, and one piece: no row or column of it is split
+        ys, xs = np.nonzero(mask)
+        assert all(np.all(np.diff(xs[ys == y]) == 1) for y in np.unique(ys))
+        sides |= touched
+    assert sides == {"top", "bottom", "left", "right"}  # every side is drawn
+
+
 def test_region_defect_on_a_flat_image_is_still_visible():
     from pedenet.validation import REGION_MIN_CHANGE
 

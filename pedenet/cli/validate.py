@@ -20,7 +20,9 @@ from .common import (UserError, _check_writable, _checked, _data_moved_to, _debu
 @click.option("--kinds", default="scratch,spot,patch", show_default=True, metavar="KIND,...",
               help="Synthetic defect kinds, given to the held-out images in turn: scratch, spot, "
               "patch, and region (a band over 15-45 % of the image whose texture is the image's "
-              "own, magnified: large, low-contrast defects). Compare runs on the same kinds.")
+              "own, magnified: large, low-contrast defects) and edge (the same change on a piece "
+              "cut off at the border or a corner, 3-10 % of the image, as chipped edges are). "
+              "Compare runs on the same kinds.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Where the data `fit` ran on is now, if it has moved: its category folder (or "
               "plain folder of normal images), or the dataset root holding that category. The "
@@ -42,7 +44,7 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
 
     Scores the normal images that fit held out of training (--calibration-fraction) and a
     copy of each carrying one synthetic defect (scratch, spot or foreign patch by default;
-    --kinds adds region), with exact masks.
+    --kinds adds region and edge), with exact masks.
     Compare runs of the same data by these figures; keep the test split for the final report.
     Writes RUN_DIR/validation.json (with the count of each defect kind, any skipped files and
     the warnings, also printed unless --quiet).
