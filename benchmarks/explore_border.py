@@ -4,7 +4,8 @@ On MTD the maps of normal tiles peak at the tile's edge (docs/ablations.md, "Cra
 tiles"). This script asks whether an image score that ignores a band of ``b`` × each side at
 the edge ranks images better. Maps are computed once per image set; the image score is the
 model's (mean of the top ``image_score_fraction`` of the remaining pixels). Validation = the
-model's held-out normal images and synthetic-defect copies (default kinds, and ``region``);
+model's held-out normal images and synthetic-defect copies (default kinds, and ``region``;
+``--sets`` names others, such as ``edge``);
 the test split is scored only to check whether validation ranks ``b`` as the test split does.
 
     python benchmarks/explore_border.py runs/mtd_s0/model.pt ../shared/data/mtd --border 0,0.02,0.05,0.1
@@ -36,20 +37,22 @@ def main() -> None:
     from pedenet.validation import synthetic_validation_set
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import KIND_SETS
+    from explore_validation_kinds import KIND_SETS, SET_NAMES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
     ap.add_argument("data", help="the category folder whose test split is scored")
     ap.add_argument("--border", default="0,0.02,0.05,0.1", help="comma-separated band fractions")
+    ap.add_argument("--sets", default=",".join(SET_NAMES),
+                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     model = pedenet.load(args.model)
     q = model.config.image_score_fraction
     held = model.history["calibration_images"]
     sets = {}
-    for name, kinds in KIND_SETS.items():
-        arrays, _, labels = synthetic_validation_set(held, 0, kinds)
+    for name in args.sets.split(","):
+        arrays, _, labels = synthetic_validation_set(held, 0, KIND_SETS[name])
         sets[f"validation_{name}"] = (model.predict(arrays).maps, list(labels), None)
     test = test_samples(args.data)
     sets["test"] = (model.predict([t.path for t in test], progress=True).maps,

@@ -2,13 +2,14 @@
 
 One fitted model; its held-out normal images get synthetic defects of each kind set (the
 default scratch / spot / patch, and ``region``: a band of the image's own texture, magnified,
-over 15-45 % of the image; :mod:`pedenet.validation`). The maps are computed once per scorer
+over 15-45 % of the image; ``--sets`` adds others, such as ``edge``: the same change on a
+piece cut off at the border; :mod:`pedenet.validation`). The maps are computed once per scorer
 and kind set, then scored for every image-score fraction q. With ``--nn`` the same model is
 also scored by nearest-neighbour distance (``benchmarks/ablations.py``'s memory bank), the
 setting whose test ranking (better localization than the mixture) the default validation set
 gets the other way round (docs/ablations.md).
 
-    python benchmarks/explore_validation_kinds.py runs/mtd_s0/model.pt --nn
+    python benchmarks/explore_validation_kinds.py runs/mtd_s0/model.pt --nn [--sets default,region,edge]
 
 Prints one JSON line per (scorer, kind set): image AUROC for each q, pixel AUROC, AU-PRO@0.3.
 """
@@ -25,20 +26,23 @@ from pathlib import Path
 from pedenet.validation import DEFECT_TYPES
 
 QS = (0.0, 0.003, 0.01, 0.03)
-KIND_SETS = {"default": DEFECT_TYPES, "region": ("region",)}  # the validation sets compared
+KIND_SETS = {"default": DEFECT_TYPES, "region": ("region",), "edge": ("edge",),
+             "default+edge": (*DEFECT_TYPES, "edge")}  # validation sets, by name
+SET_NAMES = ("default", "region")  # the sets compared unless a script is told others
 
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro_0.3")
 
 
-def validation_by_kind_set(model, held) -> dict:
+def validation_by_kind_set(model, held, names=SET_NAMES) -> dict:
     """``{"validation_<set>": {image_auroc, pixel_auroc, au_pro_0.3}}`` (rounded to 4 digits)
-    of ``model`` on the held-out images ``held``, for each of :data:`KIND_SETS` (seed 0)."""
+    of ``model`` on the held-out images ``held``, for each set of :data:`KIND_SETS` named in
+    ``names`` (seed 0)."""
     from pedenet.validation import validate
 
     out = {}
-    for name, kinds in KIND_SETS.items():
-        v = validate(model, held, seed=0, kinds=kinds)
+    for name in names:
+        v = validate(model, held, seed=0, kinds=KIND_SETS[name])
         out[f"validation_{name}"] = {k: round(v[k], 4) for k in KEYS}
     return out
 
@@ -67,6 +71,8 @@ def main() -> None:
     ap.add_argument("model", help="RUN_DIR/model.pt")
     ap.add_argument("--nn", action="store_true", help="also score by nearest-neighbour distance")
     ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
+    ap.add_argument("--sets", default=",".join(SET_NAMES),
+                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     qs = [float(v) for v in args.q.split(",")]
@@ -80,7 +86,8 @@ def main() -> None:
             resolved = {str(Path(p).resolve()) for p in held}
             train = [p for p in list_images(Path(held[0]).parent) if str(Path(p).resolve()) not in resolved]
             _swap_scorer(model, "nn", train, model.config.seed)
-        for name, kinds in KIND_SETS.items():
+        for name in args.sets.split(","):
+            kinds = KIND_SETS[name]
             t0 = time.perf_counter()
             rec = {"model": args.model, "scorer": scorer, "kinds": name, **_score(model, kinds, qs),
                    "seconds": round(time.perf_counter() - t0, 1)}
