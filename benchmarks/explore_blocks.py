@@ -142,7 +142,7 @@ def main() -> None:
     e.add_argument("data")
     e.add_argument("out")
     e.add_argument("--image-size", type=int, default=256)
-    e.add_argument("--kinds", default="", help="validation defect kinds, e.g. region (default: the default kinds)")
+    e.add_argument("--kinds", default="", help="validation defect kinds, e.g. region or edge (default: the default kinds)")
     s = sub.add_parser("screen")
     s.add_argument("npz")
     s.add_argument("--blocks", default="4,10,14,15")

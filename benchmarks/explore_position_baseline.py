@@ -15,7 +15,7 @@ others, such as ``edge``); the test split is scored only as a check.
 
     python benchmarks/explore_position_baseline.py runs/mtd_s0/model.pt ../shared/data/mtd --modes none,sub,z
 
-Prints one JSON line per mode: validation (both kind sets) and test image AUROC, pixel AUROC,
+Prints one JSON line per mode: validation (each kind set) and test image AUROC, pixel AUROC,
 AU-PRO@0.3, the share of normal test maps peaking in the 5 % edge band, and seconds.
 """
 
@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SET_NAMES),
                     help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
     args = ap.parse_args()
+    unknown = set(args.sets.split(",")) - set(KIND_SETS)
+    if unknown:
+        ap.error(f"unknown --sets {', '.join(sorted(unknown))}; choose from {', '.join(KIND_SETS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     model = pedenet.load(args.model)
     net = model._require_fitted()
@@ -81,7 +84,7 @@ def main() -> None:
     mu, sd = grids.mean(0), grids.std(0)
     sd = np.maximum(sd, np.median(sd) / 4)
     print(json.dumps({"baseline_images": len(pick), "grid": list(mu.shape),
-                      "mu_edge_minus_centre": round(float(mu[[0, -1]].mean() - mu[2:-2, 2:-2].mean()), 3),
+                      "mu_top_bottom_rows_minus_centre": round(float(mu[[0, -1]].mean() - mu[2:-2, 2:-2].mean()), 3),
                       "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     raw = net.patch_energy
     mu_t, sd_t = torch.from_numpy(mu), torch.from_numpy(sd)

@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SET_NAMES),
                     help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
     args = ap.parse_args()
+    unknown = set(args.sets.split(",")) - set(KIND_SETS)
+    if unknown:
+        ap.error(f"unknown --sets {', '.join(sorted(unknown))}; choose from {', '.join(KIND_SETS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     qs = [float(v) for v in args.q.split(",")]
     scorers = ["mixture"] + (["nn"] if args.nn else [])

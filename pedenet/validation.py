@@ -8,8 +8,8 @@ drawn as in the built-in dataset (:mod:`pedenet.builtin`), so the masks are exac
 also a ``region``: a band over 15-45 % of the image whose texture is the image's own, magnified
 (a large, low-contrast defect whose size follows the image, like a differently ground
 surface), or an ``edge``: the same kind of change over a piece cut off at the image's border or
-a corner, 3-10 % of the image (like a chipped edge: real defects often reach the border, and
-the default kinds are drawn whole inside it). Its image
+a corner, 3-10 % of the image (like a chipped edge: real defects can reach the border, and
+the default kinds are never cut off by it). Its image
 AUROC, pixel AUROC and AU-PRO rank configurations; they are not an estimate of the test
 figures (real defects differ from synthetic ones).
 """
@@ -201,8 +201,9 @@ def validate(model, images, seed: int = 0, progress: bool = False,
         seed: seed of the synthetic defects (use the same one to compare configurations).
         progress: show a progress bar while the 2N images are scored.
         kinds: the synthetic defect kinds, given to the images in turn (default scratch, spot,
-            patch; add ``"region"`` for large defects whose size follows the image). Compare
-            runs only on the same kinds and seed.
+            patch; add ``"region"`` for large defects whose size follows the image, ``"edge"``
+            for defects on a piece cut off at the border). Compare runs only on the same kinds
+            and seed.
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}``: floats;
