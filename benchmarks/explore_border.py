@@ -37,24 +37,20 @@ def main() -> None:
     from pedenet.validation import synthetic_validation_set
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import KIND_SETS, SET_NAMES
+    from explore_validation_kinds import KIND_SETS, add_sets_option
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
     ap.add_argument("data", help="the category folder whose test split is scored")
     ap.add_argument("--border", default="0,0.02,0.05,0.1", help="comma-separated band fractions")
-    ap.add_argument("--sets", default=",".join(SET_NAMES),
-                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
+    add_sets_option(ap)
     args = ap.parse_args()
-    unknown = set(args.sets.split(",")) - set(KIND_SETS)
-    if unknown:
-        ap.error(f"unknown --sets {', '.join(sorted(unknown))}; choose from {', '.join(KIND_SETS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     model = pedenet.load(args.model)
     q = model.config.image_score_fraction
     held = model.history["calibration_images"]
     sets = {}
-    for name in args.sets.split(","):
+    for name in args.sets:
         arrays, _, labels = synthetic_validation_set(held, 0, KIND_SETS[name])
         sets[f"validation_{name}"] = (model.predict(arrays).maps, list(labels), None)
     test = test_samples(args.data)

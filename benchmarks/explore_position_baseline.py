@@ -56,7 +56,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from explore_padding import edge_peak_share
-    from explore_validation_kinds import KIND_SETS, SET_NAMES, validation_by_kind_set
+    from explore_validation_kinds import add_sets_option, validation_by_kind_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -64,12 +64,8 @@ def main() -> None:
     ap.add_argument("--modes", default="none,sub,z", help="comma-separated: none, sub, z")
     ap.add_argument("--n-baseline", type=int, default=200, help="training images for μ, σ")
     ap.add_argument("--no-test", action="store_true", help="validation only")
-    ap.add_argument("--sets", default=",".join(SET_NAMES),
-                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
+    add_sets_option(ap)
     args = ap.parse_args()
-    unknown = set(args.sets.split(",")) - set(KIND_SETS)
-    if unknown:
-        ap.error(f"unknown --sets {', '.join(sorted(unknown))}; choose from {', '.join(KIND_SETS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     model = pedenet.load(args.model)
     net = model._require_fitted()
@@ -102,7 +98,7 @@ def main() -> None:
         net.patch_energy = patched
         t0 = time.perf_counter()
         rec = {"model": args.model, "mode": mode}
-        rec.update(validation_by_kind_set(model, held, args.sets.split(",")))
+        rec.update(validation_by_kind_set(model, held, args.sets))
         if not args.no_test:
             res, maps = evaluate(model, args.data, progress=False, return_maps=True)
             keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")

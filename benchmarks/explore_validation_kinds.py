@@ -34,6 +34,21 @@ SET_NAMES = ("default", "region")  # the sets compared unless a script is told o
 KEYS = ("image_auroc", "pixel_auroc", "au_pro_0.3")
 
 
+def add_sets_option(ap: argparse.ArgumentParser) -> None:
+    """``--sets NAME,...``: names of :data:`KIND_SETS` (default :data:`SET_NAMES`), parsed to a
+    list; an unknown name is a usage error."""
+    def names(value: str) -> list[str]:
+        out = [v for v in value.split(",") if v]
+        unknown = sorted(set(out) - set(KIND_SETS))
+        if unknown or not out:
+            raise argparse.ArgumentTypeError(f"unknown set(s) {', '.join(unknown) or 'none'}; "
+                                             f"choose from {', '.join(KIND_SETS)}")
+        return out
+
+    ap.add_argument("--sets", type=names, default=list(SET_NAMES),
+                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
+
+
 def validation_by_kind_set(model, held, names=SET_NAMES) -> dict:
     """``{"validation_<set>": {image_auroc, pixel_auroc, au_pro_0.3}}`` (rounded to 4 digits)
     of ``model`` on the held-out images ``held``, for each set of :data:`KIND_SETS` named in
@@ -71,12 +86,8 @@ def main() -> None:
     ap.add_argument("model", help="RUN_DIR/model.pt")
     ap.add_argument("--nn", action="store_true", help="also score by nearest-neighbour distance")
     ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
-    ap.add_argument("--sets", default=",".join(SET_NAMES),
-                    help=f"validation kind sets, comma-separated from {', '.join(KIND_SETS)}")
+    add_sets_option(ap)
     args = ap.parse_args()
-    unknown = set(args.sets.split(",")) - set(KIND_SETS)
-    if unknown:
-        ap.error(f"unknown --sets {', '.join(sorted(unknown))}; choose from {', '.join(KIND_SETS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     qs = [float(v) for v in args.q.split(",")]
     scorers = ["mixture"] + (["nn"] if args.nn else [])
@@ -89,7 +100,7 @@ def main() -> None:
             resolved = {str(Path(p).resolve()) for p in held}
             train = [p for p in list_images(Path(held[0]).parent) if str(Path(p).resolve()) not in resolved]
             _swap_scorer(model, "nn", train, model.config.seed)
-        for name in args.sets.split(","):
+        for name in args.sets:
             kinds = KIND_SETS[name]
             t0 = time.perf_counter()
             rec = {"model": args.model, "scorer": scorer, "kinds": name, **_score(model, kinds, qs),
