@@ -56,7 +56,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from explore_padding import edge_peak_share
-    from explore_validation_kinds import add_sets_option, validation_by_kind_set
+    from explore_validation_kinds import KEYS, add_sets_option, validation_by_kind_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="RUN_DIR/model.pt")
@@ -101,8 +101,7 @@ def main() -> None:
         rec.update(validation_by_kind_set(model, held, args.sets))
         if not args.no_test:
             res, maps = evaluate(model, args.data, progress=False, return_maps=True)
-            keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")
-            rec["test"] = {k: round(res["overall"][k], 4) for k in keys}
+            rec["test"] = {k: round(res["overall"][k], 4) for k in KEYS}
             rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}
             rec["normal_max_in_edge_band"] = edge_peak_share(res["images"], maps)
         rec["seconds"] = round(time.perf_counter() - t0, 1)

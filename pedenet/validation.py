@@ -79,7 +79,7 @@ def add_synthetic_defect(image: np.ndarray, rng: np.random.Generator,
         ValueError: unknown ``kind``, or an image side below 48 px.
     """
     kind = DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))] if kind is None else kind
-    if kind not in _DEFECTS and kind not in ("region", "edge"):
+    if kind not in VALIDATION_KINDS:
         raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(VALIDATION_KINDS)}")
     img = np.asarray(image, dtype=np.float32)
     h, w = img.shape[:2]
