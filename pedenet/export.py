@@ -146,7 +146,6 @@ class AnomalyMapModule(nn.Module):
         """B×H×W maps → B image scores (float32), as :func:`pedenet.scoring.image_score`."""
         # sizes are computed from the traced shape, so that they follow the input size after
         # export (a Python int would be frozen at the tracing size)
-        n = torch._shape_as_tensor(amap.flatten(1))[1].to(torch.float64)  # pixels scored
         if self.score_border > 0:
             # the edge band gets -inf, so that max / top-k see only the inner pixels
             shape = torch._shape_as_tensor(amap)
@@ -156,7 +155,9 @@ class AnomalyMapModule(nn.Module):
             cols = torch.arange(amap.shape[2], dtype=torch.float64, device=amap.device)
             inner = ((rows >= bh) & (rows < h - bh)).unsqueeze(1) & ((cols >= bw) & (cols < w - bw)).unsqueeze(0)
             amap = amap.masked_fill(~inner.unsqueeze(0), float("-inf"))
-            n = (h - 2.0 * bh) * (w - 2.0 * bw)
+            n = (h - 2.0 * bh) * (w - 2.0 * bw)  # pixels scored
+        else:
+            n = torch._shape_as_tensor(amap.flatten(1))[1].to(torch.float64)
         flat = amap.flatten(1)
         if self.score_fraction <= 0:
             return flat.amax(dim=1)
