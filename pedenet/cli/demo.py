@@ -17,7 +17,7 @@ from .fit import _fit_run
 
 DEMO_STEPS = 300
 """Default ``--steps`` of ``pedenet demo``: sized so that the three built-in categories (fit,
-evaluation and overlays) finish in well under 10 minutes on 2 CPU cores."""
+evaluation and overlays) finish in about 25 minutes on 2 CPU cores (docs/results.md)."""
 DEMO_CATEGORIES = "brick,grass,gravel"
 DEMO_TARGET_FPR = 0.1
 """Target false-alarm rate of ``pedenet demo``: its 60 normal images per category leave 12 for
