@@ -152,6 +152,8 @@ def defect_kinds(n_images: int, kinds=DEFECT_TYPES) -> list[str]:
 
 
 def _check_kinds(kinds) -> tuple[str, ...]:
+    if isinstance(kinds, str):  # "edge" or "scratch,edge", not its letters
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in VALIDATION_KINDS]
     if not kinds or unknown or len(set(kinds)) != len(kinds):
@@ -167,7 +169,8 @@ def synthetic_validation_set(images, seed: int = 0,
     Args:
         images: paths, PIL images or arrays of normal images (see ``pedenet.estimator.as_rgb_array``).
         seed: seed of the defects.
-        kinds: the defect kinds, given to the images in turn (:data:`VALIDATION_KINDS`).
+        kinds: the defect kinds, given to the images in turn (:data:`VALIDATION_KINDS`): a
+            sequence of names, or one comma-separated string.
 
     Returns:
         ``(arrays, masks, labels)``: 2N float32 H×W×3 images, their bool H×W masks (all False
@@ -202,8 +205,8 @@ def validate(model, images, seed: int = 0, progress: bool = False,
         progress: show a progress bar while the 2N images are scored.
         kinds: the synthetic defect kinds, given to the images in turn (default scratch, spot,
             patch; add ``"region"`` for large defects whose size follows the image, ``"edge"``
-            for defects on a piece cut off at the border). Compare runs only on the same kinds
-            and seed.
+            for defects on a piece cut off at the border); a sequence of names, or one
+            comma-separated string. Compare runs only on the same kinds and seed.
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}``: floats;

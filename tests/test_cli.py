@@ -293,7 +293,8 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
     assert v["image_auroc"] == pytest.approx(direct["image_auroc"], abs=1e-9)
     assert v["defect_kinds"] == direct["defect_kinds"] and set(v["defect_kinds"]) == {"edge", "spot"}
     assert v["defect_kinds"]["edge"] >= 1  # the first held-out image gets the first kind
-    assert "edge, spot" in result.stdout
+    drawn = [k for k in ("edge", "spot") if v["defect_kinds"][k]]  # the summary names those drawn
+    assert f"copies: {', '.join(drawn)}; seed 0)" in result.stdout or f"copy: {', '.join(drawn)}; seed 0)" in result.stdout
     for bad in ("spot,dent", "spot,spot", ","):
         result = run("validate", target, "--quiet", "--overwrite", "--kinds", bad)
         assert result.exit_code == 2 and "--kinds" in result.output and "Traceback" not in result.output
@@ -694,7 +695,8 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     direct = validate(pedenet.load(out / "model.pt"), [good], seed=0)  # the one usable image
     for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):
         assert v[key] == direct[key]
-    assert "1 held-out normal images + 1 synthetic-defect copies" in result.stdout
+    # the summary names the one kind drawn, in the singular
+    assert "(1 held-out normal image + 1 synthetic-defect copy: scratch; seed 0)" in result.stdout
 
 
 def test_validate_finds_moved_data_with_data_option(dataset, tmp_path):
@@ -717,7 +719,15 @@ def test_validate_finds_moved_data_with_data_option(dataset, tmp_path):
         for key in ("image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"):
             assert after[key] == before[key]
     assert_one_line_error(run("validate", out, "--overwrite", "--data", tmp_path / "nowhere"),
-                          "nowhere", "not a folder")
+                          "nowhere", "does not exist")
+    a_file = next((moved / "grass" / "train" / "good").iterdir())
+    assert_one_line_error(run("validate", out, "--overwrite", "--data", a_file), a_file.name,
+                          "not a folder")
+    # a folder inside the category (its train/good): says which folder to pass instead
+    result = run("validate", out, "--overwrite", "--data", moved / "grass" / "train" / "good")
+    assert_one_line_error(result, "none of the held-out images is under it",
+                          f"pass --data {moved / 'grass'}")
+    assert result.exit_code == 2
 
 
 def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monkeypatch, capsys):

@@ -149,6 +149,11 @@ def test_validation_kinds_are_chosen_and_checked():
     assert defect_kinds(5, ("spot", "region")) == ["spot", "region", "spot", "region", "spot"]
     arrays, masks, labels = synthetic_validation_set(crops, seed=1, kinds=("region",))
     assert [mk.mean() > 0.1 for mk in masks[1::2]] == [True] * 4
+    # a string names kinds, comma-separated (not its letters)
+    _, from_str, _ = synthetic_validation_set(crops, seed=1, kinds="region")
+    assert all(np.array_equal(p, q) for p, q in zip(masks, from_str))
+    _, from_str, _ = synthetic_validation_set(crops, seed=1, kinds="scratch, spot,patch")
+    assert all(np.array_equal(p, q) for p, q in zip(m_explicit, from_str))
     for bad in (("dent",), (), ("spot", "spot")):
         with pytest.raises(ValueError, match="defect kinds must be distinct names from scratch, spot"):
             synthetic_validation_set(crops, kinds=bad)

@@ -253,7 +253,8 @@ def _data_moved_to(data: Path, category: str | None) -> Path:
     it. Raises UserError (exit code 2) when ``data`` is not a folder."""
     folder = Path(data)
     if not folder.is_dir():
-        raise UserError(f"{data}: not a folder; pass the folder the data now lies in", exit_code=2)
+        what = "not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{data}: {what}; pass the folder the data now lies in", exit_code=2)
     if category and not (folder / "train").is_dir() and (folder / category).is_dir():
         folder = folder / category  # the dataset root was given
     return folder

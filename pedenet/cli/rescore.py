@@ -95,7 +95,8 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
         except DataError as exc:  # an unreadable image: fit read it, so it changed since
             raise UserError(f"{exc} (fit read it: restore the file)") from None
         except ValueError as exc:
-            raise UserError(f"{cat_dir}: {exc} - pass the folder fit read (--data), or refit") from None
+            msg = str(exc).replace("; pass the images fit was given", "")  # said once, below
+            raise UserError(f"{cat_dir}: {msg}; pass the folder fit read (--data), or refit") from None
     seconds = time.perf_counter() - t0
     _debug(f"config: {json.dumps(model.config.to_dict())}")
     _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))

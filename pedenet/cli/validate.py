@@ -81,6 +81,7 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
         held_paths = _moved(held_paths, model_path.parent / "config.json", data)
     paths = _held_out_images(held_paths, model.min_image_side,
                              skip_bad_files=skip_bad_files, quiet=quiet)
+    _debug(f"settings: kinds {','.join(kinds)}, seed {seed}, model {model_path}")
     t0 = time.perf_counter()
     result = _validate(model, paths, seed=seed, progress=not quiet, kinds=kinds)
     used = set(paths)
@@ -88,8 +89,11 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
                   skipped_files=[str(h) for h in held_paths if h not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
-    click.echo(f"validation ({len(paths)} held-out normal images + {len(paths)} synthetic-defect "
-               f"copies: {', '.join(kinds)}; seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
+    _debug(f"validation took {result['seconds']:.1f} s ({len(paths)} held-out images, device {device})")
+    drawn = [k for k in kinds if result["defect_kinds"].get(k)]  # with few images, not every kind
+    n = len(paths)
+    click.echo(f"validation ({n} held-out normal image{'s' * (n != 1)} + {n} synthetic-defect "
+               f"cop{'ies' if n != 1 else 'y'}: {', '.join(drawn)}; seed {seed}): image AUROC {result['image_auroc']:.3f}, pixel AUROC "
                f"{result['pixel_auroc']:.3f}, AU-PRO@0.3 {result['au_pro_0.3']:.3f}")
     _info(quiet, f"-> {out}")
 
@@ -118,6 +122,13 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
         else:
             raise UserError(f"{h}: held-out image is not under the data folder recorded at fit "
                             f"time ({old}), so --data cannot relocate it")
+    if out and not any(p.is_file() for p in out):  # e.g. --data .../bottle/train/good
+        for up in (Path(data).parent, Path(data).parent.parent):
+            moved = [_data_moved_to(up, recorded.get("category")) / p.relative_to(new_root) for p in out]
+            if any(p.is_file() for p in moved):
+                raise UserError(f"--data {data}: none of the held-out images is under it; they are "
+                                f"under {up}: pass --data {up} (the category folder `fit` read, or "
+                                "the dataset root holding it)", exit_code=2)
     return out
 
 
