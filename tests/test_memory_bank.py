@@ -163,7 +163,8 @@ def test_cli_fit_with_distance_scoring_predicts_and_refuses_export(tmp_path):
     assert r.exit_code == 0, r.output
     r = run(main, ["export", str(out), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert "--scoring distance" in r.output and "export supports" in r.output
+    assert "--scoring distance" in r.output and "export does not support" in r.output
+    assert f"Error: {out}: " in r.output and f"pedenet rescore {out} --scoring mixture" in r.output
     assert not (tmp_path / "m.onnx").exists()
     r = run(main, ["fit", str(data / "grass"), "--out", str(tmp_path / "run2"), "--steps", "2",
                    "--memory-bank-size", "100"])
