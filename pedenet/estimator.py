@@ -366,7 +366,7 @@ class PEDENet:
         n_train, n_cal = h.get("n_train_images"), h.get("n_calibration_images")
         if (n_train, n_cal) != (len(items), len(cal_items)) and n_train is not None:
             raise ValueError(f"the model was fitted on {n_train} training and {n_cal} held-out "
-                             f"images; these images split into {len(items)} and {len(cal_items)}: "
+                             f"images; these images split into {len(items)} and {len(cal_items)}; "
                              "pass the images fit was given")
         recorded = [Path(c).name for c in h.get("calibration_images", []) if not c.startswith("<input")]
         given = [Path(os.fspath(c)).name for c in cal_items if isinstance(c, (str, os.PathLike))]

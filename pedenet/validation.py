@@ -147,7 +147,9 @@ def _region(img: np.ndarray, rng: np.random.Generator,
 
 def defect_kinds(n_images: int, kinds=DEFECT_TYPES) -> list[str]:
     """The synthetic defect kind of each of ``n_images`` held-out images, in order: ``kinds``
-    in turn (default scratch, spot, patch, scratch, ...)."""
+    (names, or one comma-separated string) in turn (default scratch, spot, patch, scratch,
+    ...). Raises ValueError for unknown, repeated or no kinds."""
+    kinds = _check_kinds(kinds)
     return [kinds[i % len(kinds)] for i in range(n_images)]
 
 

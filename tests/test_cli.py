@@ -293,8 +293,10 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
     assert v["image_auroc"] == pytest.approx(direct["image_auroc"], abs=1e-9)
     assert v["defect_kinds"] == direct["defect_kinds"] and set(v["defect_kinds"]) == {"edge", "spot"}
     assert v["defect_kinds"]["edge"] >= 1  # the first held-out image gets the first kind
-    drawn = [k for k in ("edge", "spot") if v["defect_kinds"][k]]  # the summary names those drawn
-    assert f"copies: {', '.join(drawn)}; seed 0)" in result.stdout or f"copy: {', '.join(drawn)}; seed 0)" in result.stdout
+    n = len(held)  # the summary names the kinds drawn: with one image, edge only
+    summary = (f"(1 held-out normal image + 1 synthetic-defect copy: edge; seed 0)" if n == 1 else
+               f"({n} held-out normal images + {n} synthetic-defect copies: edge, spot; seed 0)")
+    assert summary in result.stdout
     for bad in ("spot,dent", "spot,spot", ","):
         result = run("validate", target, "--quiet", "--overwrite", "--kinds", bad)
         assert result.exit_code == 2 and "--kinds" in result.output and "Traceback" not in result.output
@@ -699,7 +701,7 @@ def test_validate_skip_bad_files_and_defect_kinds(dataset, tmp_path):
     assert "(1 held-out normal image + 1 synthetic-defect copy: scratch; seed 0)" in result.stdout
 
 
-def test_validate_finds_moved_data_with_data_option(dataset, tmp_path):
+def test_validate_finds_moved_data_with_data_option(dataset, tmp_path, monkeypatch):
     root = tmp_path / "old"
     shutil.copytree(dataset / "grass", root / "grass")
     out = tmp_path / "run"
@@ -726,8 +728,11 @@ def test_validate_finds_moved_data_with_data_option(dataset, tmp_path):
     # a folder inside the category (its train/good): says which folder to pass instead
     result = run("validate", out, "--overwrite", "--data", moved / "grass" / "train" / "good")
     assert_one_line_error(result, "none of the held-out images is under it",
-                          f"pass --data {moved / 'grass'}")
+                          f"pass --data {(moved / 'grass').resolve()} (")
     assert result.exit_code == 2
+    monkeypatch.chdir(moved / "grass" / "train")  # the same, given as a relative path
+    result = run("validate", out, "--overwrite", "--data", "good")
+    assert_one_line_error(result, f"pass --data {(moved / 'grass').resolve()} (")
 
 
 def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monkeypatch, capsys):

@@ -224,6 +224,7 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
                    "--data", str(moved / "grass")])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "pass the folder fit read (--data), or refit" in r.output and str(moved / "grass") in r.output
+    assert r.output.count("pass the") == 1  # the advice, once
     assert not (tmp_path / "c" / "model.pt").exists()
 
 

@@ -61,9 +61,9 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     model = _load_model(model_path, "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
     if model.config.scoring != "mixture":  # before export_model's own ValueError, naming the run
-        raise UserError(f"{run_dir}: the model scores patches by distance to a memory bank (fitted "
+        raise UserError(f"{model_path.parent}: the model scores patches by distance to a memory bank (fitted "
                         "with --scoring distance), which export does not support: `pedenet rescore "
-                        f"{run_dir} --scoring mixture --out NEW_RUN` makes an exportable copy (no "
+                        f"{model_path.parent} --scoring mixture --out NEW_RUN` makes an exportable copy (no "
                         "training), or score with pedenet predict")
     path = export_model(model, out_file, fmt, energy_dtype=dtype)
     size = model.config.image_size

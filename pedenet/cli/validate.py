@@ -102,8 +102,9 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     """The held-out image paths ``held`` (recorded at fit time) under ``data``, where the data
     has moved: each path relative to the category folder recorded in ``config_path``, joined
     to ``data`` (or to ``data/<category>`` when ``data`` is the dataset root). Raises
-    UserError when the config records no data folder, a held-out path lies outside it, or
-    ``data`` is not a folder."""
+    UserError when the config records no data folder, a held-out path lies outside it,
+    ``data`` is not a folder, or (exit code 2) none of the images is under ``data`` but they
+    are under one of its two parent folders, which the message names."""
     recorded = _read_json(config_path) if config_path.is_file() else {}
     new_root = _data_moved_to(data, recorded.get("category"))
     old = recorded.get("category_dir")
@@ -123,9 +124,10 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
             raise UserError(f"{h}: held-out image is not under the data folder recorded at fit "
                             f"time ({old}), so --data cannot relocate it")
     if out and not any(p.is_file() for p in out):  # e.g. --data .../bottle/train/good
-        for up in (Path(data).parent, Path(data).parent.parent):
+        here = Path(data).resolve()
+        for up in (here.parent, here.parent.parent):
             moved = [_data_moved_to(up, recorded.get("category")) / p.relative_to(new_root) for p in out]
-            if any(p.is_file() for p in moved):
+            if 2 * sum(p.is_file() for p in moved) >= len(moved):  # most of them: not a chance name
                 raise UserError(f"--data {data}: none of the held-out images is under it; they are "
                                 f"under {up}: pass --data {up} (the category folder `fit` read, or "
                                 "the dataset root holding it)", exit_code=2)
