@@ -2,8 +2,9 @@
 
 Loads the command line (:mod:`pedenet.cli`, which imports torch: a few seconds) inside a
 ``try``, so a Ctrl-C while it loads ends with one line and exit code 130 instead of a
-traceback from inside an import. Once loaded, a Ctrl-C ends a command with ``Error: interrupted (Ctrl-C)`` and exit code 130
-(:mod:`pedenet.cli.common`), and ``pedenet fit`` saves its progress (see :mod:`pedenet.resume`).
+traceback from inside an import. Once loaded, a Ctrl-C ends a command with ``Error:
+interrupted (Ctrl-C)`` and exit code 130 (:mod:`pedenet.cli.common`), and ``pedenet fit``
+saves its progress (see :mod:`pedenet.resume`).
 """
 
 from __future__ import annotations

@@ -222,9 +222,9 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if model.config.scoring != "mixture":
-        raise ValueError(f"this model scores patches by {model.config.scoring} to a memory bank "
-                         "(fitted with --scoring distance); export supports the mixture's scoring "
-                         "only: `pedenet rescore RUN_DIR --scoring mixture --out NEW_RUN` makes an "
+        raise ValueError(f"the model scores patches by {model.config.scoring} to a memory bank "
+                         "(fitted with --scoring distance), which export does not support: "
+                         "`pedenet rescore RUN_DIR --scoring mixture --out NEW_RUN` makes an "
                          "exportable copy (no training), or score with pedenet predict")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

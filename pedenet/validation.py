@@ -22,7 +22,7 @@ import numpy as np
 
 from .builtin import _DEFECTS, DEFECT_TYPES, TEXTURES
 
-__all__ = ["FewImagesWarning", "VALIDATION_KINDS", "add_synthetic_defect", "defect_kinds",
+__all__ = ["FewImagesWarning", "VALIDATION_KINDS", "add_synthetic_defect", "check_kinds", "defect_kinds",
            "synthetic_validation_set", "validate"]
 
 VALIDATION_KINDS = (*DEFECT_TYPES, "region", "edge")
@@ -149,11 +149,13 @@ def defect_kinds(n_images: int, kinds=DEFECT_TYPES) -> list[str]:
     """The synthetic defect kind of each of ``n_images`` held-out images, in order: ``kinds``
     (names, or one comma-separated string) in turn (default scratch, spot, patch, scratch,
     ...). Raises ValueError for unknown, repeated or no kinds."""
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     return [kinds[i % len(kinds)] for i in range(n_images)]
 
 
-def _check_kinds(kinds) -> tuple[str, ...]:
+def check_kinds(kinds) -> tuple[str, ...]:
+    """``kinds`` (names, or one comma-separated string) as a tuple of names. Raises ValueError
+    unless they are distinct names from :data:`VALIDATION_KINDS`, at least one."""
     if isinstance(kinds, str):  # "edge" or "scratch,edge", not its letters
         kinds = [k.strip() for k in kinds.split(",") if k.strip()]
     kinds = tuple(kinds)
@@ -183,7 +185,7 @@ def synthetic_validation_set(images, seed: int = 0,
     """
     from .estimator import as_rgb_array
 
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     images = list(images)
     rng = np.random.default_rng([int(seed), 31337])
     arrays, masks, labels = [], [], []
@@ -219,7 +221,7 @@ def validate(model, images, seed: int = 0, progress: bool = False,
     """
     from .metrics import image_auroc, pixel_metrics
 
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     arrays, masks, labels = synthetic_validation_set(list(images), seed, kinds)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")

@@ -60,12 +60,11 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
                                "choose another file name")
     model = _load_model(model_path, "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
-    if model.config.scoring != "mixture":  # before export_model's own ValueError, naming the run
-        raise UserError(f"{model_path.parent}: the model scores patches by distance to a memory bank (fitted "
-                        "with --scoring distance), which export does not support: `pedenet rescore "
-                        f"{model_path.parent} --scoring mixture --out NEW_RUN` makes an exportable copy (no "
-                        "training), or score with pedenet predict")
-    path = export_model(model, out_file, fmt, energy_dtype=dtype)
+    try:
+        path = export_model(model, out_file, fmt, energy_dtype=dtype)
+    except ValueError as exc:  # a distance-scored model (the format is one of FORMATS): name the run
+        run = model_path.parent
+        raise UserError(f"{run}: {str(exc).replace('RUN_DIR', str(run))}") from None
     size = model.config.image_size
     if not size:
         shape = "Bx3xHxW (any H, W >= 32)"

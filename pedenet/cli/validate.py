@@ -49,17 +49,17 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
     Writes RUN_DIR/validation.json (with the count of each defect kind, any skipped files and
     the warnings, also printed unless --quiet).
     """
+    from ..validation import VALIDATION_KINDS, check_kinds
     from ..validation import validate as _validate
 
-    from ..validation import VALIDATION_KINDS
-
     _set_verbose(verbose, quiet)
-    kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in VALIDATION_KINDS]
-    if not kinds or unknown or len(set(kinds)) != len(kinds):
-        raise click.BadParameter(f"{','.join(kinds) or 'nothing'}: give distinct kinds from "
+    try:
+        kinds = check_kinds(kinds)
+    except ValueError:
+        given = ",".join(k.strip() for k in kinds.split(",") if k.strip())
+        raise click.BadParameter(f"{given or 'nothing'}: give distinct kinds from "
                                  f"{', '.join(VALIDATION_KINDS)}, comma-separated",
-                                 param_hint="--kinds")
+                                 param_hint="--kinds") from None
     warned: list[str] = []  # validation.json "warnings"; printed unless quiet
     click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until validate ends
     model_path = _model_path(run_dir)
@@ -126,7 +126,8 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     if out and not any(p.is_file() for p in out):  # e.g. --data .../bottle/train/good
         here = Path(data).resolve()
         for up in (here.parent, here.parent.parent):
-            moved = [_data_moved_to(up, recorded.get("category")) / p.relative_to(new_root) for p in out]
+            root = _data_moved_to(up, recorded.get("category"))
+            moved = [root / p.relative_to(new_root) for p in out]
             if 2 * sum(p.is_file() for p in moved) >= len(moved):  # most of them: not a chance name
                 raise UserError(f"--data {data}: none of the held-out images is under it; they are "
                                 f"under {up}: pass --data {up} (the category folder `fit` read, or "
