@@ -22,6 +22,7 @@ from .model import PEDENetNetwork
 from .progress import progress_bar
 from .scoring import grid_to_map, to_tensor
 from .training import (
+    ImagesMismatchError,
     TrainingHistory,
     _seed_everything,
     cache_frozen_features,
@@ -313,11 +314,12 @@ class PEDENet:
 
         Raises:
             RuntimeError: the model is not fitted.
-            ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, a
-                border outside [0, 0.5), or
-                images other than those the model was fitted on (another count, held-out
-                images of other file names than ``history["calibration_images"]``, or other
-                features).
+            ValueError: an unknown scoring, ``memory_bank_size`` with scoring ``"mixture"``, or a
+                border outside [0, 0.5).
+            pedenet.training.ImagesMismatchError: (a ValueError) images other than those the
+                model was fitted on (another count, held-out images of other file names than
+                ``history["calibration_images"]``, or other features); its ``problem`` says
+                what differs without the advice.
             pedenet.data.DataError: an image that cannot be read.
         """
         import copy
@@ -360,20 +362,20 @@ class PEDENet:
         return self
 
     def _check_same_images(self, items: list, cal_items: list) -> None:
-        """Raise ValueError unless ``items`` (training) and ``cal_items`` (held out) are as
-        many as fit had, and the held-out files have the names fit recorded."""
+        """Raise :class:`ImagesMismatchError` unless ``items`` (training) and ``cal_items``
+        (held out) are as many as fit had, and the held-out files have the names fit recorded."""
         h = self.history
         n_train, n_cal = h.get("n_train_images"), h.get("n_calibration_images")
         if (n_train, n_cal) != (len(items), len(cal_items)) and n_train is not None:
-            raise ValueError(f"the model was fitted on {n_train} training and {n_cal} held-out "
-                             f"images; these images split into {len(items)} and {len(cal_items)}; "
-                             "pass the images fit was given")
+            raise ImagesMismatchError(f"the model was fitted on {n_train} training and {n_cal} "
+                                      f"held-out images; these images split into {len(items)} and "
+                                      f"{len(cal_items)}")
         recorded = [Path(c).name for c in h.get("calibration_images", []) if not c.startswith("<input")]
         given = [Path(os.fspath(c)).name for c in cal_items if isinstance(c, (str, os.PathLike))]
         if recorded and given and recorded != given:
             diff = next(f"{a} against {b}" for a, b in zip(recorded, given) if a != b)
-            raise ValueError(f"these images are not those the model was fitted on: a held-out "
-                             f"image differs ({diff}, recorded first); pass the images fit was given")
+            raise ImagesMismatchError(f"these images are not those the model was fitted on: a "
+                                      f"held-out image differs ({diff}, recorded first)")
 
     def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, progress: bool) -> dict:
         """What follows training and the mixture: the memory bank (scoring "distance"), the

@@ -57,6 +57,18 @@ class TrainingHistory:
         return dict(self.__dict__)
 
 
+class ImagesMismatchError(ValueError):
+    """The images given to :meth:`pedenet.PEDENet.rescore` are not those fit was given (count,
+    held-out file names, or features' mean). ``problem``: what differs; the message adds the advice
+    ``advice`` ("pass the images fit was given"), which a caller may replace by its own."""
+
+    advice = "pass the images fit was given"
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; {self.advice}")
+        self.problem = problem
+
+
 def effective_rank(z: torch.Tensor) -> float:
     """Effective rank exp(H(p)) of N×D embeddings, p = normalized covariance eigenvalues.
 
@@ -92,8 +104,8 @@ def cache_frozen_features(
     from the training features); without it (a trained network) the network's own
     standardization is used and nothing in it changes, and the features' per-channel mean
     (over the positions fit sampled) must equal the one fitted, within
-    ``STATS_TOLERANCE`` standard deviations: ValueError otherwise (other images than the
-    network was trained on).
+    ``STATS_TOLERANCE`` standard deviations: :class:`ImagesMismatchError` (a ValueError)
+    otherwise (other images than the network was trained on).
     """
     enc = network.encoder
     size = network.config.image_size
@@ -112,9 +124,9 @@ def cache_frozen_features(
             off = float(((sample.double().mean(0) - enc.feature_mean.cpu().double()).abs()
                          / enc.feature_std.cpu().double()).max())
             if off > STATS_TOLERANCE:
-                raise ValueError(f"these are not the images the network was trained on: their "
-                                 f"features' mean differs from the fitted one by up to {off:.2g} "
-                                 "standard deviations")
+                raise ImagesMismatchError(f"these are not the images the network was trained on: "
+                                          f"their features' mean differs from the fitted one by up "
+                                          f"to {off:.2g} standard deviations")
         mean, std = enc.feature_mean.cpu()[:, None, None], enc.feature_std.cpu()[:, None, None]
         cache = [((f.float() - mean) / std).to(torch.float16) for f in cache]
         if fit_stats:

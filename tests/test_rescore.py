@@ -69,7 +69,8 @@ def test_rescore_to_an_edge_band_equals_a_fit_with_it(fitted, images):
 
 def test_rescore_refuses_other_images_and_a_bank_size_for_the_mixture(fitted, images):
     m = copy.deepcopy(fitted[0])
-    with pytest.raises(ValueError, match="fitted on 4 training and 2 held-out images; these images split"):
+    with pytest.raises(pedenet.training.ImagesMismatchError, match="fitted on 4 training and 2 "
+                       "held-out images; these images split into 3 and 2; pass the images fit"):
         m.rescore(images[:5], "distance", progress=False)
     with pytest.raises(ValueError, match="memory_bank_size is used by scoring 'distance' only"):
         m.rescore(images, "mixture", memory_bank_size=10, progress=False)
@@ -106,9 +107,10 @@ def test_rescore_refuses_other_data_and_leaves_the_model_as_it_was(fitted, image
     m = copy.deepcopy(fitted[0])
     state = (m.config, m.normal_quantiles, m.thresholds(), copy.deepcopy(m.history))
     other = [np.clip(im * 0.5 + 0.25, 0, 1) for im in images]
-    with pytest.raises(ValueError, match="not the images the network was trained on: their "
-                                         "features' mean differs"):
+    with pytest.raises(pedenet.training.ImagesMismatchError, match="not the images the network "
+                       "was trained on: their features' mean differs") as info:
         m.rescore(other, "distance", progress=False)
+    assert str(info.value) == info.value.problem + "; pass the images fit was given"
     bad = list(images)
     bad[0] = "/nonexistent/never.png"  # index 0 trains (split_calibration(6, 1/3, 0) holds out 1, 4)
     assert "never.png" not in str(m.history["calibration_images"])
@@ -158,8 +160,11 @@ def test_cli_rescore_writes_a_run_equal_to_a_distance_fit(grass):
                                   pedenet.load(root / "mix").anomaly_map(image))
     # a distance run's bank size alone: --scoring defaults to the run's own
     r = run(main, ["rescore", str(root / "dist"), "--memory-bank-size", "50", "--out",
-                   str(root / "d50"), "--quiet"])
+                   str(root / "d50"), "--verbose"])
     assert r.exit_code == 0, r.output
+    # --verbose times the stages rescore ran, not the fit's training it did not
+    assert "stage timings (s): rescore " in r.output and "memory_bank_seconds" in r.output
+    assert "train_seconds" not in r.output
     assert pedenet.load(root / "d50").config.memory_bank_size == 50
     assert len(pedenet.load(root / "d50").network.memory_bank) == 50
 

@@ -13,6 +13,7 @@ import click
 from ..config import SCORINGS
 from ..data import DataError
 from ..environment import package_versions
+from ..training import ImagesMismatchError
 from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_option, _info,
                      _load_model, _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
                      _thresholds_line, _user_errors, _verbose_option, _write_json)
@@ -94,12 +95,16 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
             model.rescore(paths, scoring, memory_bank_size, progress=not quiet, image_score_border=border)
         except DataError as exc:  # an unreadable image: fit read it, so it changed since
             raise UserError(f"{exc} (fit read it: restore the file)") from None
-        except ValueError as exc:
-            msg = str(exc).replace("; pass the images fit was given", "")  # said once, below
-            raise UserError(f"{cat_dir}: {msg}; pass the folder fit read (--data), or refit") from None
+        except ImagesMismatchError as exc:  # its advice replaced by the command line's
+            raise UserError(f"{cat_dir}: {exc.problem}; pass the folder fit read (--data), or "
+                            "refit") from None
     seconds = time.perf_counter() - t0
     _debug(f"config: {json.dumps(model.config.to_dict())}")
-    _debug("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model.history.get("timings", {}).items()))
+    redone = {k: v for k, v in model.history.get("timings", {}).items()  # not the fit's training
+              if k in ("memory_bank_seconds", "calibration_seconds")}
+    _debug(f"stage timings (s): rescore {seconds:.1f} in all, of which "
+           + (", ".join(f"{k} {v:.1f}" for k, v in redone.items()) or "no timed stage")
+           + "; the rest is mostly encoding the training images")
     record.setdefault("fit_warnings", record.get("warnings", []))  # the original fit's
     record.update(
         category_dir=str(cat_dir.resolve()), config=model.config.to_dict(),
