@@ -213,10 +213,13 @@ def validate(model, images, seed: int = 0, progress: bool = False,
             comma-separated string. Compare runs only on the same kinds and seed.
 
     Returns:
-        ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}``: floats;
-        ``n_images`` = 2N (int); ``defect_kinds``: how many copies got each kind, an int for
-        every kind asked for (``{"scratch": 2, "spot": 1, "patch": 1}`` for N = 4; they sum to
-        N). Raises ValueError if ``images`` is empty or a kind is unknown. Warns
+        ``{"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds",
+        "normal_scores", "defect_scores", "copy_kinds"}``: floats; ``n_images`` = 2N (int);
+        ``defect_kinds``: how many copies got each kind, an int for every kind asked for
+        (``{"scratch": 2, "spot": 1, "patch": 1}`` for N = 4; they sum to N);
+        ``normal_scores`` and ``defect_scores``: the N image anomaly scores (floats) of the
+        held-out images and of their synthetic-defect copies, in the order of ``images``;
+        ``copy_kinds``: the N kinds given to the copies, in that order. Raises ValueError if ``images`` is empty or a kind is unknown. Warns
         (:class:`FewImagesWarning`) when N < :data:`MIN_RELIABLE_IMAGES`.
     """
     from .metrics import image_auroc, pixel_metrics
@@ -234,6 +237,9 @@ def validate(model, images, seed: int = 0, progress: bool = False,
     pred = model.predict(arrays, progress=progress)
     pm = pixel_metrics(pred.maps, masks, (0.3,))
     given = defect_kinds(n, kinds)
+    scores = np.asarray(pred.scores, dtype=np.float64)
     return {"image_auroc": image_auroc(pred.scores, labels), "pixel_auroc": pm["pixel_auroc"],
             "au_pro_0.3": pm["aupro_0.3"], "n_images": len(arrays),
-            "defect_kinds": {k: given.count(k) for k in kinds}}
+            "defect_kinds": {k: given.count(k) for k in kinds},
+            "normal_scores": scores[labels == 0].tolist(), "defect_scores": scores[labels == 1].tolist(),
+            "copy_kinds": list(given)}

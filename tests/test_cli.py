@@ -285,6 +285,14 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
         assert f"{direct[key]:.3f}" in result.stdout
     result = run("validate", target, "--quiet")
     assert_one_line_error(result, "validation.json", "--overwrite")
+    # --verbose: the thresholds, then each held-out image's score and its copy's
+    result = run("validate", target, "--overwrite", "--verbose")
+    assert result.exit_code == 0, result.output
+    assert f"image threshold {model.thresholds()['image_threshold']:.4g}" in result.output
+    for path, normal, bad, kind in zip(held, direct["normal_scores"], direct["defect_scores"],
+                                       direct["copy_kinds"]):
+        assert f"{path}: score {normal:.4g}; its copy with a synthetic {kind} defect: {bad:.4g}" \
+            in result.output
     # --kinds: the library function with those kinds; a bad list is refused before any work
     result = run("validate", target, "--quiet", "--overwrite", "--kinds", "edge,spot")
     assert result.exit_code == 0, result.output

@@ -79,7 +79,13 @@ def test_validate_counts_the_defect_kinds():
     assert v["image_auroc"] == image_auroc(pred.scores, labels)
     assert v["pixel_auroc"] == pytest.approx(pixel_auroc(pred.maps, masks), abs=1e-12)
     assert v["au_pro_0.3"] == pytest.approx(au_pro(pred.maps, masks, 0.3), abs=1e-12)
-    assert set(v) == {"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds"}
+    assert set(v) == {"image_auroc", "pixel_auroc", "au_pro_0.3", "n_images", "defect_kinds",
+                      "normal_scores", "defect_scores", "copy_kinds"}
+    # per image: the scores of each held-out image and of its copy, in the order given
+    assert v["normal_scores"] == pred.scores[labels == 0].tolist()
+    assert v["defect_scores"] == pred.scores[labels == 1].tolist()
+    assert v["copy_kinds"] == defect_kinds(5)
+    assert v["normal_scores"] == model.predict(crops[4:]).scores.tolist()
 
 
 @pytest.mark.parametrize("shape", [(100, 300, 3), (400, 120, 3), (64, 64, 3)])

@@ -10,7 +10,7 @@ import click
 
 from .common import (UserError, _check_writable, _checked, _data_moved_to, _debug,
                      _device_option, _info, _load_model, _model_path, _read_json, _set_verbose, _short_warnings,
-                     _user_errors, _verbose_option, _write_json)
+                     _thresholds_line, _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -89,6 +89,10 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
                   skipped_files=[str(h) for h in held_paths if h not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
+    _debug(_thresholds_line(model.thresholds(), model))
+    for path, normal, bad, kind in zip(paths, result["normal_scores"], result["defect_scores"],
+                                       result["copy_kinds"]):
+        _debug(f"{path}: score {normal:.4g}; its copy with a synthetic {kind} defect: {bad:.4g}")
     _debug(f"validation took {result['seconds']:.1f} s ({len(paths)} held-out images, device {device})")
     drawn = [k for k in kinds if result["defect_kinds"].get(k)]  # with few images, not every kind
     n = len(paths)
