@@ -231,6 +231,11 @@ def test_cli_rescore_moved_data_and_refusals(grass, tmp_path):
     assert "pass the folder fit read (--data), or refit" in r.output and str(moved / "grass") in r.output
     assert r.output.count("pass the") == 1  # the advice, once
     assert not (tmp_path / "c" / "model.pt").exists()
+    # a corrupt run record: named, and the advice is not to delete it (rescore needs it)
+    (copied / "config.json").write_text('{"category_dir": ')
+    r = run(main, ["rescore", str(copied), "--scoring", "distance", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and str(copied / "config.json") in r.output
+    assert "cannot read" in r.output and "restore it, or refit" in r.output and "delete" not in r.output
 
 
 def test_cli_rescore_records_where_the_data_is_now_and_replaces_cleanly(grass, tmp_path):

@@ -239,12 +239,15 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A run's config.json (the record `fit` wrote: where its data is), parsed. Raises
+    FileNotFoundError, or UserError when it cannot be read or parsed."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read ({_one_line(exc)}); fix or delete the file") from None
+        raise UserError(f"{path}: cannot read ({_one_line(exc)}); it is the run record `fit` "
+                        "wrote: restore it, or refit") from None
 
 
 def _data_moved_to(data: Path, category: str | None) -> Path:
