@@ -226,9 +226,13 @@ def _decode(path: Path) -> Image.Image | np.ndarray:
 
 def _wide_colour(img: Image.Image) -> bool:
     """True for a colour image stored with more than 8 bits per channel (e.g. a 16-bit RGB
-    PNG or TIFF), which Pillow decodes to 8-bit ``RGB``; checked on the undecoded tiles."""
+    PNG or TIFF), which Pillow decodes to 8-bit ``RGB``; checked on a TIFF's BitsPerSample
+    tag (Pillow misreads planar 16-bit TIFFs as 8-bit tiles) and on the undecoded tiles."""
     if img.mode not in ("RGB", "RGBA"):
         return False
+    bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample, one value per channel
+    if isinstance(bits, (tuple, list)) and any(isinstance(b, int) and b > 8 for b in bits):
+        return True
     for tile in getattr(img, "tile", None) or ():
         args = tile[3] if len(tile) > 3 else None
         raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")

@@ -597,6 +597,13 @@ def test_16_bit_colour_tiff_keeps_16_bits(tmp_path):
     tifffile.imwrite(tmp_path / "c16.tif", arr, photometric="rgb")
     out = load_image(tmp_path / "c16.tif")
     np.testing.assert_allclose(out, arr / 65535.0, rtol=0, atol=1e-7)
+    # planar (one plane per channel): Pillow decodes it to scrambled 8-bit tiles; tifffile reads it
+    tifffile.imwrite(tmp_path / "p16.tif", arr.transpose(2, 0, 1), photometric="rgb",
+                     planarconfig="separate")
+    np.testing.assert_allclose(load_image(tmp_path / "p16.tif"), arr / 65535.0, rtol=0, atol=1e-7)
+    tifffile.imwrite(tmp_path / "p8.tif", (arr >> 8).astype(np.uint8).transpose(2, 0, 1),
+                     photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(load_image(tmp_path / "p8.tif"), (arr >> 8) / 255.0, rtol=0, atol=1e-7)
 
 
 def test_16_bit_colour_png_is_read_at_8_bits_with_a_warning(tmp_path):
