@@ -11,7 +11,8 @@ Every image in pedenet is read by :func:`load_image`, which returns a ``float32`
 * 8-bit modes (``"L"``, ``"RGB"``, ...) are divided by 255.  ``"1"`` (bilevel) gives 0 or 1.
 * 16-bit integer modes (``"I;16"``, ``"I;16B"``, ...) are divided by 65535; the 32-bit integer
   mode ``"I"`` is divided by the maximum of its dtype (2**31 - 1).  Negative values clip to 0.
-* The float mode ``"F"`` is clipped to ``[0, 1]`` (NaN becomes 0, +inf 1).
+* The float mode ``"F"`` is clipped to ``[0, 1]`` (NaN becomes 0, +inf 1), with a warning
+  naming the file when more than 1 % of its values are above 1 (an image on the 0..255 scale).
 * Palette images (``"P"``) become RGB, or RGBA when the palette has transparency, and then
   the alpha channel is dropped.
 * Alpha channels (``"LA"``, ``"RGBA"``, ``"PA"``) are dropped; the colour channels are used as
@@ -352,7 +353,30 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             truncated, not an image) or exceeds Pillow's decompression-bomb limit.
     """
     path = Path(path)
-    return _to_rgb_array(_decode(path))
+    decoded = _decode(path)
+    _warn_if_float_above_one(decoded, path)
+    return _to_rgb_array(decoded)
+
+
+def _warn_if_float_above_one(img: Image.Image | np.ndarray, path: Path) -> None:
+    """Warn, naming ``path``, when a float image (mode ``"F"``, a float TIFF) has more than 1 %
+    of its values above 1: the rule clips them to 1, which turns an image stored on the
+    0..255 scale into a white one."""
+    if isinstance(img, np.ndarray):
+        if not np.issubdtype(img.dtype, np.floating):
+            return
+        values = img
+    elif img.mode == "F":
+        values = np.asarray(img)
+    else:
+        return
+    above = float(np.mean(values > 1.0))  # NaN compares False
+    if above > 0.01:
+        finite = values[np.isfinite(values)]
+        top = float(finite.max()) if finite.size else float("inf")
+        warnings.warn(f"{path}: float image with {above:.0%} of its values above 1 (up to {top:.4g}); "
+                      "values are clipped to [0, 1], so those read as white - if the image holds "
+                      "0..255 values, save it as 8-bit or divide it by 255", stacklevel=3)
 
 
 def _mask_channel(img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -135,7 +135,9 @@ def test_float_mode_f_clipped(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", a)
     with Image.open(tmp_path / "f.tif") as check:
         assert check.mode == "F"
-    out = load_image(tmp_path / "f.tif")
+    with pytest.warns(UserWarning, match="f.tif: float image with 25% of its values above 1 "
+                      r"\(up to 2\)"):  # one of four
+        out = load_image(tmp_path / "f.tif")
     check_rgb(out, (2, 2))
     np.testing.assert_allclose(out[..., 0], [[0.0, 0.25], [1.0, 0.0]])
 
@@ -145,7 +147,8 @@ def test_float_rgb_tiff_via_tifffile(tmp_path):
     a[..., 1] = 0.75
     a[0, 0, 0] = 5.0
     tifffile.imwrite(tmp_path / "rgbf.tiff", a, photometric="rgb")
-    out = load_image(tmp_path / "rgbf.tiff")
+    with pytest.warns(UserWarning, match="rgbf.tiff: float image with 3% of its values above 1"):
+        out = load_image(tmp_path / "rgbf.tiff")  # 1 of 36 values
     check_rgb(out, (3, 4))
     assert out[0, 0, 0] == 1.0
     np.testing.assert_allclose(out[..., 1], 0.75)
@@ -641,3 +644,23 @@ def test_multi_page_images_use_the_first_page_with_one_warning(tmp_path, kind):
     assert texts == [f"{path}: holds {len(pages)} pages (frames); only the first is used - save "
                      "each page as its own image to use the others"]
     np.testing.assert_allclose(out, first, rtol=0, atol=1e-6)
+
+
+def test_float_image_on_the_0_255_scale_is_clipped_with_a_warning(tmp_path):
+    import tifffile
+
+    gray = np.random.default_rng(0).uniform(0, 255, (20, 30)).astype(np.float32)
+    Image.fromarray(gray, mode="F").save(tmp_path / "f255.tif")
+    tifffile.imwrite(tmp_path / "rgbf.tif", np.stack([gray] * 3, -1), photometric="rgb")
+    for name in ("f255.tif", "rgbf.tif"):
+        with pytest.warns(UserWarning, match=rf"{name}: float image with \d+% of its values above 1 "
+                          r"\(up to 25\d\.\d+\).*divide it by 255"):
+            out = load_image(tmp_path / name)
+        np.testing.assert_array_equal(out, np.clip(np.stack([gray] * 3, -1), 0, 1))
+    # values in [0, 1] (and a few above: overshoot) are read without a warning
+    ok = np.clip(gray / 255, 0, 1)
+    ok[0, :5] = 1.2
+    Image.fromarray(ok, mode="F").save(tmp_path / "ok.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load_image(tmp_path / "ok.tif")[..., 0], np.clip(ok, 0, 1))
