@@ -741,6 +741,23 @@ def test_validate_finds_moved_data_with_data_option(dataset, tmp_path, monkeypat
     monkeypatch.chdir(moved / "grass" / "train")  # the same, given as a relative path
     result = run("validate", out, "--overwrite", "--data", "good")
     assert_one_line_error(result, f"pass --data {(moved / 'grass').resolve()} (")
+    # fitted on the category folder itself (no --category), then moved into a dataset root
+    monkeypatch.chdir(tmp_path)
+    result = run("fit", moved / "grass", "--out", tmp_path / "run2", "--steps", "1",
+                 "--n-components", "2", "--quiet", "--calibration-fraction", "0.5")
+    assert result.exit_code == 0, result.output
+    (moved / "grass").rename(tmp_path / "grass")
+    root2 = tmp_path / "root2"
+    root2.mkdir()
+    (tmp_path / "grass").rename(root2 / "grass")
+    for data in (root2, "root2"):  # the dataset root, absolute or relative
+        result = run("validate", tmp_path / "run2", "--quiet", "--overwrite", "--data", data)
+        assert result.exit_code == 0, result.output
+    # a --data that holds none of them: says so, not "run validate from the folder fit ran in"
+    (tmp_path / "empty").mkdir()
+    result = run("validate", tmp_path / "run2", "--overwrite", "--data", "empty")
+    assert_one_line_error(result, "held-out image not found", "not under --data empty",
+                          "pass the category folder `fit` read")
 
 
 def test_console_script_start_is_light_and_an_interrupted_start_is_one_line(monkeypatch, capsys):

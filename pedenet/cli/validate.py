@@ -79,7 +79,7 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
     held_paths = [Path(h) for h in held]
     if data is not None:
         held_paths = _moved(held_paths, model_path.parent / "config.json", data)
-    paths = _held_out_images(held_paths, model.min_image_side,
+    paths = _held_out_images(held_paths, model.min_image_side, data=data,
                              skip_bad_files=skip_bad_files, quiet=quiet)
     _debug(f"settings: kinds {','.join(kinds)}, seed {seed}, model {model_path}")
     t0 = time.perf_counter()
@@ -110,8 +110,10 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     ``data`` is not a folder, or (exit code 2) none of the images is under ``data`` but they
     are under one of its two parent folders, which the message names."""
     recorded = _read_json(config_path) if config_path.is_file() else {}
-    new_root = _data_moved_to(data, recorded.get("category"))
     old = recorded.get("category_dir")
+    category = None if recorded.get("plain_folder") else (  # as rescore finds it
+        recorded.get("category") or (Path(old).name if old else None))
+    new_root = _data_moved_to(data, category)
     if not old:
         raise UserError(f"{config_path}: not found or records no data folder, so --data cannot "
                         "relocate the held-out images")
@@ -130,7 +132,7 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     if out and not any(p.is_file() for p in out):  # e.g. --data .../bottle/train/good
         here = Path(data).resolve()
         for up in (here.parent, here.parent.parent):
-            root = _data_moved_to(up, recorded.get("category"))
+            root = _data_moved_to(up, category)
             moved = [root / p.relative_to(new_root) for p in out]
             if 2 * sum(p.is_file() for p in moved) >= len(moved):  # most of them: not a chance name
                 raise UserError(f"--data {data}: none of the held-out images is under it; they are "
@@ -140,7 +142,7 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
 
 
 def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
-                     quiet: bool) -> list[Path]:
+                     quiet: bool, data: Path | None = None) -> list[Path]:
     """The held-out images validate can use: present, readable, both sides >= MIN_SIDE.
 
     A bad one stops validate with an error suggesting --skip-bad-files (the held-out set is
@@ -154,7 +156,9 @@ def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
 
     missing = [h for h in held if not h.is_file()]
     if missing and not skip_bad_files:
-        where = ("the path is relative to the folder `fit` ran in: run validate from there"
+        where = (f"not under --data {data}: pass the category folder `fit` read, or the "
+                 "dataset root holding it" if data is not None
+                 else "the path is relative to the folder `fit` ran in: run validate from there"
                  if not missing[0].is_absolute()
                  else "moved or deleted since fit; if the data moved, pass --data with its new folder")
         raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
