@@ -8,8 +8,9 @@ Sections (each also written to the JSON file):
   batch 16) at 256×256 (the model's ``image_size``) and at native MTD-like sizes
   (103×300, 400×632), processed at that size (``image_size`` 0) whatever the model's
   ``image_size`` (a model fitted at 256 resizes them in ``predict``: its cost is the 256 row);
-* ``exported`` (not with ``--quick``): latency of the exported model (``pedenet export``)
-  on one image in onnxruntime and as TorchScript;
+* ``exported`` (not with ``--quick``; not for a model scored by distance, which export does
+  not support): latency of the exported model (``pedenet export``) on one image in
+  onnxruntime and as TorchScript;
 * ``scratch_patch_vs_dense`` (and ``scratch_patch_vs_dense_64``): the scratch encoder (32 px
   patches, stride 4; 64 px, stride 8) applied to every patch of a 256×256 image cut out with
   ``unfold`` (in batches of 512 patches) versus one dense pass over the image (the same
@@ -30,7 +31,7 @@ Sections (each also written to the JSON file):
   inference path calls no ``nn.Conv2d``), the energy's analytic count, and the achieved
   GFLOP/s against the GFLOP/s of a large 3×3 convolution measured in the same run (the
   ceiling), for: the PyTorch encoder (folded backbone, the default, and the reference
-  modules it replaces), the exported model in onnxruntime (``pedenet export`` ONNX file,
+  modules it replaces), the exported model in onnxruntime (mixture models; ``pedenet export`` ONNX file,
   image → map, the same FLOPs per image as PyTorch end to end; batch 1 and the batch
   ``predict`` uses), and PyTorch end to end (``predict`` throughput).
 
@@ -437,7 +438,10 @@ def reference_encoder(encoder: nn.Module):
 
 def _onnxruntime_seconds(model, size: int, batches: tuple[int, ...], quick: bool) -> dict | None:
     """Best seconds per image of the exported ONNX model (image → map) in onnxruntime, CPU
-    provider with torch's thread count, for each batch size; None without onnxruntime/onnx."""
+    provider with torch's thread count, for each batch size; None without onnxruntime/onnx,
+    or for a model scored by distance (which export does not support)."""
+    if model.config.scoring != "mixture":
+        return None
     try:
         import onnx  # noqa: F401 - needed by the export
         import onnxruntime as ort
@@ -607,7 +611,10 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
             f"peak RSS {r['peak_rss_mb']:.0f} MiB")
     result["inference"] = inference
 
-    if not quick:
+    if not quick and model.config.scoring != "mixture":
+        log("exported model: skipped (the model scores by distance to a memory bank, which "
+            "export does not support)")
+    elif not quick:
         r = bench_exported(model, quick)
         result["exported"] = r
         log(f"exported model, {r['input'][2]}x{r['input'][3]}: onnxruntime p50 "

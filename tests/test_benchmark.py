@@ -107,3 +107,18 @@ def test_scratch_work_ratio_is_the_hand_count(patch, spec):
     assert r["patchwise_gflop"] == pytest.approx(2 * per_patch * n / 1e9)
     assert r["work_ratio"] == pytest.approx({32: 10.50, 64: 17.92}[patch], abs=0.01)
     assert r["max_abs_difference"] < 1e-3
+
+
+def test_flops_of_a_distance_model_leave_out_the_export_it_cannot_have():
+    """A run scored by distance cannot be exported: the benchmark measures it without the
+    onnxruntime rows instead of failing at the end (and losing every figure)."""
+    import pedenet
+    from pedenet.benchmark import _onnxruntime_seconds, bench_flops
+    from pedenet.builtin import normal_crops
+
+    model = pedenet.PEDENet(steps=0, image_size=64, n_components=2, scoring="distance",
+                            memory_bank_size=500, calibration_fraction=0.0)
+    model.fit(normal_crops("grass", 4, size=64, seed=0), progress=False)
+    assert _onnxruntime_seconds(model, 64, (1,), quick=True) is None
+    r = bench_flops(model, None, quick=True)
+    assert "onnxruntime" not in r and r["gflop_per_image"] > 0 and r["encoder_gflops_achieved"] > 0
