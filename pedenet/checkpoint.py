@@ -82,6 +82,9 @@ def _foreign_file(path: Path) -> str:
     """What a file that ``torch.load`` cannot read is, for an error message."""
     from PIL import Image
 
+    if path.suffix.lower() == ".onnx":
+        return "it is an ONNX model, as `pedenet export` writes: run it with onnxruntime"
+
     try:
         with Image.open(path) as img:
             return f"it is a {img.format} image"
@@ -117,6 +120,16 @@ def _damaged_entry(path: Path) -> str | None:
         return None
 
 
+def _is_torchscript(path: Path) -> bool:
+    """True when the zip archive ``path`` is a TorchScript archive (``torch.jit.save``: it
+    holds compiled code, ``<name>/code/...``, which ``torch.save`` files never do)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return False
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     """Read a checkpoint without executing code.
 
@@ -128,7 +141,8 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     Raises:
         CheckpointError: missing file, a folder, not a torch file (an image, text, ...),
             tampered/unsafe content, damaged bytes (a zip entry whose CRC-32 does not match),
-            not a pedenet checkpoint, the other kind, or written by an incompatible format
+            not a pedenet checkpoint (an exported TorchScript or ONNX model is named as
+            such), the other kind, or written by an incompatible format
             version. The message names the file and is one short line.
     """
     path = Path(path)
@@ -148,6 +162,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     if not head.startswith(TORCH_MAGIC):
         raise CheckpointError(f"{path}: not a pedenet checkpoint ({_foreign_file(path)}); "
                               f"{INSTEAD[kind]}")
+    if head.startswith(TORCH_MAGIC[0]) and _is_torchscript(path):
+        raise CheckpointError(f"{path}: an exported TorchScript model (`pedenet export`), not a "
+                              f"pedenet checkpoint: run it with torch.jit.load; {INSTEAD[kind]}")
     bad = _damaged_entry(path) if head.startswith(TORCH_MAGIC[0]) else None
     if bad is not None:
         fix = ("copy it again from where it was written, or fit the model again with `pedenet fit`"

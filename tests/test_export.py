@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from pedenet import PEDENet
 from pedenet.builtin import make_builtin_dataset
@@ -234,6 +235,19 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
     assert result.exit_code == 0, result.output
     assert "exported torchscript" in result.output
     torch.jit.load(str(tmp_path / "m.ts"))  # a TorchScript file, not ONNX
+    # given to a pedenet command as the run, it is named for what it is (no PyTorch advice)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "m.ts"), str(image), "--out",
+                                       str(tmp_path / "p")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "m.ts: an exported TorchScript model (`pedenet export`)" in result.output
+    assert "weights_only" not in result.output and "corrupt" not in result.output
+    # model.pt is refused as an export name anywhere: it marks a run's checkpoint
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "other" / "model.pt"),
+                                       "--overwrite"])
+    assert result.exit_code == 2 and "name of a run's checkpoint" in result.output
+    assert not (tmp_path / "other" / "model.pt").exists()
     # an explicit format that contradicts the extension is refused before any work
     result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "torchscript",
                                        "--out", str(tmp_path / "x.onnx")])
@@ -258,7 +272,7 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
         assert f"{stem}.onnx" in result.output and f"{stem}.ts" in result.output
     assert (run_dir / "config.json").read_text() == "{}" and not (run_dir / "model").exists()
     # the run's own files are refused even with --format and --overwrite
-    for name in ("config.json", "history.json", "metrics.json", "resume.pt"):
+    for name in ("config.json", "history.json", "metrics.json", "resume.pt", "overlays"):
         fmt = "torchscript" if name.endswith(".pt") else "onnx"
         result = CliRunner().invoke(main, ["export", str(run_dir), "--format", fmt, "--out",
                                            str(run_dir / name), "--overwrite"])

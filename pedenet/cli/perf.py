@@ -25,14 +25,16 @@ from .common import (RESULT_FILES, RUN_FILES, UserError, _check_out_file, _info,
               "and least exact. The encoder always runs in float32.")
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an existing --out file (never one of the run's own files: model.pt, "
-              "resume.pt, config.json, history.json, metrics.json, validation.json, report.html).")
+              "resume.pt, config.json, history.json, metrics.json, validation.json, report.html, "
+              "overlays; nor any file named model.pt or resume.pt, the names of a run's checkpoints).")
 @click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
 @_user_errors
 def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     """Export RUN_DIR's model as one network: image → anomaly map and score.
 
     Input: float32 B×3×H×W, RGB in [0, 1] (normalization is inside), H = W = the
-    model's image_size (resize first, bilinear with antialiasing) or any H, W >= 32
+    model's image_size (resize first, bilinear with antialiasing), the shorter side =
+    image_size with the aspect kept (models fitted with --keep-aspect), or any H, W >= 32
     when image_size is 0. Outputs: anomaly_map B×H×W (energy) and score B (the image
     score: mean of the map's top image_score_fraction of pixels, leaving out the
     image_score_border band at the edge, as predict gives).
@@ -50,11 +52,15 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
             raise UserError(f"{exc}; or export --format torchscript") from None
     _check_out_file(out_file)
     model_path = _model_path(run_dir)
-    own = {(model_path.parent / name).resolve() for name in RUN_FILES + RESULT_FILES}
+    own = {(model_path.parent / name).resolve() for name in RUN_FILES + RESULT_FILES + ("overlays",)}
     if out_file.resolve() in own | {model_path.resolve()}:
         raise click.UsageError(f"--out {out_file} would overwrite one of the run's own files "
                                f"({out_file.name}); pass another file name (e.g. model.ts or "
                                "model.onnx)")
+    if out_file.name in ("model.pt", "resume.pt"):  # another run's, or read as one later
+        raise click.UsageError(f"--out {out_file}: {out_file.name} is the name of a run's "
+                               "checkpoint, which pedenet commands would try to read as one; "
+                               "name the export model.ts (or model.onnx)")
     if out_file.exists() and not overwrite:
         raise click.UsageError(f"--out {out_file} exists; pass --overwrite to replace it, or "
                                "choose another file name")
