@@ -473,7 +473,8 @@ def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, t
     result = run("predict", run_dir, inputs, "--out", out, "--fpr", "0.5", "--report", "--quiet")
     assert result.exit_code == 130
     assert f"interrupted after 1 of {n_images} images" in result.output
-    assert "--resume" in result.output and "Traceback" not in result.output
+    assert "rerun the same command with --resume to predict the rest" in result.output
+    assert "Traceback" not in result.output
     with open(out / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1
@@ -504,6 +505,7 @@ def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, t
     assert result.exit_code == 130
     assert f"the {3 * (n_images - 1) + 1} other file(s) of the earlier prediction there were " \
         "removed" in result.output  # their maps, masks and overlays, and report.html
+    assert "rerun it with --resume in place of --overwrite to predict the rest" in result.output
     assert len(list(out.iterdir())) == 5
     # Ctrl-C while the images are checked: exit code 130 and one line, nothing written
     import pedenet.cli.predict as predict_module
