@@ -808,3 +808,19 @@ def test_package_versions_name_the_installed_ones(monkeypatch):
     assert set(v) == {"python", *environment.PACKAGES}
     monkeypatch.setattr(environment, "PACKAGES", ("numpy", "no-such-distribution-xyz"))
     assert environment.package_versions()["no-such-distribution-xyz"] is None
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(run_dir, tmp_path, monkeypatch):
+    """An unset shell variable ("$DIR") passes an empty string: every path argument and
+    option refuses it (exit code 2) instead of reading or writing the current folder."""
+    monkeypatch.chdir(tmp_path)
+    commands = [("fit", "", "--out", "r"), ("fit", run_dir, "--out", ""),
+                ("predict", run_dir, "", "--out", "p"), ("predict", run_dir, ".", "--out", " "),
+                ("predict", "", ".", "--out", "p"), ("evaluate", run_dir, "--data", ""),
+                ("validate", run_dir, "--data", ""), ("export", run_dir, "--out", ""),
+                ("rescore", run_dir, "--scoring", "distance", "--out", "")]
+    for args in commands:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "is empty (an unset shell variable?)" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written here

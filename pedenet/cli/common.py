@@ -39,6 +39,17 @@ class UserError(click.ClickException):
         self.exit_code = exit_code
 
 
+class NonEmptyPath(click.Path):
+    """``click.Path`` that refuses an empty string (exit code 2): an unset shell variable
+    (``"$DIR"``) would otherwise mean the current folder, to read or to write into."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (an unset shell variable?); give a path, or . for the current "
+                      "folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [s.strip() for s in text.splitlines() if s.strip()]

@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import __version__
 from ..environment import package_versions
-from .common import (DEFAULTS, UserError, _check_out_folder, _device_option, _info, _one_line,
-                     _set_verbose, _user_errors, _verbose_option, _write_json, _write_text)
+from .common import (DEFAULTS, NonEmptyPath, UserError, _check_out_folder, _device_option, _info,
+                     _one_line, _set_verbose, _user_errors, _verbose_option, _write_json,
+                     _write_text)
 from .evaluate import _evaluate_run
 from .fit import _fit_run
 
@@ -54,7 +55,7 @@ def _decision_lines(results: dict, target_fpr: float) -> list[str]:
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--out", "out_dir", type=NonEmptyPath(path_type=Path, file_okay=False),
               default=Path("runs/demo"), show_default=True,
               help="Output folder: one run folder per category, summary.json, summary.md.")
 @click.option("--steps", type=click.IntRange(min=1), default=DEMO_STEPS, show_default=True,

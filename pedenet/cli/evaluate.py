@@ -10,8 +10,8 @@ import click
 
 from ..data import DataError, list_images, load_image, load_mask, resolve_category
 from ..environment import package_versions
-from .common import (UserError, _check_writable, _debug, _device_option, _info, _load_model,
-                     _model_path, _progress, _rate_options, _read_json, _set_verbose,
+from .common import (NonEmptyPath, UserError, _check_writable, _debug, _device_option, _info,
+                     _load_model, _model_path, _progress, _rate_options, _read_json, _set_verbose,
                      _short_warnings, _thresholds_line, _unique_names, _user_errors,
                      _verbose_option, _write_json)
 
@@ -132,8 +132,8 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), default=None, show_default=True,
+@click.argument("run_dir", type=NonEmptyPath(path_type=Path))
+@click.option("--data", type=NonEmptyPath(path_type=Path), default=None, show_default=True,
               help="Category folder or dataset root; default: the data recorded in "
               "RUN_DIR/config.json.")
 @click.option("--category", default=None, show_default=True,

@@ -17,8 +17,8 @@ from ..environment import package_versions
 from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning,
                     categories_under, find_images, is_category_dir, list_images, resolve_category,
                     train_samples)
-from .common import (DEFAULTS, UserError, _check_device, _check_run_dir, _checked, _debug,
-                     _device_option, _info, _interrupt_exit_code, _interrupt_name,
+from .common import (DEFAULTS, NonEmptyPath, UserError, _check_device, _check_run_dir, _checked,
+                     _debug, _device_option, _info, _interrupt_exit_code, _interrupt_name,
                      _remove_stale_results, _set_verbose, _short_warnings, _thresholds_line,
                      _user_errors, _verbose_option, _write_json)
 
@@ -187,8 +187,8 @@ def _parse_blocks(value) -> tuple[int, ...]:
 
 
 @click.command()
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.argument("data", type=NonEmptyPath(path_type=Path))
+@click.option("--out", "run_dir", required=True, type=NonEmptyPath(path_type=Path, file_okay=False),
               help="Run folder to write (model.pt, config.json, history.json).")
 @click.option("--category", default=None, show_default=True,
               help="Category under DATA when DATA is a dataset root.")

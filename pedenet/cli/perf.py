@@ -6,17 +6,17 @@ from pathlib import Path
 
 import click
 
-from .common import (RESULT_FILES, RUN_FILES, UserError, _check_out_file, _info, _load_model,
-                     _model_path, _user_errors, _write_json)
+from .common import (NonEmptyPath, RESULT_FILES, RUN_FILES, UserError, _check_out_file, _info,
+                     _load_model, _model_path, _user_errors, _write_json)
 
 
 @click.command("export")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=NonEmptyPath(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default=None,
               help="ONNX (onnxruntime) or TorchScript (torch.jit.load). Default: from the "
               "--out extension (.onnx: onnx; .ts, .pt, .pth, .torchscript: torchscript; any "
               "other extension needs --format).")
-@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--out", "out_file", required=True, type=NonEmptyPath(path_type=Path, dir_okay=False),
               help="File to write (e.g. model.onnx, model.ts).")
 @click.option("--energy-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
               show_default=True, help="Precision of the mixture energy inside the exported "
@@ -115,8 +115,8 @@ def _export_format(fmt: str | None, out_file: Path) -> str:
 
 
 @click.command("benchmark")
-@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--json", "json_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.argument("run_dir", required=False, type=NonEmptyPath(path_type=Path))
+@click.option("--json", "json_file", type=NonEmptyPath(path_type=Path, dir_okay=False), default=None,
               help="Also write the figures to this JSON file.")
 @click.option("--quick", is_flag=True, default=False, show_default=True,
               help="Fewer repeats, scoring for 100 and 1000 training images only: a smoke test, "

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..checkpoint import atomic_write_bytes
 from ..data import IMAGE_EXTENSIONS, DataError, find_images, load_image
-from .common import (UserError, _check_out_folder, _checked, _debug, _device_option, _info,
-                     _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress,
-                     _rate_options, _set_verbose, _short_warnings, _thresholds_line,
+from .common import (NonEmptyPath, UserError, _check_out_folder, _checked, _debug, _device_option,
+                     _info, _interrupt_exit_code, _interrupt_name, _load_model, _model_path,
+                     _progress, _rate_options, _set_verbose, _short_warnings, _thresholds_line,
                      _unique_names, _user_errors, _verbose_option, _write_text)
 
 REPORT_GALLERY = 60
@@ -30,9 +30,9 @@ chance to save (SIGKILL, power loss) loses at most this much work to ``--resume`
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.argument("run_dir", type=NonEmptyPath(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=NonEmptyPath(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(path_type=Path, file_okay=False),
               help="Folder for <stem>_overlay.png, <stem>_map.npy|tiff, <stem>_mask.png "
               "(<stem>_clusters.png with --clusters), scores.csv and predict.json (the settings "
               "--resume checks).")

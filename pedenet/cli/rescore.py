@@ -14,25 +14,26 @@ from ..config import SCORINGS
 from ..data import DataError
 from ..environment import package_versions
 from ..training import ImagesMismatchError
-from .common import (UserError, _check_run_dir, _data_moved_to, _debug, _device_option, _info,
-                     _load_model, _model_path, _read_json, _remove_stale_results, _set_verbose, _short_warnings,
-                     _thresholds_line, _user_errors, _verbose_option, _write_json)
+from .common import (NonEmptyPath, UserError, _check_run_dir, _data_moved_to, _debug,
+                     _device_option, _info, _load_model, _model_path, _read_json,
+                     _remove_stale_results, _set_verbose, _short_warnings, _thresholds_line,
+                     _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=NonEmptyPath(path_type=Path))
 @click.option("--scoring", type=click.Choice(SCORINGS), default=None,
               help="The new scoring: energy under the Gaussian mixture, or distance to the "
               "nearest of --memory-bank-size training embeddings  [default: RUN_DIR's]")
 @click.option("--image-score-border", type=click.FloatRange(0, 0.5, max_open=True), default=None,
               help="The new edge band left out of the image score, a fraction of each side "
               "(fit --image-score-border)  [default: RUN_DIR's]")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(path_type=Path, file_okay=False),
               help="New run folder to write (RUN_DIR is left as it is).")
 @click.option("--memory-bank-size", type=click.IntRange(min=1), default=None,
               help="At most this many training embeddings for --scoring distance  [default: "
               "RUN_DIR's setting: 200000 unless fit was given another]")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--data", type=NonEmptyPath(path_type=Path), default=None,
               help="Where the data `fit` ran on is now, if it has moved: its category folder (or "
               "plain folder of normal images), or the dataset root holding that category.")
 @_device_option

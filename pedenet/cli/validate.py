@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, _check_writable, _checked, _data_moved_to, _debug,
-                     _device_option, _info, _load_model, _model_path, _read_json, _set_verbose, _short_warnings,
-                     _thresholds_line, _user_errors, _verbose_option, _write_json)
+from .common import (NonEmptyPath, UserError, _check_writable, _checked, _data_moved_to, _debug,
+                     _device_option, _info, _load_model, _model_path, _read_json, _set_verbose,
+                     _short_warnings, _thresholds_line, _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=NonEmptyPath(path_type=Path))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic defects (keep it fixed to compare runs).")
 @click.option("--kinds", default="scratch,spot,patch", show_default=True, metavar="KIND,...",
@@ -23,7 +23,7 @@ from .common import (UserError, _check_writable, _checked, _data_moved_to, _debu
               "own, magnified: large, low-contrast defects) and edge (the same change on a piece "
               "cut off at the border or a corner, 3-10 % of the image, as chipped edges are). "
               "Compare runs on the same kinds.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--data", type=NonEmptyPath(path_type=Path), default=None,
               help="Where the data `fit` ran on is now, if it has moved: its category folder (or "
               "plain folder of normal images), or the dataset root holding that category. The "
               "held-out images are found there by their path relative to the folder recorded "
