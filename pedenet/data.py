@@ -770,7 +770,8 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
     Returns:
         list of ``Path`` in input order, duplicates removed (a ``UserWarning`` says how many
-        and names the first: the same file named twice, or also found in a folder given).
+        and names the first left out and the path it is kept under: the same file named
+        twice, also found in a folder given, or reached through a symbolic link).
         Files are not opened.
 
     Raises:
@@ -780,8 +781,8 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     result: list[Path] = []
-    seen: set[Path] = set()
-    repeated: list[Path] = []
+    seen: dict[Path, Path] = {}  # resolved path -> the path kept for it
+    repeated: list[tuple[Path, Path]] = []  # (path left out, the path kept)
     n_inputs = 0
     for item in inputs:
         n_inputs += 1
@@ -805,15 +806,18 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         for p in found:
             key = p.resolve()
             if key not in seen:
-                seen.add(key)
+                seen[key] = p
                 result.append(p)
             else:
-                repeated.append(p)
+                repeated.append((p, seen[key]))
     if n_inputs == 0:
         raise DataError("no input paths given; pass image files or folders")
     if repeated:
-        warnings.warn(f"{len(repeated)} input image(s) given more than once (first: {repeated[0]}); "
-                      "each image is scored once", UserWarning, stacklevel=2)
+        dropped, kept = repeated[0]
+        first = (f"first: {kept}" if dropped == kept else
+                 f"first left out: {dropped}, the same file as {kept}, which is scored")
+        warnings.warn(f"{len(repeated)} input image(s) given more than once ({first}); each image "
+                      "is scored once, under the path given first", UserWarning, stacklevel=2)
     return result
 
 # ``test_samples`` is a library function, not a pytest test: keep pytest from collecting it

@@ -498,6 +498,13 @@ def test_find_images(tiny_root, tmp_path):
     with pytest.warns(UserWarning, match=r"2 input image\(s\) given more than once .*000.png"):
         assert data.find_images([str(one), one, cat / "test" / "good"]) == [
             one, cat / "test" / "good" / "001.png"]  # duplicates removed, in input order
+    # a link to an image given after it: the warning names the path left out and the one kept
+    link = tmp_path / "link.png"
+    link.symlink_to(one)
+    with pytest.warns(UserWarning, match=rf"first left out: {link}, the same file as {one}, which is scored\)"):
+        assert data.find_images([one, link]) == [one]
+    with pytest.warns(UserWarning, match=rf"first left out: {one}, the same file as {link}, which is scored\)"):
+        assert data.find_images([link, one]) == [link]
     with pytest.raises(DataError, match="absent.png"):
         data.find_images([tmp_path / "absent.png"])
     txt = cat / "train" / "good" / "readme.txt"
