@@ -749,8 +749,17 @@ def test_samples(category_dir: str | os.PathLike) -> list[Sample]:
 
 
 def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted by relative path; hidden entries
+    skipped; folders reached through symbolic links followed, each real folder once (a link
+    to a folder above it does not loop)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a link back up the tree, or a second link to one folder
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
         _warn_unread_images(base, [f for f in filenames if (base / f).is_file()])
@@ -764,7 +773,8 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     Args:
         inputs: a path or an iterable of paths.  A file must have an image extension
             (:data:`IMAGE_EXTENSIONS`); a folder contributes its image files, recursively,
-            sorted by relative path (hidden files and folders skipped; files in a format
+            sorted by relative path (hidden files and folders skipped, linked folders
+            followed once each; files in a format
             pedenet does not read, such as ``.webp``, skipped with a
             :class:`SkippedFileWarning` per folder).
 

@@ -671,3 +671,21 @@ def test_float_image_on_the_0_255_scale_is_clipped_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(load_image(tmp_path / "ok.tif")[..., 0], np.clip(ok, 0, 1))
+
+
+def test_find_images_follows_linked_folders_once(tmp_path):
+    """A folder reached through a symbolic link is searched; a link back up the tree does
+    not loop, and the same files reached twice are scored once."""
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "top" / "inner").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    img.save(tmp_path / "top" / "a.png")
+    img.save(tmp_path / "top" / "inner" / "b.png")
+    img.save(tmp_path / "elsewhere" / "c.png")
+    (tmp_path / "top" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "top" / "inner" / "up").symlink_to(tmp_path / "top")  # a loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = data.find_images(tmp_path / "top")
+    assert [p.relative_to(tmp_path / "top").as_posix() for p in found] == [
+        "a.png", "inner/b.png", "linked/c.png"]
