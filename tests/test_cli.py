@@ -824,3 +824,32 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(run_dir, tmp_pa
         assert result.exit_code == 2, (args, result.output)
         assert "is empty (an unset shell variable?)" in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []  # nothing written here
+
+
+def test_evaluate_interrupted_while_drawing_overlays_says_the_metrics_are_kept(run_dir, tmp_path,
+                                                                               monkeypatch):
+    import pedenet.visualization as vis
+
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("metrics.json", "overlays", "report.html"))
+    save_png, calls = vis.save_png, {"n": 0}
+
+    def interrupted_save_png(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return save_png(*args, **kwargs)
+
+    monkeypatch.setattr(vis, "save_png", interrupted_save_png)
+    result = run("evaluate", target, "--report", "--quiet")
+    assert result.exit_code == 130
+    m = json.loads((target / "metrics.json").read_text())  # complete: every test image
+    o = m["overall"]
+    assert_one_line_error(result, "interrupted while writing the overlays; the metrics are complete in "
+                          f"{target / 'metrics.json'} (image AUROC {o['image_auroc']:.3f}, pixel AUROC "
+                          f"{o['pixel_auroc']:.3f}", "the overlays not: rerun with --overwrite")
+    assert len(list((target / "overlays").rglob("*.png"))) == 1 and not (target / "report.html").exists()
+    monkeypatch.setattr(vis, "save_png", save_png)
+    result = run("evaluate", target, "--report", "--quiet", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len(list((target / "overlays").rglob("*.png"))) == m["n_images"]

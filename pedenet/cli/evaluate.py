@@ -11,7 +11,7 @@ import click
 from ..data import DataError, list_images, load_image, load_mask, resolve_category
 from ..environment import package_versions
 from .common import (NonEmptyPath, UserError, _check_writable, _debug, _device_option, _info,
-                     _load_model, _model_path, _progress, _rate_options, _read_json, _set_verbose,
+                     _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress, _rate_options, _read_json, _set_verbose,
                      _short_warnings, _thresholds_line, _unique_names, _user_errors,
                      _verbose_option, _write_json)
 
@@ -101,31 +101,43 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
                   "packages": package_versions(), **result, "warnings": warned}
         _write_json(run_dir / "metrics.json", record)
         n_recorded = len(warned)
-        if overlays:
-            out_root = run_dir / "overlays"
-            by_defect: dict[str, list[int]] = {}
-            for i, entry in enumerate(result["images"]):
-                by_defect.setdefault(entry["defect"], []).append(i)
-            names: dict[int, str] = {}
-            for idx in by_defect.values():
-                for i, n in zip(idx, _unique_names([Path(result["images"][i]["path"]) for i in idx])):
-                    names[i] = n
-            for i in _progress(range(len(maps)), quiet, "overlays"):
-                entry = result["images"][i]
-                amap = maps[i]
-                image = load_image(entry["path"])
-                mask = load_mask(entry["mask"], expected_shape=amap.shape) if entry["mask"] else None
-                vmin, vmax = color_range(model, amap)
-                save_png(out_root / entry["defect"] / f"{names[i]}.png",
-                         heatmap_overlay(image, amap, vmin, vmax, mask=mask))
-            _info(quiet, f"overlays -> {out_root}")
-        if report:
-            from ..report import write_evaluation_report
+        stage = "the overlays"
+        try:
+            if overlays:
+                out_root = run_dir / "overlays"
+                by_defect: dict[str, list[int]] = {}
+                for i, entry in enumerate(result["images"]):
+                    by_defect.setdefault(entry["defect"], []).append(i)
+                names: dict[int, str] = {}
+                for idx in by_defect.values():
+                    paths = [Path(result["images"][i]["path"]) for i in idx]
+                    names.update(zip(idx, _unique_names(paths)))
+                for i in _progress(range(len(maps)), quiet, "overlays"):
+                    entry = result["images"][i]
+                    amap = maps[i]
+                    image = load_image(entry["path"])
+                    mask = load_mask(entry["mask"], expected_shape=amap.shape) if entry["mask"] else None
+                    vmin, vmax = color_range(model, amap)
+                    save_png(out_root / entry["defect"] / f"{names[i]}.png",
+                             heatmap_overlay(image, amap, vmin, vmax, mask=mask))
+                _info(quiet, f"overlays -> {out_root}")
+                stage = "the report"
+            if report:
+                from ..report import write_evaluation_report
 
-            path = write_evaluation_report(run_dir / "report.html", result, maps,
-                                           color_range=color_range(model),
-                                           title=f"pedenet evaluation: {Path(result['category']).name}")
-            _info(quiet, f"report -> {path}")
+                path = write_evaluation_report(run_dir / "report.html", result, maps,
+                                               color_range=color_range(model),
+                                               title=f"pedenet evaluation: {Path(result['category']).name}")
+                _info(quiet, f"report -> {path}")
+        except KeyboardInterrupt as exc:  # the metrics are written: say so, and what is not
+            code = _interrupt_exit_code(exc)
+            by = "" if code == 130 else f" by {_interrupt_name(exc)}"
+            o = result["overall"]
+            raise UserError(f"interrupted{by} while writing {stage}; the metrics are complete in "
+                            f"{run_dir / 'metrics.json'} (image AUROC {o['image_auroc']:.3f}, pixel "
+                            f"AUROC {o['pixel_auroc']:.3f}, AU-PRO@0.3 {o['au_pro_0.3']:.3f}), "
+                            f"{stage} not: rerun with --overwrite to write everything again",
+                            exit_code=code) from None
         if len(warned) > n_recorded:  # warned while writing overlays or the report
             _write_json(run_dir / "metrics.json", record)
         return record
