@@ -93,7 +93,8 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
     for path, normal, bad, kind in zip(paths, result["normal_scores"], result["defect_scores"],
                                        result["copy_kinds"]):
         _debug(f"{path}: score {normal:.4g}; its copy with a synthetic {kind} defect: {bad:.4g}")
-    _debug(f"validation took {result['seconds']:.1f} s ({len(paths)} held-out images, device {device})")
+    _debug(f"validation took {result['seconds']:.1f} s ({len(paths)} held-out "
+           f"image{'s' * (len(paths) != 1)}, device {device})")
     drawn = [k for k in kinds if result["defect_kinds"].get(k)]  # with few images, not every kind
     n = len(paths)
     click.echo(f"validation ({n} held-out normal image{'s' * (n != 1)} + {n} synthetic-defect "
