@@ -750,21 +750,43 @@ def test_samples(category_dir: str | os.PathLike) -> list[Sample]:
 
 def _walk_images(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively, sorted by relative path; hidden entries
-    skipped; folders reached through symbolic links followed, each real folder once (a link
-    to a folder above it does not loop)."""
+    skipped. A linked folder is followed when it lies outside ``folder`` (each real folder
+    once); one inside it is not (its files are found under their real path, whatever the
+    listing order); one that holds ``folder`` (a link up the tree) is skipped with a
+    :class:`SkippedFileWarning`: following it would take in the folders around ``folder``."""
+    root = os.path.realpath(folder)
     found = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in visited:  # a link back up the tree, or a second link to one folder
+        if real in visited:  # a second link to one outside folder
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        kept = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if _within(target, root):
+                    continue  # found under its real path
+                if _within(root, target):
+                    warnings.warn(f"skipped: {full}: a link to {target}, which holds {folder}; "
+                                  "not followed", SkippedFileWarning, stacklevel=4)
+                    continue
+            kept.append(d)
+        dirnames[:] = kept
         base = Path(dirpath)
         _warn_unread_images(base, [f for f in filenames if (base / f).is_file()])
         found.extend(base / f for f in filenames if _is_image_file(base / f))
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _within(path: str, folder: str) -> bool:
+    """True when the real path ``path`` is ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -773,8 +795,8 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     Args:
         inputs: a path or an iterable of paths.  A file must have an image extension
             (:data:`IMAGE_EXTENSIONS`); a folder contributes its image files, recursively,
-            sorted by relative path (hidden files and folders skipped, linked folders
-            followed once each; files in a format
+            sorted by relative path (hidden files and folders skipped; linked folders
+            outside it followed, see ``_walk_images``; files in a format
             pedenet does not read, such as ``.webp``, skipped with a
             :class:`SkippedFileWarning` per folder).
 

@@ -674,18 +674,33 @@ def test_float_image_on_the_0_255_scale_is_clipped_with_a_warning(tmp_path):
 
 
 def test_find_images_follows_linked_folders_once(tmp_path):
-    """A folder reached through a symbolic link is searched; a link back up the tree does
-    not loop, and the same files reached twice are scored once."""
+    """A linked folder outside the one given is searched; a link inside it finds nothing
+    twice (files keep their real path, whatever the listing order); a link up the tree is
+    skipped with a warning instead of taking in the folders around."""
+    from pedenet.data import SkippedFileWarning
+
     img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "top" / "inner").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "sibling").mkdir()
     img.save(tmp_path / "top" / "a.png")
     img.save(tmp_path / "top" / "inner" / "b.png")
     img.save(tmp_path / "elsewhere" / "c.png")
+    img.save(tmp_path / "sibling" / "s.png")
     (tmp_path / "top" / "linked").symlink_to(tmp_path / "elsewhere")
-    (tmp_path / "top" / "inner" / "up").symlink_to(tmp_path / "top")  # a loop
+    (tmp_path / "top" / "again").symlink_to(tmp_path / "elsewhere")  # one real folder, twice
+    (tmp_path / "top" / "0inner").symlink_to(tmp_path / "top" / "inner")  # listed before inner
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         found = data.find_images(tmp_path / "top")
     assert [p.relative_to(tmp_path / "top").as_posix() for p in found] == [
-        "a.png", "inner/b.png", "linked/c.png"]
+        "a.png", "again/c.png", "inner/b.png"]
+    link = tmp_path / "top" / "inner" / "up"
+    link.symlink_to(tmp_path / "top")  # a loop: inside, so its files are those found already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.find_images(tmp_path / "top") == found
+    link.unlink()
+    link.symlink_to(tmp_path)  # the parent of the folder given: would take in sibling/
+    with pytest.warns(SkippedFileWarning, match=rf"skipped: {link}: a link to {tmp_path.resolve()}, which holds"):
+        assert data.find_images(tmp_path / "top") == found
