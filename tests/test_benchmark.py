@@ -114,6 +114,8 @@ def test_flops_of_a_distance_model_leave_out_the_export_it_cannot_have():
     onnxruntime rows instead of failing at the end (and losing every figure)."""
     import pedenet
     from pedenet.benchmark import _onnxruntime_seconds, bench_flops
+
+    pytest.importorskip("onnxruntime")  # without it, no onnxruntime rows whatever the model
     from pedenet.builtin import normal_crops
 
     model = pedenet.PEDENet(steps=0, image_size=64, n_components=2, scoring="distance",

@@ -288,6 +288,9 @@ def test_validate_scores_held_out_images(run_dir, tmp_path):
     # --verbose: the thresholds, then each held-out image's score and its copy's
     result = run("validate", target, "--overwrite", "--verbose")
     assert result.exit_code == 0, result.output
+    v = json.loads((target / "validation.json").read_text())
+    assert v["images"] == held and v["normal_scores"] == pytest.approx(direct["normal_scores"], abs=1e-9)
+    assert v["defect_scores"] == pytest.approx(direct["defect_scores"], abs=1e-9)
     assert f"image threshold {model.thresholds()['image_threshold']:.4g}" in result.output
     for path, normal, bad, kind in zip(held, direct["normal_scores"], direct["defect_scores"],
                                        direct["copy_kinds"]):
@@ -505,7 +508,7 @@ def test_interrupted_predict_lists_what_it_wrote_and_resumes(run_dir, dataset, t
     assert result.exit_code == 130
     assert f"the {3 * (n_images - 1) + 1} other file(s) of the earlier prediction there were " \
         "removed" in result.output  # their maps, masks and overlays, and report.html
-    assert "rerun it with --resume in place of --overwrite to predict the rest" in result.output
+    assert "rerun the same command with --resume in place of --overwrite to predict the rest" in result.output
     assert len(list(out.iterdir())) == 5
     # Ctrl-C while the images are checked: exit code 130 and one line, nothing written
     import pedenet.cli.predict as predict_module
@@ -853,3 +856,15 @@ def test_evaluate_interrupted_while_drawing_overlays_says_the_metrics_are_kept(r
     result = run("evaluate", target, "--report", "--quiet", "--overwrite")
     assert result.exit_code == 0, result.output
     assert len(list((target / "overlays").rglob("*.png"))) == m["n_images"]
+    # without overlays, interrupted in the report: that stage is named
+    import pedenet.report
+
+    def interrupted_report(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pedenet.report, "write_evaluation_report", interrupted_report)
+    result = run("evaluate", target, "--report", "--no-overlays", "--quiet", "--overwrite")
+    assert result.exit_code == 130
+    assert_one_line_error(result, "interrupted while writing the report; the metrics are complete",
+                          "the report not: rerun with --overwrite")
+    assert not (target / "report.html").exists() and (target / "metrics.json").is_file()

@@ -664,6 +664,12 @@ def test_float_image_on_the_0_255_scale_is_clipped_with_a_warning(tmp_path):
                           r"\(up to 25\d\.\d+\).*divide it by 255"):
             out = load_image(tmp_path / name)
         np.testing.assert_array_equal(out, np.clip(np.stack([gray] * 3, -1), 0, 1))
+    # values above 1 that are +inf: the figure says so
+    inf = np.clip(gray / 255, 0, 1)
+    inf[:2] = np.inf
+    Image.fromarray(inf, mode="F").save(tmp_path / "inf.tif")
+    with pytest.warns(UserWarning, match=r"inf.tif: float image with 10% of its values above 1 \(up to inf\)"):
+        load_image(tmp_path / "inf.tif")
     # values in [0, 1] (and a few above: overshoot) are read without a warning
     ok = np.clip(gray / 255, 0, 1)
     ok[0, :5] = 1.2

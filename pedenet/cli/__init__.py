@@ -23,9 +23,9 @@ Exit codes, one rule for every command (docs/conventions.md, "Exit codes")::
             config.json, recorded data that is gone, out of memory, no CUDA, disk full or no
             permission to write
     2       the command line is wrong or would destroy something: usage errors, contradictory
-            options, a path argument that does not exist or is the wrong kind, refusals to
-            replace outputs without --overwrite, a --resume that does not match, --out inside
-            RUN_DIR
+            options, a path argument that does not exist, is empty or is the wrong kind,
+            refusals to replace outputs without --overwrite, a --resume that does not match,
+            --out inside RUN_DIR
     128+N   interrupted by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)
 
 This module holds the ``main`` group (the ``pedenet`` console script) and registers the

@@ -121,7 +121,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
                     save_png(out_root / entry["defect"] / f"{names[i]}.png",
                              heatmap_overlay(image, amap, vmin, vmax, mask=mask))
                 _info(quiet, f"overlays -> {out_root}")
-                stage = "the report"
+            stage = "the report"
             if report:
                 from ..report import write_evaluation_report
 
@@ -132,12 +132,15 @@ def _evaluate_run(run_dir: Path, data: Path | None, category: str | None, *, ove
         except KeyboardInterrupt as exc:  # the metrics are written: say so, and what is not
             code = _interrupt_exit_code(exc)
             by = "" if code == 130 else f" by {_interrupt_name(exc)}"
-            o = result["overall"]
+            o = {k: "n/a" if v != v else f"{v:.3f}" for k, v in result["overall"].items()
+                 if isinstance(v, float)}  # NaN: undefined, as the table shows it
+            ctx = click.get_current_context(silent=True)
+            again = ("rerun with --overwrite to write everything again"
+                     if ctx is not None and "overwrite" in ctx.params else "rerun the command")
             raise UserError(f"interrupted{by} while writing {stage}; the metrics are complete in "
-                            f"{run_dir / 'metrics.json'} (image AUROC {o['image_auroc']:.3f}, pixel "
-                            f"AUROC {o['pixel_auroc']:.3f}, AU-PRO@0.3 {o['au_pro_0.3']:.3f}), "
-                            f"{stage} not: rerun with --overwrite to write everything again",
-                            exit_code=code) from None
+                            f"{run_dir / 'metrics.json'} (image AUROC {o['image_auroc']}, pixel "
+                            f"AUROC {o['pixel_auroc']}, AU-PRO@0.3 {o['au_pro_0.3']}), {stage} "
+                            f"not: {again}", exit_code=code) from None
         if len(warned) > n_recorded:  # warned while writing overlays or the report
             _write_json(run_dir / "metrics.json", record)
         return record

@@ -57,7 +57,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
         raise click.UsageError(f"--out {out_file} would overwrite one of the run's own files "
                                f"({out_file.name}); pass another file name (e.g. model.ts or "
                                "model.onnx)")
-    if out_file.name in ("model.pt", "resume.pt"):  # another run's, or read as one later
+    if out_file.name.casefold() in ("model.pt", "resume.pt"):  # another run's, or read as one later
         raise click.UsageError(f"--out {out_file}: {out_file.name} is the name of a run's "
                                "checkpoint, which pedenet commands would try to read as one; "
                                "name the export model.ts (or model.onnx)")

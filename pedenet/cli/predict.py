@@ -275,7 +275,7 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
                 "as --overwrite asks)" if n_removed else "")
         code = _interrupt_exit_code(exc)
         by = "" if code == 130 else f" by {_interrupt_name(exc)}"
-        rerun = ("rerun it with --resume in place of --overwrite" if overwrite
+        rerun = ("rerun the same command with --resume in place of --overwrite" if overwrite
                  else "rerun the same command with --resume")
         raise UserError(f"interrupted{by} after {len(done)} of {len(images)} images; their "
                         f"outputs are in {out_dir} and listed in its scores.csv{gone} - {rerun} "

@@ -46,8 +46,8 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
     copy of each carrying one synthetic defect (scratch, spot or foreign patch by default;
     --kinds adds region and edge), with exact masks.
     Compare runs of the same data by these figures; keep the test split for the final report.
-    Writes RUN_DIR/validation.json (with the count of each defect kind, any skipped files and
-    the warnings, also printed unless --quiet).
+    Writes RUN_DIR/validation.json (with the count of each defect kind, each image's anomaly
+    score, any skipped files and the warnings, also printed unless --quiet).
     """
     from ..validation import VALIDATION_KINDS, check_kinds
     from ..validation import validate as _validate
@@ -85,7 +85,7 @@ def validate(run_dir, seed, kinds, data, device, overwrite, skip_bad_files, quie
     t0 = time.perf_counter()
     result = _validate(model, paths, seed=seed, progress=not quiet, kinds=kinds)
     used = set(paths)
-    result.update(seed=seed, seconds=time.perf_counter() - t0,
+    result.update(seed=seed, seconds=time.perf_counter() - t0, images=[str(p) for p in paths],
                   skipped_files=[str(h) for h in held_paths if h not in used], warnings=warned)
     _write_json(out, result)
     _debug("synthetic defects: " + ", ".join(f"{n} {k}" for k, n in result["defect_kinds"].items()))
@@ -158,7 +158,8 @@ def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
     missing = [h for h in held if not h.is_file()]
     if missing and not skip_bad_files:
         where = (f"not under --data {data}: pass the category folder `fit` read, or the "
-                 "dataset root holding it" if data is not None
+                 "dataset root holding it" if data is not None and len(missing) == len(held)
+                 else "moved or deleted since fit" if data is not None
                  else "the path is relative to the folder `fit` ran in: run validate from there"
                  if not missing[0].is_absolute()
                  else "moved or deleted since fit; if the data moved, pass --data with its new folder")
