@@ -436,11 +436,21 @@ def reference_encoder(encoder: nn.Module):
             del encoder.use_folded_backbone
 
 
+def _exportable(model) -> bool:
+    from .export import check_exportable
+
+    try:
+        check_exportable(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _onnxruntime_seconds(model, size: int, batches: tuple[int, ...], quick: bool) -> dict | None:
     """Best seconds per image of the exported ONNX model (image → map) in onnxruntime, CPU
     provider with torch's thread count, for each batch size; None without onnxruntime/onnx,
     or for a model scored by distance (which export does not support)."""
-    if model.config.scoring != "mixture":
+    if not _exportable(model):
         return None
     try:
         import onnx  # noqa: F401 - needed by the export
@@ -611,7 +621,7 @@ def run_benchmark(run_dir: str | os.PathLike | None = None, quick: bool = False,
             f"peak RSS {r['peak_rss_mb']:.0f} MiB")
     result["inference"] = inference
 
-    if not quick and model.config.scoring != "mixture":
+    if not quick and not _exportable(model):
         log("exported model: skipped (the model scores by distance to a memory bank, which "
             "export does not support)")
     elif not quick:

@@ -108,26 +108,20 @@ def _load_error(path: Path, kind: str, exc: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: {why}; {INSTEAD[kind]}")
 
 
-def _damaged_entry(path: Path) -> str | None:
-    """The first entry of the zip archive ``path`` (``torch.save``'s format) whose CRC-32 does
-    not match its bytes, or None. ``torch.load`` does not check these checksums, so flipped
-    bytes in the weights would load silently and give wrong scores. A file that is not a
-    readable zip (e.g. truncated) gives None: ``torch.load`` then reports it."""
+def _inspect_zip(path: Path) -> tuple[bool, str | None]:
+    """One pass over the zip archive ``path`` (``torch.save``'s format): whether it is a
+    TorchScript archive (``torch.jit.save``: it holds compiled code, ``<name>/code/...``, which
+    ``torch.save`` files never do), and the first entry whose CRC-32 does not match its bytes
+    (None if all do). ``torch.load`` does not check these checksums, so flipped bytes in the
+    weights would load silently and give wrong scores. A file that is not a readable zip
+    (e.g. truncated) gives (False, None): ``torch.load`` then reports it."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            if any("/code/" in name for name in archive.namelist()):
+                return True, None
+            return False, archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return None
-
-
-def _is_torchscript(path: Path) -> bool:
-    """True when the zip archive ``path`` is a TorchScript archive (``torch.jit.save``: it
-    holds compiled code, ``<name>/code/...``, which ``torch.save`` files never do)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return False
+        return False, None
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
@@ -162,10 +156,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
     if not head.startswith(TORCH_MAGIC):
         raise CheckpointError(f"{path}: not a pedenet checkpoint ({_foreign_file(path)}); "
                               f"{INSTEAD[kind]}")
-    if head.startswith(TORCH_MAGIC[0]) and _is_torchscript(path):
+    torchscript, bad = _inspect_zip(path) if head.startswith(TORCH_MAGIC[0]) else (False, None)
+    if torchscript:
         raise CheckpointError(f"{path}: an exported TorchScript model (`pedenet export`), not a "
                               f"pedenet checkpoint: run it with torch.jit.load; {INSTEAD[kind]}")
-    bad = _damaged_entry(path) if head.startswith(TORCH_MAGIC[0]) else None
     if bad is not None:
         fix = ("copy it again from where it was written, or fit the model again with `pedenet fit`"
                if kind == "model" else INSTEAD[kind])

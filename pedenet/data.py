@@ -370,9 +370,10 @@ def _warn_if_float_above_one(img: Image.Image | np.ndarray, path: Path) -> None:
         values = np.asarray(img)
     else:
         return
-    above = float(np.mean(values > 1.0))  # NaN compares False
+    over = values > 1.0  # NaN compares False
+    above = float(over.mean())
     if above > 0.01:
-        top = float(values[values > 1.0].max())  # inf when there is one
+        top = float(values[over].max())  # inf when there is one
         warnings.warn(f"{path}: float image with {above:.0%} of its values above 1 (up to {top:.4g}); "
                       "values are clipped to [0, 1], so those read as white - if the image holds "
                       "0..255 values, save it as 8-bit or divide it by 255", stacklevel=3)

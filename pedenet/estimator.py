@@ -139,6 +139,10 @@ def _expand(images: Union[ImageLike, Iterable[ImageLike]]) -> list:
     return out
 
 
+RESCORE_TIMINGS = ("memory_bank_seconds", "calibration_seconds")
+"""The ``history["timings"]`` stages (seconds) that :meth:`PEDENet.rescore` runs again."""
+
+
 class PEDENet:
     """PEDENet anomaly detector trained on normal images only.
 
@@ -352,9 +356,8 @@ class PEDENet:
              self.calibration, self.history) = before
             raise
         del cache
-        stale = ("memory_bank_seconds", "calibration_seconds")
         self.history["timings"] = {**{k: v for k, v in self.history.get("timings", {}).items()
-                                      if k not in stale}, **timings}
+                                      if k not in RESCORE_TIMINGS}, **timings}
         self.history.pop("memory_bank_rows", None)
         if net.memory_bank is not None:
             self.history["memory_bank_rows"] = len(net.memory_bank)

@@ -207,6 +207,16 @@ def example_input(model) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def check_exportable(model, run: str | os.PathLike = "RUN_DIR") -> None:
+    """Raise ValueError, naming ``run`` (the run folder, for the advice) in the message, when
+    ``model`` is scored by distance: its memory bank is not part of the exported network."""
+    if model.config.scoring != "mixture":
+        raise ValueError(f"the model scores patches by {model.config.scoring} to a memory bank "
+                         "(fitted with --scoring distance), which export does not support: "
+                         f"`pedenet rescore {run} --scoring mixture --out NEW_RUN` makes an "
+                         "exportable copy (no training), or score with pedenet predict")
+
+
 def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
                  energy_dtype: torch.dtype | str = "auto") -> Path:
     """Write ``model`` (a fitted :class:`pedenet.PEDENet`) as an ONNX or TorchScript file.
@@ -221,11 +231,7 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if model.config.scoring != "mixture":
-        raise ValueError(f"the model scores patches by {model.config.scoring} to a memory bank "
-                         "(fitted with --scoring distance), which export does not support: "
-                         "`pedenet rescore RUN_DIR --scoring mixture --out NEW_RUN` makes an "
-                         "exportable copy (no training), or score with pedenet predict")
+    check_exportable(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:  # fail early, naming the file the user gave (not the temporary one)

@@ -261,6 +261,15 @@ def _read_json(path: Path) -> dict:
                         "wrote: restore it, or refit") from None
 
 
+def _recorded_category(record: dict) -> str | None:
+    """The category name of the run record ``record`` (config.json): the one recorded, else
+    the name of the category folder fit read; None for a plain folder of normal images."""
+    if record.get("plain_folder"):
+        return None
+    folder = record.get("category_dir")
+    return record.get("category") or (Path(folder).name if folder else None)
+
+
 def _data_moved_to(data: Path, category: str | None) -> Path:
     """The category folder under ``data``, the --data of a verb whose data has moved since
     fit: ``data`` itself, or ``data/<category>`` when ``data`` is the dataset root holding

@@ -11,9 +11,9 @@ import click
 from ..data import DataError, list_images, load_image, load_mask, resolve_category
 from ..environment import package_versions
 from .common import (NonEmptyPath, UserError, _check_writable, _debug, _device_option, _info,
-                     _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress, _rate_options, _read_json, _set_verbose,
-                     _short_warnings, _thresholds_line, _unique_names, _user_errors,
-                     _verbose_option, _write_json)
+                     _interrupt_exit_code, _interrupt_name, _load_model, _model_path, _progress,
+                     _rate_options, _read_json, _set_verbose, _short_warnings, _thresholds_line,
+                     _unique_names, _user_errors, _verbose_option, _write_json)
 
 
 def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -> Path:

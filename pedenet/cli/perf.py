@@ -42,7 +42,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
     """
     import torch
 
-    from ..export import export_model, import_onnx
+    from ..export import check_exportable, export_model, import_onnx
 
     fmt = _export_format(fmt, out_file)
     if fmt == "onnx":  # an environment problem: one line with the fix, before any work
@@ -66,11 +66,11 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
                                "choose another file name")
     model = _load_model(model_path, "cpu")
     dtype = {"auto": "auto", "float64": torch.float64, "float32": torch.float32}[energy_dtype]
-    try:
-        path = export_model(model, out_file, fmt, energy_dtype=dtype)
-    except ValueError as exc:  # a distance-scored model (the format is one of FORMATS): name the run
-        run = model_path.parent
-        raise UserError(f"{run}: {str(exc).replace('RUN_DIR', str(run))}") from None
+    try:  # a distance-scored model: refused, naming the run in the advice
+        check_exportable(model, run=model_path.parent)
+    except ValueError as exc:
+        raise UserError(f"{model_path.parent}: {exc}") from None
+    path = export_model(model, out_file, fmt, energy_dtype=dtype)
     size = model.config.image_size
     if not size:
         shape = "Bx3xHxW (any H, W >= 32)"

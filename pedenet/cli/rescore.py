@@ -13,11 +13,12 @@ import click
 from ..config import SCORINGS
 from ..data import DataError
 from ..environment import package_versions
+from ..estimator import RESCORE_TIMINGS
 from ..training import ImagesMismatchError
 from .common import (NonEmptyPath, UserError, _check_run_dir, _data_moved_to, _debug,
                      _device_option, _info, _load_model, _model_path, _read_json,
-                     _remove_stale_results, _set_verbose, _short_warnings, _thresholds_line,
-                     _user_errors, _verbose_option, _write_json)
+                     _recorded_category, _remove_stale_results, _set_verbose, _short_warnings,
+                     _thresholds_line, _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -102,7 +103,7 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
     seconds = time.perf_counter() - t0
     _debug(f"config: {json.dumps(model.config.to_dict())}")
     redone = {k: v for k, v in model.history.get("timings", {}).items()  # not the fit's training
-              if k in ("memory_bank_seconds", "calibration_seconds")}
+              if k in RESCORE_TIMINGS}
     _debug(f"stage timings (s): rescore {seconds:.1f} in all, of which "
            + (", ".join(f"{k} {v:.1f}" for k, v in redone.items()) or "no timed stage")
            + "; the rest is mostly encoding the training images")
@@ -150,9 +151,7 @@ def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path
             raise UserError(f"{folder}: the data folder fit read is gone; if the data moved, "
                             "pass --data with its new folder")
         return folder
-    category = None if record.get("plain_folder") else (
-        record.get("category") or (Path(record["category_dir"]).name if record.get("category_dir") else None))
-    folder = _data_moved_to(data, category)
+    folder = _data_moved_to(data, _recorded_category(record))
     if not record.get("plain_folder") and not (folder / "train" / "good").is_dir():
         hint = (f"pass {folder.parent.parent}, the category folder holding it"
                 if folder.name == "good" and folder.parent.name == "train"

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from .common import (NonEmptyPath, UserError, _check_writable, _checked, _data_moved_to, _debug,
-                     _device_option, _info, _load_model, _model_path, _read_json, _set_verbose,
-                     _short_warnings, _thresholds_line, _user_errors, _verbose_option, _write_json)
+                     _device_option, _info, _load_model, _model_path, _read_json,
+                     _recorded_category, _set_verbose, _short_warnings, _thresholds_line,
+                     _user_errors, _verbose_option, _write_json)
 
 
 @click.command()
@@ -112,8 +113,7 @@ def _moved(held: list[Path], config_path: Path, data: Path) -> list[Path]:
     are under one of its two parent folders, which the message names."""
     recorded = _read_json(config_path) if config_path.is_file() else {}
     old = recorded.get("category_dir")
-    category = None if recorded.get("plain_folder") else (  # as rescore finds it
-        recorded.get("category") or (Path(old).name if old else None))
+    category = _recorded_category(recorded)
     new_root = _data_moved_to(data, category)
     if not old:
         raise UserError(f"{config_path}: not found or records no data folder, so --data cannot "
@@ -157,12 +157,15 @@ def _held_out_images(held: list[Path], min_side: int, *, skip_bad_files: bool,
 
     missing = [h for h in held if not h.is_file()]
     if missing and not skip_bad_files:
-        where = (f"not under --data {data}: pass the category folder `fit` read, or the "
-                 "dataset root holding it" if data is not None and len(missing) == len(held)
-                 else "moved or deleted since fit" if data is not None
-                 else "the path is relative to the folder `fit` ran in: run validate from there"
-                 if not missing[0].is_absolute()
-                 else "moved or deleted since fit; if the data moved, pass --data with its new folder")
+        if data is not None and len(missing) == len(held):
+            where = (f"not under --data {data}: pass the category folder `fit` read, or the "
+                     "dataset root holding it")
+        elif data is not None:
+            where = "moved or deleted since fit"
+        elif not missing[0].is_absolute():
+            where = "the path is relative to the folder `fit` ran in: run validate from there"
+        else:
+            where = "moved or deleted since fit; if the data moved, pass --data with its new folder"
         raise UserError(f"{missing[0]}: held-out image not found ({len(missing)} of {len(held)} "
                         f"missing; {where}); restore it, or pass --skip-bad-files to validate "
                         "on the other held-out images")
