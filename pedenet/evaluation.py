@@ -79,8 +79,12 @@ def to_jsonable(value: Any) -> Any:
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list, masks: list,
-             where: str, undefined: list[str]) -> dict:
-    """Image metrics on (scores, labels); pixel metrics on (maps, masks) (may be empty)."""
+             where: str, undefined: list[str], no_pixel_reason: str | None = None) -> dict:
+    """Image metrics on (scores, labels); pixel metrics on (maps, masks) (may be empty).
+
+    ``no_pixel_reason``: when given, the pixel metrics are not computed but recorded as
+    undefined for that reason (e.g. no anomalous image of the group has a mask).
+    """
     out: dict[str, Any] = {}
 
     def run(name: str, fn):
@@ -96,13 +100,15 @@ def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list, masks: list,
 
     out["image_auroc"] = run("image_auroc", lambda: image_auroc(scores, labels))
     out["image_f1_max"] = run("image_f1_max", lambda: f1_max(scores, labels))
-    if maps:
+    if no_pixel_reason is None and not maps:
+        no_pixel_reason = "no image with a ground-truth mask"
+    if no_pixel_reason is None:
         pm = run("pixel", lambda: pixel_metrics(maps, masks, (AU_PRO_LIMIT,)))
         out["pixel_auroc"] = pm["pixel_auroc"]
         out["pixel_f1_max"] = pm["pixel_f1_max"]
         out["au_pro_0.3"] = pm[f"aupro_{AU_PRO_LIMIT:g}"]
     else:
-        undefined.append(f"{where}/pixel: no image with a ground-truth mask")
+        undefined.append(f"{where}/pixel: {no_pixel_reason}")
         out["pixel_auroc"] = out["pixel_f1_max"] = out["au_pro_0.3"] = float("nan")
     out["n_images"] = int(len(scores))
     return out
@@ -245,7 +251,13 @@ def evaluate(model, data, category: str | None = None, progress: bool = True,
         idx = np.flatnonzero(select)
         gm = [maps[i] for i in idx if masks[i] is not None]
         gk = [masks[i] for i in idx if masks[i] is not None]
-        return _metrics(scores[idx], labels[idx], gm, gk, where, undefined)
+        anomalous = [i for i in idx if labels[i] == 1]
+        reason = None
+        if anomalous and all(masks[i] is None for i in anomalous):
+            # without this, the all-normal masks of the good images read as "no anomalous pixel"
+            reason = ("no anomalous image has a ground-truth mask (add "
+                      "ground_truth/<defect>/<stem>_mask.png)")
+        return _metrics(scores[idx], labels[idx], gm, gk, where, undefined, reason)
 
     defect_names = sorted({d for d in defects if d != "good"})
     is_good = np.array([d == "good" for d in defects])

@@ -103,6 +103,25 @@ def test_missing_mask_excluded_from_pixel_metrics(tmp_path):
         result = evaluate(BrightnessModel(), cat, progress=False)
     assert result["per_defect"]["spot"]["pixel_auroc"] is None
     assert result["per_defect"]["spot"]["image_auroc"] is not None
+    assert [u for u in result["undefined_metrics"] if u.startswith("per_defect/spot/")] == [
+        "per_defect/spot/pixel: no anomalous image has a ground-truth mask "
+        "(add ground_truth/<defect>/<stem>_mask.png)"]
+    assert result["overall"]["pixel_auroc"] is not None  # the other defects have masks
+
+
+def test_no_ground_truth_folder_says_masks_are_missing(tmp_path):
+    # a test split without ground_truth/: the good images' all-normal masks must not make
+    # the pixel metrics read as "no anomalous pixel in the masks"
+    cat = _dataset(tmp_path / "ds") / "grass"
+    shutil.rmtree(cat / "ground_truth")
+    with pytest.warns(MissingMaskWarning):
+        result = evaluate(BrightnessModel(), cat, progress=False)
+    assert result["overall"]["image_auroc"] is not None
+    assert result["overall"]["pixel_auroc"] is None and result["overall"]["au_pro_0.3"] is None
+    pixel = [u for u in result["undefined_metrics"] if "/pixel" in u]
+    assert len(pixel) == 1 + len(DEFECT_TYPES)
+    assert all("no anomalous image has a ground-truth mask" in u for u in pixel)
+    assert not any("no anomalous pixel" in u for u in result["undefined_metrics"])
 
 
 def test_unread_image_formats_under_test_are_reported_not_swallowed(tmp_path):
