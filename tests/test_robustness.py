@@ -386,6 +386,25 @@ def test_test_split_with_one_class_reports_na(run_dir, dataset, tmp_path, keep):
     assert m["undefined_metrics"]
 
 
+def test_damaged_run_record_blocks_only_what_needs_it(run_dir, dataset, tmp_path):
+    # evaluate --data CATEGORY needs nothing from config.json; without --data it does, and a
+    # dataset root that holds several categories gets the data's own message
+    rd = tmp_path / "rd"
+    shutil.copytree(run_dir, rd)
+    (rd / "config.json").write_text('{"category_dir": ')
+    ok(run("evaluate", rd, "--data", dataset, "--quiet", "--no-overlays"))
+    assert json.loads((rd / "metrics.json").read_text())["overall"]["image_auroc"] is not None
+    one_line_error(run("evaluate", rd, "--quiet", "--overwrite"), rd / "config.json",
+                   "cannot read", "restore it, or refit")
+    root = tmp_path / "root"
+    for name in ("a", "b"):
+        shutil.copytree(dataset, root / name)
+    one_line_error(run("evaluate", rd, "--data", root, "--quiet", "--overwrite"),
+                   "is a dataset root", "a, b")
+    ok(run("evaluate", rd, "--data", root, "--category", "b", "--quiet", "--overwrite",
+           "--no-overlays"))
+
+
 # --------------------------------------------------------------------------- 7. huge images
 
 

@@ -17,11 +17,12 @@ from .common import (NonEmptyPath, UserError, _check_writable, _debug, _device_o
 
 
 def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -> Path:
+    """The category folder to evaluate on: ``data`` (with ``category``) when given, else the
+    one config.json records. The run record is read only where it is needed, so a damaged
+    config.json does not block ``--data CATEGORY_FOLDER``. Raises UserError, DataError."""
     cfg_path = Path(run_dir) / "config.json"
-    recorded: dict = {}
-    if cfg_path.is_file():
-        recorded = _read_json(cfg_path)
     if data is None:
+        recorded = _read_json(cfg_path) if cfg_path.is_file() else {}
         if not recorded.get("category_dir") and not recorded.get("data"):
             raise UserError(f"{cfg_path}: not found or records no data; pass --data DATA "
                             "(a category folder or dataset root)")
@@ -49,7 +50,11 @@ def _resolve_eval_data(run_dir: Path, data: Path | None, category: str | None) -
         return resolve_category(data, category)
     try:
         return resolve_category(data)
-    except DataError:
+    except DataError as exc:  # a dataset root: the category fit recorded, if it is there
+        try:
+            recorded = _read_json(cfg_path) if cfg_path.is_file() else {}
+        except UserError:  # a damaged record: the data's own message (it lists the categories)
+            raise exc from None
         name = Path(recorded["category_dir"]).name if recorded.get("category_dir") else None
         if name and (Path(data) / name).is_dir():
             return resolve_category(data, name)
