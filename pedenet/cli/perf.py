@@ -127,7 +127,9 @@ def benchmark_command(run_dir, json_file, quick):
 
     RUN_DIR: a fitted run folder (or model file); without it an untrained default model
     (steps 0, fitted on 8 built-in images) is used: speed does not depend on training.
-    The default run takes about 3 minutes on 2 CPU cores.
+    The default run takes about 3 minutes on 2 CPU cores and peaks at about 6.5 GiB of
+    memory (its nearest-neighbour reference holds a 5 GiB memory bank of 10 000 training
+    images); --quick takes under a minute and about 1.3 GiB (docs/benchmarks.md).
     """
     from ..benchmark import run_benchmark
 
