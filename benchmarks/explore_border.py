@@ -16,10 +16,8 @@ overall and per defect.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -30,25 +28,20 @@ def _inner(amap, b: float):
 
 
 def main() -> None:
-    import pedenet
     from pedenet.metrics import image_auroc
     from pedenet.scoring import image_score
     from pedenet.data import test_samples
     from pedenet.validation import synthetic_validation_set
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import KIND_SETS, add_sets_option
+    from explore_validation_kinds import KIND_SETS, add_sets_option, explore_parser, load_model
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="the category folder whose test split is scored")
+    ap = explore_parser(__doc__, "the category folder whose test split is scored")
     ap.add_argument("--border", default="0,0.02,0.05,0.1", help="comma-separated band fractions")
     add_sets_option(ap)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
+    model, held = load_model(args.model)
     q = model.config.image_score_fraction
-    held = model.history["calibration_images"]
     sets = {}
     for name in args.sets:
         arrays, _, labels = synthetic_validation_set(held, 0, KIND_SETS[name])

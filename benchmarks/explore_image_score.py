@@ -12,9 +12,9 @@ Prints one JSON line: ``val_<q>`` and ``test_<q>`` image AUROC for each q.
 
 from __future__ import annotations
 
-import argparse
 import json
-import warnings
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -22,20 +22,19 @@ QS = (0.0, 0.001, 0.003, 0.01, 0.03)
 
 
 def main() -> None:
-    import pedenet
     from pedenet.data import test_samples
     from pedenet.metrics import image_auroc
     from pedenet.scoring import image_score
     from pedenet.validation import synthetic_validation_set
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="category folder with test/ (MVTec AD layout)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from explore_validation_kinds import explore_parser, load_model
+
+    ap = explore_parser(__doc__, "category folder with test/ (MVTec AD layout)", full_doc=True)
     ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
-    arrays, _, y_val = synthetic_validation_set(model.history["calibration_images"], seed=0)
+    model, held = load_model(args.model)
+    arrays, _, y_val = synthetic_validation_set(held, seed=0)
     val_maps = model.predict(arrays).maps
     test = test_samples(args.data)
     test_maps = model.predict([s.path for s in test]).maps

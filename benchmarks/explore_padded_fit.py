@@ -69,7 +69,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from explore_padding import edge_peak_share
-    from explore_validation_kinds import validation_by_kind_set
+    from explore_validation_kinds import KEYS, validation_by_kind_set
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -81,11 +81,10 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         model.save(out / "model.pt")
     rec = {"pad": args.pad, "seed": args.seed, "fit_seconds": round(time.perf_counter() - t0, 1)}
-    keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")
     held = model.history["calibration_images"]
     rec.update(validation_by_kind_set(model, held))
     res, maps = evaluate(model, args.data, progress=False, return_maps=True)
-    rec["test"] = {k: round(res["overall"][k], 4) for k in keys}
+    rec["test"] = {k: round(res["overall"][k], 4) for k in KEYS}
     rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}
     labels = [e["label"] for e in res["images"]]
     q = model.config.image_score_fraction

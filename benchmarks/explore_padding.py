@@ -19,11 +19,9 @@ the outer 5 % band, and the seconds it took.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,34 +58,36 @@ def edge_peak_share(images: list[dict], maps: list, band: float = 0.05) -> float
     return round(float(np.mean(at_edge)), 3)
 
 
-def main() -> None:
-    import pedenet
+def score_test_split(model, data) -> dict:
+    """``model`` on ``data``'s test split: ``test`` (overall metrics), ``test_per_defect`` (image
+    AUROC) and ``normal_max_in_edge_band`` (:func:`edge_peak_share`), rounded."""
     from pedenet.evaluation import evaluate
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import validation_by_kind_set
+    from explore_validation_kinds import KEYS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="the category folder whose test split is scored")
+    res, maps = evaluate(model, data, progress=False, return_maps=True)
+    return {"test": {k: round(res["overall"][k], 4) for k in KEYS},
+            "test_per_defect": {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()},
+            "normal_max_in_edge_band": edge_peak_share(res["images"], maps)}
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from explore_validation_kinds import add_no_test_option, explore_parser, load_model, validation_by_kind_set
+
+    ap = explore_parser(__doc__, "the category folder whose test split is scored")
     ap.add_argument("--pad", default="0,32,64", help="comma-separated paddings, processed pixels")
-    ap.add_argument("--no-test", action="store_true", help="validation only")
+    add_no_test_option(ap)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
+    model, held = load_model(args.model)
     net = model.network
-    held = model.history["calibration_images"]
-    keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")
     for pad in (int(v) for v in args.pad.split(",")):
         plain, net.patch_energy = padded_energy(net, pad)
         t0 = time.perf_counter()
         rec = {"model": args.model, "pad": pad}
         rec.update(validation_by_kind_set(model, held))
         if not args.no_test:
-            res, maps = evaluate(model, args.data, progress=False, return_maps=True)
-            rec["test"] = {k: round(res["overall"][k], 4) for k in keys}
-            rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}
-            rec["normal_max_in_edge_band"] = edge_peak_share(res["images"], maps)
+            rec.update(score_test_split(model, args.data))
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         del net.patch_energy  # back to the class's method
         print(json.dumps(rec), flush=True)

@@ -21,11 +21,9 @@ AU-PRO@0.3, the share of normal test maps peaking in the 5 % edge band, and seco
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,26 +48,21 @@ def baseline_grids(model, paths) -> np.ndarray:
 
 
 def main() -> None:
-    import pedenet
     from pedenet.data import list_images
-    from pedenet.evaluation import evaluate
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_padding import edge_peak_share
-    from explore_validation_kinds import KEYS, add_sets_option, validation_by_kind_set
+    from explore_padding import score_test_split
+    from explore_validation_kinds import (add_no_test_option, add_sets_option, explore_parser, load_model,
+                                          validation_by_kind_set)
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="the category folder (train/good for the baseline, test scored)")
+    ap = explore_parser(__doc__, "the category folder (train/good for the baseline, test scored)")
     ap.add_argument("--modes", default="none,sub,z", help="comma-separated: none, sub, z")
     ap.add_argument("--n-baseline", type=int, default=200, help="training images for μ, σ")
-    ap.add_argument("--no-test", action="store_true", help="validation only")
+    add_no_test_option(ap)
     add_sets_option(ap)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
+    model, held = load_model(args.model)
     net = model._require_fitted()
-    held = model.history["calibration_images"]
     held_set = {str(Path(p).resolve()) for p in held}
     train = [p for p in list_images(Path(args.data) / "train" / "good")
              if str(Path(p).resolve()) not in held_set]
@@ -100,10 +93,7 @@ def main() -> None:
         rec = {"model": args.model, "mode": mode}
         rec.update(validation_by_kind_set(model, held, args.sets))
         if not args.no_test:
-            res, maps = evaluate(model, args.data, progress=False, return_maps=True)
-            rec["test"] = {k: round(res["overall"][k], 4) for k in KEYS}
-            rec["test_per_defect"] = {d: round(r["image_auroc"], 4) for d, r in res["per_defect"].items()}
-            rec["normal_max_in_edge_band"] = edge_peak_share(res["images"], maps)
+            rec.update(score_test_split(model, args.data))
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(rec), flush=True)
 

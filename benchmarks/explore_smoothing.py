@@ -15,32 +15,25 @@ AU-PRO@0.3, and the seconds it took.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 
 def main() -> None:
-    import pedenet
     from pedenet.evaluation import evaluate
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from explore_validation_kinds import validation_by_kind_set
+    from explore_validation_kinds import (KEYS, add_no_test_option, explore_parser, load_model,
+                                          validation_by_kind_set)
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="the category folder whose test split is scored")
+    ap = explore_parser(__doc__, "the category folder whose test split is scored")
     ap.add_argument("--sigma", default="0,2,4,8", help="comma-separated σ values, pixels")
-    ap.add_argument("--no-test", action="store_true", help="validation only")
+    add_no_test_option(ap)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
-    held = model.history["calibration_images"]
-    keys = ("image_auroc", "pixel_auroc", "au_pro_0.3")
+    model, held = load_model(args.model)
     for sigma in (float(v) for v in args.sigma.split(",")):
         model.config = dataclasses.replace(model.config, smoothing_sigma=sigma)
         t0 = time.perf_counter()
@@ -48,7 +41,7 @@ def main() -> None:
         rec.update(validation_by_kind_set(model, held))
         if not args.no_test:
             r = evaluate(model, args.data, progress=False)["overall"]
-            rec["test"] = {k: round(r[k], 4) for k in keys}
+            rec["test"] = {k: round(r[k], 4) for k in KEYS}
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(rec), flush=True)
 

@@ -31,7 +31,36 @@ KIND_SETS = {"default": DEFECT_TYPES, "region": ("region",), "edge": ("edge",),
 SET_NAMES = ("default", "region")  # the sets compared unless a script is told others
 
 
-KEYS = ("image_auroc", "pixel_auroc", "au_pro_0.3")
+KEYS = ("image_auroc", "pixel_auroc", "au_pro_0.3")  # the metrics the scripts print
+
+
+def explore_parser(doc: str, data_help: str | None = None, *,
+                   full_doc: bool = False) -> argparse.ArgumentParser:
+    """The explore scripts' parser: described by ``doc``'s first line (all of ``doc``, verbatim,
+    with ``full_doc``), with the positional ``model`` and, given ``data_help``, ``data``."""
+    if full_doc:
+        ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("model", help="RUN_DIR/model.pt")
+    if data_help is not None:
+        ap.add_argument("data", help=data_help)
+    return ap
+
+
+def add_no_test_option(ap: argparse.ArgumentParser) -> None:
+    """``--no-test``: score validation only."""
+    ap.add_argument("--no-test", action="store_true", help="validation only")
+
+
+def load_model(path):
+    """``(model, held-out image list)`` of the model saved at ``path``, with UserWarnings
+    silenced as every explore script does."""
+    import pedenet
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = pedenet.load(path)
+    return model, model.history["calibration_images"]
 
 
 def add_sets_option(ap: argparse.ArgumentParser) -> None:
@@ -77,26 +106,21 @@ def _score(model, kinds: tuple, qs) -> dict:
 
 
 def main() -> None:
-    import pedenet
-
     sys.path.insert(0, str(Path(__file__).parent))
     from ablations import _swap_scorer
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
+    ap = explore_parser(__doc__)
     ap.add_argument("--nn", action="store_true", help="also score by nearest-neighbour distance")
     ap.add_argument("--q", default=",".join(map(str, QS)), help="comma-separated fractions")
     add_sets_option(ap)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
     qs = [float(v) for v in args.q.split(",")]
     scorers = ["mixture"] + (["nn"] if args.nn else [])
     for scorer in scorers:
-        model = pedenet.load(args.model)
+        model, held = load_model(args.model)
         if scorer == "nn":  # the bank: the other images of the held-out images' folder
             from pedenet.data import list_images
 
-            held = model.history["calibration_images"]
             resolved = {str(Path(p).resolve()) for p in held}
             train = [p for p in list_images(Path(held[0]).parent) if str(Path(p).resolve()) not in resolved]
             _swap_scorer(model, "nn", train, model.config.seed)

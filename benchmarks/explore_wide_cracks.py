@@ -17,30 +17,29 @@ maximum is on the crack, and the share of maps (good and crack) whose maximum is
 
 from __future__ import annotations
 
-import argparse
 import json
-import warnings
+import sys
+from pathlib import Path
 
 import numpy as np
 
 
 def main() -> None:
-    import pedenet
     from scipy.ndimage import binary_dilation
 
     from pedenet.data import load_mask, test_samples
     from pedenet.metrics import image_auroc
     from pedenet.scoring import image_score
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="RUN_DIR/model.pt")
-    ap.add_argument("data", help="the MTD category folder (test/good, test/crack, ground_truth/crack)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from explore_validation_kinds import explore_parser, load_model
+
+    ap = explore_parser(__doc__, "the MTD category folder (test/good, test/crack, ground_truth/crack)")
     ap.add_argument("--wide", type=int, default=400, help="tiles wider than this are 'wide', px")
     ap.add_argument("--border", type=float, default=0.05, help="edge band, fraction of each side")
     ap.add_argument("--near", type=int, default=5, help="mask dilation for 'on the crack', px")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    model = pedenet.load(args.model)
+    model, _ = load_model(args.model)
     q = model.config.image_score_fraction
     samples = [t for t in test_samples(args.data) if t.defect in ("good", "crack")]
     maps = model.predict([t.path for t in samples], progress=True).maps
