@@ -38,8 +38,12 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
     A reader never sees a half-written ``path``: it either holds the old or the new content.
     The file gets the usual permissions of a new file (0o666 minus the umask), not the
     owner-only ones of a temporary file.
+
+    Raises IsADirectoryError (naming ``path``) when ``path`` is a folder.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a file name (e.g. {path / 'model.pt'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

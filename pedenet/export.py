@@ -226,13 +226,22 @@ def export_model(model, path: str | os.PathLike, fmt: str = "onnx",
         fmt: ``"onnx"`` (run with onnxruntime) or ``"torchscript"`` (``torch.jit.load``).
         energy_dtype: see :class:`AnomalyMapModule`.
 
-    Returns the path. Raises ValueError for an unknown format, or a model fitted with scoring
-    "distance" (its memory bank is not part of the exported network).
+    Returns the path. Raises ValueError for an unknown format, a model fitted with scoring
+    "distance" (its memory bank is not part of the exported network), or a ``path`` named
+    ``model.pt`` or ``resume.pt`` (a run's checkpoint names: the export would replace the
+    checkpoint, or be read as one later); IsADirectoryError when ``path`` is a folder.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_exportable(model)
     path = Path(path)
+    if path.name.casefold() in ("model.pt", "resume.pt"):
+        suffix = ".onnx" if fmt == "onnx" else ".ts"
+        raise ValueError(f"{path}: is named as a pedenet checkpoint; export to another name, "
+                         f"e.g. {path.with_name('model' + suffix)}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a file name, e.g. "
+                                f"{path / ('model.onnx' if fmt == 'onnx' else 'model.ts')}")
     tmp = path.with_name(path.name + ".tmp")
     try:  # fail early, naming the file the user gave (not the temporary one)
         path.parent.mkdir(parents=True, exist_ok=True)

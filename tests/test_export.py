@@ -298,3 +298,21 @@ def test_export_to_an_unwritable_place_names_the_file(tmp_path, scratch64, fmt):
     with pytest.raises(OSError, match="m.out: cannot write the exported model there"):
         export_model(scratch64, blocker / "m.out", fmt)
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+def test_export_refuses_checkpoint_names_and_folders(tmp_path, scratch64):
+    """The Python API refuses what the CLI refuses: a checkpoint's name (a run's model.pt would be
+    replaced by a file pedenet.load cannot read), and a folder (named, no temporary file left)."""
+    import pedenet
+
+    scratch64.save(tmp_path / "run" / "model.pt")
+    for name in ("model.pt", "Resume.PT"):
+        with pytest.raises(ValueError, match="named as a pedenet checkpoint"):
+            export_model(scratch64, tmp_path / "run" / name, "torchscript")
+    pedenet.load(tmp_path / "run")  # still the checkpoint
+    with pytest.raises(IsADirectoryError, match="run: is a folder"):
+        export_model(scratch64, tmp_path / "run", "onnx")
+    with pytest.raises(IsADirectoryError, match="run: is a folder"):
+        scratch64.save(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.pt"]
