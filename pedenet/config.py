@@ -8,6 +8,7 @@ components and the loss weights of DAGMM / PEDENet (λ_DE = 1, λ_cov = 0.005, �
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 
@@ -137,6 +138,14 @@ class PEDENetConfig:
             if kind in ("float", "float | None") and not (value is None and kind != "float") and (
                     isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
+            # plain Python numbers: numpy scalars (np.int64 from a grid) would make the saved
+            # checkpoint unloadable under torch.load(weights_only=True)
+            if kind == "int":
+                setattr(self, f.name, int(value))
+            elif kind in ("float", "float | None") and value is not None:
+                if not math.isfinite(float(value)):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
         if not 0.0 <= float(self.image_score_fraction) < 1.0:
             raise ValueError(f"image_score_fraction must be in [0, 1), got {self.image_score_fraction}")
         if not 0.0 <= float(self.image_score_border) < 0.5:
@@ -157,6 +166,16 @@ class PEDENetConfig:
                      "memory_bank_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "encoder_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("ridge", "smoothing_sigma", "lambda_de", "lambda_cov", "lambda_lp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.de_hidden < 1:
+            raise ValueError(f"de_hidden must be >= 1, got {self.de_hidden}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not float(self.lp_distance) > 0:
             raise ValueError(f"lp_distance must be > 0 (in patch sizes), got {self.lp_distance}")
         if self.steps < 0:

@@ -71,6 +71,11 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     if arr.dtype == np.uint8:
+        if arr.max() <= 1 and arr.size > 1:
+            warnings.warn(f"uint8 image array with values only in 0-{int(arr.max())}: read as "
+                          "8-bit (divided by 255), so it is black; if it holds values in [0, 1] "
+                          "(a float image cast to uint8), pass the float array itself, or "
+                          "(arr * 255).astype(np.uint8) before the cast", stacklevel=3)
         arr = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:
         if arr.max() <= 255:
@@ -119,24 +124,70 @@ def _names(indices, items: list) -> list[str]:
             for i, p in zip(indices.tolist(), items)]
 
 
-def _expand(images: Union[ImageLike, Iterable[ImageLike]]) -> list:
-    """A folder → its images (sorted); a single image → [image]; a list stays a list."""
+def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = False) -> list:
+    """A folder → its images (sorted); a single image → [image]; a list stays a list.
+
+    A category folder (with train/good) means its train/good images. With ``training``
+    (fit, rescore) a folder contributes only the images directly inside it, as ``pedenet
+    fit`` reads it, so that defective images or masks in its subfolders (a dataset root's
+    test/ and ground_truth/) are never trained on (:func:`_training_folder_images`);
+    otherwise (predict) folders are searched recursively (:func:`pedenet.data.find_images`).
+    """
     from .data import find_images
 
-    if isinstance(images, (str, os.PathLike)):
-        p = Path(images)
+    def folder_images(folder) -> list:
+        p = Path(folder)
         if p.is_dir() and (p / "train" / "good").is_dir():
             p = p / "train" / "good"
-        return find_images([p])
+        return _training_folder_images(p) if training else find_images([p])
+
+    if isinstance(images, (str, os.PathLike)):
+        return folder_images(images) if Path(images).is_dir() else find_images([images])
     if isinstance(images, np.ndarray) or hasattr(images, "mode"):
         return [images]
     out = []
     for im in images:
         if isinstance(im, (str, os.PathLike)) and Path(im).is_dir():
-            out.extend(find_images([im]))
+            out.extend(folder_images(im))
         else:
             out.append(im)
     return out
+
+
+def _training_folder_images(folder: Path) -> list:
+    """The images directly inside ``folder``, sorted by name. Raises DataError when there are
+    none (naming the categories of a dataset root, or the subfolders that hold images); warns
+    (SkippedFileWarning) when subfolders hold images that are left out."""
+    from .data import DataError, SkippedFileWarning, categories_under, find_images, list_images
+
+    images = list_images(folder)
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    nested = {}
+    for sub in subs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                nested[sub.name] = len(find_images(sub))
+            except DataError:  # no readable image under it
+                pass
+    if not images:
+        found = categories_under(folder)
+        if found:
+            raise DataError(f"{folder}: is a dataset root; pass one category folder (its "
+                            f"train/good images are used): {', '.join(found)}")
+        if nested:
+            raise DataError(f"{folder}: no images directly inside, but its subfolders hold some "
+                            f"({', '.join(nested)}); fit does not look into subfolders, so that "
+                            "defective images beside the normal ones are never trained on: pass "
+                            "the folder of normal images itself")
+        raise DataError(f"{folder}: holds no image files; pass a folder of normal images or a "
+                        "category folder with train/good")
+    if nested:
+        warnings.warn(f"{folder}: training on the {len(images)} images directly inside; "
+                      f"{sum(nested.values())} images in its subfolders ({', '.join(nested)}) "
+                      "are not used (fit does not look into subfolders)", SkippedFileWarning,
+                      stacklevel=5)
+    return images
 
 
 RESCORE_TIMINGS = ("memory_bank_seconds", "calibration_seconds")
@@ -195,7 +246,7 @@ class PEDENet:
         return int(self.config.patch_size) if not self.config.image_size else 1
 
     # ---- training -------------------------------------------------------------------------
-    def fit(self, images, progress: bool = True, *, checkpoint: str | os.PathLike | None = None,
+    def fit(self, images, y=None, *, progress: bool = True, checkpoint: str | os.PathLike | None = None,
             checkpoint_every: int = 100, resume: bool = False,
             keep_checkpoint: bool = False) -> "PEDENet":
         """Train on normal images.
@@ -203,6 +254,8 @@ class PEDENet:
         Args:
             images: a folder of normal images (or a category folder with train/good), or a
                 sequence of paths / PIL images / arrays (see :func:`as_rgb_array`).
+            y: ignored (every image is taken as normal); there for scikit-learn's
+                ``fit(X, y)`` convention. The other arguments are keyword-only.
             progress: show progress bars.
             checkpoint: resume file (e.g. ``RUN_DIR/resume.pt``). When given, the training
                 state is written to it atomically every ``checkpoint_every`` steps, and when
@@ -229,8 +282,12 @@ class PEDENet:
                 ``image_size`` 0) an image smaller than the patch size.
             ValueError: an empty list, or an array that is not an image (see :func:`as_rgb_array`).
             CheckpointError: an unusable resume file.
+
+        Every held-out image is read before training starts, so a bad one stops fit at once.
+        All or nothing: when fit raises (or is interrupted), a model fitted before is left as
+        it was (network, mixture, thresholds and history).
         """
-        all_items = _expand(images)
+        all_items = _expand(images, training=True)
         if not all_items:
             raise ValueError("fit needs at least one normal image; the input holds none")
         train_idx, cal_idx = split_calibration(len(all_items), self.config.calibration_fraction,
@@ -244,44 +301,54 @@ class PEDENet:
         state = None
         if resume and checkpoint is not None and Path(checkpoint).exists():
             state = read_resume_state(checkpoint, self.config, items)
-        _seed_everything(self.config.seed)
-        self.network = PEDENetNetwork(self.config).to(self.device)
-        cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side), progress)
-        if state is None:
-            init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
-            start, opt_state, gen_state, history = 0, None, None, None
-        else:  # the saved weights hold the EM initialization and the training so far
-            try:
-                self.network.load_state_dict(state["state_dict"], strict=True)
-            except (RuntimeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{checkpoint}: resume state does not match this model: {exc}") from None
-            init = state.get("de_init", {})
-            start, opt_state, gen_state = int(state["step"]), state["optimizer"], state["generator"]
-            history = TrainingHistory(**state.get("history", {}))
-        on_step = None
-        if checkpoint is not None:
-            on_step = ResumeWriter(checkpoint, every=checkpoint_every, network=self.network,
-                                   config=self.config, items=items, de_init=init)
-        with deferred_interrupts(enabled=checkpoint is not None) as stop:
-            if on_step is not None:
-                on_step.stop = stop
-            history = train_network(self.network, cache, progress=progress, start_step=start,
-                                    optimizer_state=opt_state, generator_state=gen_state,
-                                    history=history, on_step=on_step)
-        fit_mixture(self.network, cache, progress)
-        history.timings.update(self._fit_scoring(cache, cal_items, progress))
-        del cache
-        self.history = history.to_dict()
-        self.history["de_init"] = init
-        self.history["n_train_images"] = len(items)
-        self.history["n_calibration_images"] = len(cal_items)
-        if self.network.memory_bank is not None:
-            self.history["memory_bank_rows"] = len(self.network.memory_bank)
-        self.history["calibration_images"] = _names(cal_idx, cal_items)
-        if state is not None:
-            self.history["resumed_from_step"] = start
-        if checkpoint is not None and not keep_checkpoint:
-            Path(checkpoint).unlink(missing_ok=True)
+        # the held-out images are scored after training: read them now, so that a bad one
+        # stops fit before the training, not after it (the training images are read first)
+        for load in progress_bar(_loaders(cal_items, self.min_image_side), desc="checking "
+                                 "held-out images", unit="img", disable=not progress):
+            load()
+        before = (self.network, self.history, self.calibration, self.normal_quantiles)
+        try:  # all or nothing: an error or Ctrl-C part way leaves a fitted model as it was
+            _seed_everything(self.config.seed)
+            self.network = PEDENetNetwork(self.config).to(self.device)
+            cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side), progress)
+            if state is None:
+                init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
+                start, opt_state, gen_state, history = 0, None, None, None
+            else:  # the saved weights hold the EM initialization and the training so far
+                try:
+                    self.network.load_state_dict(state["state_dict"], strict=True)
+                except (RuntimeError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{checkpoint}: resume state does not match this model: {exc}") from None
+                init = state.get("de_init", {})
+                start, opt_state, gen_state = int(state["step"]), state["optimizer"], state["generator"]
+                history = TrainingHistory(**state.get("history", {}))
+            on_step = None
+            if checkpoint is not None:
+                on_step = ResumeWriter(checkpoint, every=checkpoint_every, network=self.network,
+                                       config=self.config, items=items, de_init=init)
+            with deferred_interrupts(enabled=checkpoint is not None) as stop:
+                if on_step is not None:
+                    on_step.stop = stop
+                history = train_network(self.network, cache, progress=progress, start_step=start,
+                                        optimizer_state=opt_state, generator_state=gen_state,
+                                        history=history, on_step=on_step)
+            fit_mixture(self.network, cache, progress)
+            history.timings.update(self._fit_scoring(cache, cal_items, progress))
+            del cache
+            self.history = history.to_dict()
+            self.history["de_init"] = init
+            self.history["n_train_images"] = len(items)
+            self.history["n_calibration_images"] = len(cal_items)
+            if self.network.memory_bank is not None:
+                self.history["memory_bank_rows"] = len(self.network.memory_bank)
+            self.history["calibration_images"] = _names(cal_idx, cal_items)
+            if state is not None:
+                self.history["resumed_from_step"] = start
+            if checkpoint is not None and not keep_checkpoint:
+                Path(checkpoint).unlink(missing_ok=True)
+        except BaseException:
+            self.network, self.history, self.calibration, self.normal_quantiles = before
+            raise
         return self
 
     def rescore(self, images, scoring: str | None = None, memory_bank_size: int | None = None,
@@ -339,7 +406,7 @@ class PEDENet:
             self.config.memory_bank_size if memory_bank_size is None else memory_bank_size),
             image_score_border=(self.config.image_score_border if image_score_border is None
                                 else image_score_border))
-        all_items = _expand(images)
+        all_items = _expand(images, training=True)
         train_idx, cal_idx = split_calibration(len(all_items), config.calibration_fraction, config.seed)
         items = [all_items[i] for i in train_idx]
         cal_items = [all_items[i] for i in cal_idx]
@@ -536,7 +603,7 @@ class PEDENet:
         return self.calibration.summary(self.config.target_fpr if fpr is None else fpr,
                                         self.config.pixel_fpr if pixel_fpr is None else pixel_fpr)
 
-    def predict(self, images, progress: bool = False, batch_size: int = 16,
+    def predict(self, images, *, progress: bool = False, batch_size: int = 16,
                 max_tile: int | None = 1024, fpr: float | None = None,
                 pixel_fpr: float | None = None) -> Predictions:
         """Anomaly maps, image scores, p-values, decisions and defect masks.

@@ -204,7 +204,8 @@ def validate(model, images, seed: int = 0, progress: bool = False,
 
     Args:
         model: a fitted :class:`pedenet.PEDENet`.
-        images: held-out normal images, not used for training (paths, PIL images or arrays).
+        images: held-out normal images, not used for training: a sequence of paths, PIL
+            images or arrays, one of them, or a folder (its images, as for ``predict``).
         seed: seed of the synthetic defects (use the same one to compare configurations).
         progress: show a progress bar while the 2N images are scored.
         kinds: the synthetic defect kinds, given to the images in turn (default scratch, spot,
@@ -224,8 +225,10 @@ def validate(model, images, seed: int = 0, progress: bool = False,
     """
     from .metrics import image_auroc, pixel_metrics
 
+    from .estimator import _expand
+
     kinds = check_kinds(kinds)
-    arrays, masks, labels = synthetic_validation_set(list(images), seed, kinds)
+    arrays, masks, labels = synthetic_validation_set(_expand(images), seed, kinds)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")
     n = len(arrays) // 2

@@ -223,3 +223,7 @@ def test_float_pil_images_are_checked_like_float_arrays_and_8_bit_uint16_warns()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         as_rgb_array((values * 257).astype(np.uint16))  # real 16-bit values: no warning
+        as_rgb_array(values.astype(np.uint8))  # real 8-bit values: no warning
+    with pytest.warns(UserWarning, match="uint8 image array with values only in 0-1.*float"):
+        black = as_rgb_array((values / 255).astype(np.uint8))  # a [0, 1] float cast to uint8
+    assert black.max() == pytest.approx(1 / 255)  # still read as 8-bit

@@ -1,5 +1,7 @@
 """Training on the built-in dataset: no collapse, determinism, save/load round trip."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,101 @@ def test_same_seed_same_model(gravel):
     b = pedenet.PEDENet(**kw).fit(paths, progress=False)
     img = test_samples(gravel)[0].path
     np.testing.assert_allclose(a.anomaly_map(img), b.anomaly_map(img), rtol=1e-5)
+
+
+def test_fit_reads_a_folder_as_pedenet_fit_does(gravel, tmp_path):
+    """A folder given to fit contributes only the images directly inside it (a category folder:
+    its train/good), never the defective images or masks of its subfolders."""
+    from pedenet.data import DataError, SkippedFileWarning
+
+    with pytest.raises(DataError, match="is a dataset root.*gravel"):
+        pedenet.PEDENet(steps=0).fit(gravel.parent)  # would hold test/ and ground_truth/
+    folder = tmp_path / "normal"
+    (folder / "rejects").mkdir(parents=True)
+    train = [s.path for s in train_samples(gravel)]
+    for p in train[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    defect = next(s for s in test_samples(gravel) if s.label == 1)
+    (folder / "rejects" / "bad.png").write_bytes(Path(defect.path).read_bytes())
+    kw = dict(steps=0, de_init="random", image_size=64, n_components=2, embedding_dim=8)
+    with pytest.warns(SkippedFileWarning, match="1 images in its subfolders \\(rejects\\)"):
+        model = pedenet.PEDENet(**kw).fit(folder, progress=False)
+    assert model.history["n_train_images"] + model.history["n_calibration_images"] == 4
+    with pytest.raises(DataError, match="subfolders hold some \\(sub\\)"):
+        pedenet.PEDENet(**kw).fit(_only_subfolder(tmp_path / "nested", defect.path), progress=False)
+    model = pedenet.PEDENet(**kw).fit([gravel], progress=False)  # a category folder: train/good
+    assert model.history["n_train_images"] + model.history["n_calibration_images"] == len(train)
+
+
+def _only_subfolder(folder, image):
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.png").write_bytes(Path(image).read_bytes())
+    return folder
+
+
+def test_numpy_settings_save_and_load(gravel, tmp_path):
+    """Settings from numpy (a parameter grid) are stored as plain numbers: the checkpoint loads."""
+    paths = [s.path for s in train_samples(gravel)][:3]
+    model = pedenet.PEDENet(steps=np.int64(0), de_init="random", image_size=np.int64(64),
+                            n_components=np.int64(2), embedding_dim=8, lr=np.float32(1e-3),
+                            image_score_fraction=np.float64(0.01), seed=np.int64(1),
+                            calibration_fraction=0.0).fit(paths, progress=False)
+    assert type(model.config.n_components) is int and type(model.config.lr) is float
+    model.save(tmp_path / "model.pt")
+    again = pedenet.load(tmp_path / "model.pt")
+    assert again.config == model.config
+    np.testing.assert_array_equal(again.anomaly_map(paths[0]), model.anomaly_map(paths[0]))
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(ridge=-1), "ridge must be >= 0"), (dict(smoothing_sigma=-1), "smoothing_sigma must be >= 0"),
+    (dict(smoothing_sigma=float("nan")), "finite"), (dict(lr=-1e-3), "lr must be > 0"),
+    (dict(lr=float("nan")), "finite"), (dict(encoder_lr=0), "encoder_lr must be > 0"),
+    (dict(lambda_de=float("inf")), "finite"), (dict(lambda_lp=-1), "lambda_lp must be >= 0"),
+    (dict(de_hidden=0), "de_hidden must be >= 1"), (dict(seed=-1), "seed must be in"),
+    (dict(seed=2**40), "seed must be in")])
+def test_bad_settings_refused_at_construction(setting, message):
+    with pytest.raises(ValueError, match=message):
+        pedenet.PEDENet(**setting)
+
+
+def test_bad_held_out_image_stops_fit_before_training_and_keeps_the_model(gravel, monkeypatch):
+    from pedenet import estimator
+    from pedenet.calibration import split_calibration
+    from pedenet.data import DataError
+
+    paths = [s.path for s in train_samples(gravel)][:6]
+    kw = dict(steps=0, de_init="random", image_size=64, n_components=2, embedding_dim=8,
+              calibration_fraction=0.5)
+    model = pedenet.PEDENet(**kw).fit(paths, progress=False)
+    img = test_samples(gravel)[0].path
+    before_map, before_history = model.anomaly_map(img), dict(model.history)
+    before_thresholds = model.thresholds()
+    _, cal_idx = split_calibration(len(paths), 0.5, 0)
+    bad = list(paths)
+    bad[int(cal_idx[-1])] = gravel / "missing.png"  # a held-out image, read after training so far
+    trained = []
+    monkeypatch.setattr(estimator, "train_network", lambda *a, **k: trained.append(1))
+    with pytest.raises(DataError, match="missing.png"):
+        model.fit(bad, progress=False)
+    assert not trained  # refused before the training
+    # an error part way (here: in the training) leaves the fitted model as it was
+    monkeypatch.setattr(estimator, "train_network", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model.fit(paths, progress=False)
+    np.testing.assert_array_equal(model.anomaly_map(img), before_map)
+    assert model.history == before_history and model.thresholds() == before_thresholds
+
+
+def test_fit_takes_and_ignores_y_as_scikit_learn_does(gravel):
+    paths = [s.path for s in train_samples(gravel)][:3]
+    kw = dict(steps=0, de_init="random", image_size=64, n_components=2, embedding_dim=8,
+              calibration_fraction=0.0)
+    a = pedenet.PEDENet(**kw).fit(paths, np.zeros(3), progress=False)
+    b = pedenet.PEDENet(**kw).fit(paths, progress=False)
+    np.testing.assert_array_equal(a.score_samples(paths), b.score_samples(paths))
+    with pytest.raises(TypeError):  # predict(X, y): nothing to take y for; options by keyword
+        a.predict(paths, np.zeros(3))
 
 
 def test_fit_refuses_empty_input():

@@ -88,6 +88,23 @@ def test_validate_counts_the_defect_kinds():
     assert v["normal_scores"] == model.predict(crops[4:]).scores.tolist()
 
 
+def test_validate_takes_a_folder_or_one_file_as_predict_does(tmp_path):
+    from PIL import Image
+
+    crops = normal_crops("grass", 7, size=64, seed=5)
+    model = pedenet.PEDENet(steps=0, image_size=64, n_components=2,
+                            calibration_fraction=0.0).fit(crops[:4], progress=False)
+    for i, c in enumerate(crops[4:]):
+        Image.fromarray((np.asarray(c) * 255).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    files = sorted(str(p) for p in tmp_path.glob("*.png"))
+    with pytest.warns(FewImagesWarning):
+        by_list = validate(model, files, seed=1)
+        by_folder = validate(model, tmp_path, seed=1)
+        by_file = validate(model, files[0], seed=1)
+    assert by_folder == by_list
+    assert by_file["n_images"] == 2 and by_file["normal_scores"] == by_list["normal_scores"][:1]
+
+
 @pytest.mark.parametrize("shape", [(100, 300, 3), (400, 120, 3), (64, 64, 3)])
 def test_region_defect_is_a_large_band_of_the_image_own_texture_magnified(shape):
     from pedenet.validation import REGION_FRACTION
