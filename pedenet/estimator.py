@@ -194,6 +194,20 @@ RESCORE_TIMINGS = ("memory_bank_seconds", "calibration_seconds")
 """The ``history["timings"]`` stages (seconds) that :meth:`PEDENet.rescore` runs again."""
 
 
+def _check_device(device) -> None:
+    """Raise ValueError unless ``device`` is "cpu", or "cuda" / "cuda:N" with CUDA available."""
+    text = str(device)
+    if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if text != "cpu":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r}: CUDA is not available on this machine (this "
+                             "torch build or no GPU); use device='cpu'")
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {text!r}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+
+
 class PEDENet:
     """PEDENet anomaly detector trained on normal images only.
 
@@ -214,8 +228,7 @@ class PEDENet:
     """
 
     def __init__(self, device: str = "cpu", **config):
-        if not (str(device) == "cpu" or str(device).startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+        _check_device(device)
         self.config = PEDENetConfig(**config)
         if self.config.scoring != "distance" and self.config.memory_bank_size != _DEFAULT_BANK:
             raise ValueError(f"memory_bank_size={self.config.memory_bank_size} has no effect with "
@@ -674,6 +687,7 @@ class PEDENet:
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> "PEDENet":
         """Read a model written by :meth:`save`: its ``model.pt``, or the run folder holding
         it (as the command line accepts). Raises CheckpointError for invalid files."""
+        _check_device(device)  # before the file: not reported as a checkpoint problem
         if Path(path).is_dir() and (Path(path) / "model.pt").is_file():
             path = Path(path) / "model.pt"
         data = load_checkpoint(path)

@@ -226,3 +226,15 @@ def test_em_progress_counts_iterations_and_changes_nothing():
     assert "change" in bar.postfix
     np.testing.assert_allclose(em.means_, ref.means_)
     np.testing.assert_allclose(sorted(em.means_[:, 0]), [-6, 0, 6], atol=0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_clearly(fitted, tmp_path):
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            pedenet.PEDENet(device=device)
+    fitted.save(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pedenet.load(tmp_path / "model.pt", device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        pedenet.PEDENet(device="cuda:x")
