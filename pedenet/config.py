@@ -174,8 +174,8 @@ class PEDENetConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.de_hidden < 1:
             raise ValueError(f"de_hidden must be >= 1, got {self.de_hidden}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not float(self.lp_distance) > 0:
             raise ValueError(f"lp_distance must be > 0 (in patch sizes), got {self.lp_distance}")
         if self.steps < 0:

@@ -291,8 +291,10 @@ class PEDENet:
             self.
 
         Raises:
-            pedenet.data.DataError: a missing or empty folder, an unreadable image, or (with
-                ``image_size`` 0) an image smaller than the patch size.
+            pedenet.data.DataError: a missing or empty folder, a dataset root, a folder whose
+                images are only in subfolders, an unreadable image, or (with ``image_size`` 0)
+                an image smaller than the patch size.
+            TypeError: a bool as ``y`` (``progress`` is keyword-only).
             ValueError: an empty list, or an array that is not an image (see :func:`as_rgb_array`).
             CheckpointError: an unusable resume file.
 
@@ -300,6 +302,9 @@ class PEDENet:
         All or nothing: when fit raises (or is interrupted), a model fitted before is left as
         it was (network, mixture, thresholds and history).
         """
+        if isinstance(y, bool):  # fit(images, False): progress used to be the second argument
+            raise TypeError("fit(images, y): y is ignored (scikit-learn's convention); pass "
+                            f"progress={y} by keyword")
         all_items = _expand(images, training=True)
         if not all_items:
             raise ValueError("fit needs at least one normal image; the input holds none")

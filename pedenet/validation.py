@@ -16,7 +16,9 @@ figures (real defects differ from synthetic ones).
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -205,7 +207,9 @@ def validate(model, images, seed: int = 0, progress: bool = False,
     Args:
         model: a fitted :class:`pedenet.PEDENet`.
         images: held-out normal images, not used for training: a sequence of paths, PIL
-            images or arrays, one of them, or a folder (its images, as for ``predict``).
+            images or arrays (or an N×H×W×C array), one of them, or a folder (all the image
+            files under it, as for ``predict``; a category folder is refused: its train/good
+            images were trained on and its test/ images are not all normal).
         seed: seed of the synthetic defects (use the same one to compare configurations).
         progress: show a progress bar while the 2N images are scored.
         kinds: the synthetic defect kinds, given to the images in turn (default scratch, spot,
@@ -220,15 +224,25 @@ def validate(model, images, seed: int = 0, progress: bool = False,
         (``{"scratch": 2, "spot": 1, "patch": 1}`` for N = 4; they sum to N);
         ``normal_scores`` and ``defect_scores``: the N image anomaly scores (floats) of the
         held-out images and of their synthetic-defect copies, in the order of ``images``;
-        ``copy_kinds``: the N kinds given to the copies, in that order. Raises ValueError if ``images`` is empty or a kind is unknown. Warns
+        ``copy_kinds``: the N kinds given to the copies, in that order. Raises ValueError if ``images`` is empty, a category folder, or a kind is unknown. Warns
         (:class:`FewImagesWarning`) when N < :data:`MIN_RELIABLE_IMAGES`.
     """
     from .metrics import image_auroc, pixel_metrics
 
+    from .data import find_images, is_category_dir
     from .estimator import _expand
 
     kinds = check_kinds(kinds)
-    arrays, masks, labels = synthetic_validation_set(_expand(images), seed, kinds)
+    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        if is_category_dir(images):  # its train/good was trained on, its test/ is not normal
+            raise ValueError(f"{images}: is a category folder (train/, test/); pass the folder "
+                             "of held-out normal images, or their paths")
+        items = find_images([images])
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        items = list(images)  # a stack of N images
+    else:
+        items = _expand(images)
+    arrays, masks, labels = synthetic_validation_set(items, seed, kinds)
     if not arrays:
         raise ValueError("validation needs at least one held-out normal image")
     n = len(arrays) // 2

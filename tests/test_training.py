@@ -146,8 +146,7 @@ def test_numpy_settings_save_and_load(gravel, tmp_path):
     (dict(smoothing_sigma=float("nan")), "finite"), (dict(lr=-1e-3), "lr must be > 0"),
     (dict(lr=float("nan")), "finite"), (dict(encoder_lr=0), "encoder_lr must be > 0"),
     (dict(lambda_de=float("inf")), "finite"), (dict(lambda_lp=-1), "lambda_lp must be >= 0"),
-    (dict(de_hidden=0), "de_hidden must be >= 1"), (dict(seed=-1), "seed must be in"),
-    (dict(seed=2**40), "seed must be in")])
+    (dict(de_hidden=0), "de_hidden must be >= 1"), (dict(seed=-1), "seed must be >= 0")])
 def test_bad_settings_refused_at_construction(setting, message):
     with pytest.raises(ValueError, match=message):
         pedenet.PEDENet(**setting)
@@ -190,6 +189,8 @@ def test_fit_takes_and_ignores_y_as_scikit_learn_does(gravel):
     np.testing.assert_array_equal(a.score_samples(paths), b.score_samples(paths))
     with pytest.raises(TypeError):  # predict(X, y): nothing to take y for; options by keyword
         a.predict(paths, np.zeros(3))
+    with pytest.raises(TypeError, match="progress=False"):  # fit(X, False): progress was meant
+        a.fit(paths, False)
 
 
 def test_fit_refuses_empty_input():

@@ -103,6 +103,12 @@ def test_validate_takes_a_folder_or_one_file_as_predict_does(tmp_path):
         by_file = validate(model, files[0], seed=1)
     assert by_folder == by_list
     assert by_file["n_images"] == 2 and by_file["normal_scores"] == by_list["normal_scores"][:1]
+    stack = np.stack([np.asarray(c) for c in crops[4:]])[..., None]  # N×H×W×1: N images, as before
+    with pytest.warns(FewImagesWarning):
+        assert validate(model, stack, seed=1)["n_images"] == 2 * len(stack)
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is a category folder"):
+        validate(model, tmp_path, seed=1)
 
 
 @pytest.mark.parametrize("shape", [(100, 300, 3), (400, 120, 3), (64, 64, 3)])
