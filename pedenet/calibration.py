@@ -30,6 +30,7 @@ images flagged at the image threshold, so an image that passes has an empty mask
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -73,7 +74,13 @@ def min_images_to_hold_out(fraction: float) -> int:
     return max(2, math.floor(0.5 / fraction) + 1)
 
 
-def _check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
+def check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
+    """``fpr`` as a float after checking it is a rate: a number in (0, 1).
+
+    Raises TypeError for a value that is not a number (a string, a bool, None), ValueError for
+    one outside (0, 1) or NaN."""
+    if isinstance(fpr, bool) or not isinstance(fpr, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1), got {fpr!r}")
     fpr = float(fpr)
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"{name} must be in (0, 1); got {fpr}")
@@ -124,7 +131,7 @@ class Calibration:
         (default ``target_fpr``): the k-th smallest held-out score, k = ceil((n+1)(1-fpr));
         flagging ``score > threshold`` equals ``p_value <= fpr`` whenever k <= n. With too few
         held-out images (k > n) it is the largest held-out score, with a CalibrationWarning."""
-        fpr = _check_fpr(self.target_fpr if fpr is None else fpr)
+        fpr = check_fpr(self.target_fpr if fpr is None else fpr)
         k = math.ceil((self.n + 1) * (1.0 - fpr) - 1e-9)
         if k > self.n:
             warnings.warn(
@@ -141,15 +148,15 @@ class Calibration:
         """Pixel score above which a pixel is marked defective: the (1 - pixel_fpr) quantile
         (``numpy.quantile``, method "higher") of the held-out pixel scores (default
         ``self.pixel_fpr``)."""
-        fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
+        fpr = check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
         return float(np.quantile(self.pixel_scores, 1.0 - fpr, method="higher"))
 
     def summary(self, fpr: float | None = None, pixel_fpr: float | None = None) -> dict:
         """JSON-ready thresholds for ``fpr`` and ``pixel_fpr`` (defaults ``target_fpr``,
         ``pixel_fpr``): target_fpr, image_threshold, pixel_fpr, pixel_threshold,
         n_calibration, achievable_fpr, guaranteed_fpr."""
-        fpr = _check_fpr(self.target_fpr if fpr is None else fpr)
-        pixel_fpr = _check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
+        fpr = check_fpr(self.target_fpr if fpr is None else fpr)
+        pixel_fpr = check_fpr(self.pixel_fpr if pixel_fpr is None else pixel_fpr, "pixel_fpr")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             image_t = self.image_threshold(fpr)
@@ -173,8 +180,8 @@ class Calibration:
             raise ValueError("calibration scores must be non-empty 1-D arrays")
         if not (np.isfinite(scores).all() and np.isfinite(pixels).all()):
             raise ValueError("calibration scores contain NaN or Inf")
-        return cls(scores=scores, pixel_scores=pixels, target_fpr=_check_fpr(_rate(state["target_fpr"])),
-                   pixel_fpr=_check_fpr(_rate(state.get("pixel_fpr", 0.01))))
+        return cls(scores=scores, pixel_scores=pixels, target_fpr=check_fpr(_rate(state["target_fpr"])),
+                   pixel_fpr=check_fpr(_rate(state.get("pixel_fpr", 0.01))))
 
 
 def _rate(value) -> float:
@@ -210,7 +217,7 @@ def calibrate(maps, target_fpr: float = 0.01, seed: int = 0,
         ValueError: no maps, a map with NaN/Inf, ``target_fpr`` outside (0, 1), or
             ``score_border`` outside [0, 0.5).
     """
-    target_fpr, pixel_fpr = _check_fpr(target_fpr), _check_fpr(pixel_fpr)
+    target_fpr, pixel_fpr = check_fpr(target_fpr), check_fpr(pixel_fpr)
     maps = [np.asarray(m, dtype=np.float32) for m in maps]
     if not maps:
         raise ValueError("calibration needs at least one held-out normal image")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -208,6 +209,27 @@ def _check_device(device) -> None:
                              "CUDA device(s)")
 
 
+def _new_config(values: dict) -> PEDENetConfig:
+    """A checked :class:`PEDENetConfig` from constructor keywords (ValueError / TypeError
+    naming the setting), including the estimator's own rule on ``memory_bank_size``."""
+    config = PEDENetConfig(**values)
+    if config.scoring != "distance" and config.memory_bank_size != _DEFAULT_BANK:
+        raise ValueError(f"memory_bank_size={config.memory_bank_size} has no effect with "
+                         f"scoring={config.scoring!r}: pass scoring='distance' too, or "
+                         "leave memory_bank_size out")
+    return config
+
+
+def _same(a, b) -> bool:
+    """Equal settings (lists and tuples compare by their items)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. an array: not comparable to a setting
+        return False
+
+
 class PEDENet:
     """PEDENet anomaly detector trained on normal images only.
 
@@ -229,12 +251,9 @@ class PEDENet:
 
     def __init__(self, device: str = "cpu", **config):
         _check_device(device)
-        self.config = PEDENetConfig(**config)
-        if self.config.scoring != "distance" and self.config.memory_bank_size != _DEFAULT_BANK:
-            raise ValueError(f"memory_bank_size={self.config.memory_bank_size} has no effect with "
-                             f"scoring={self.config.scoring!r}: pass scoring='distance' too, or "
-                             "leave memory_bank_size out")
+        self.config = _new_config(config)
         self.device = device
+        self._given = dict(config)  # the values as passed: get_params returns these objects
         self.network: PEDENetNetwork | None = None
         self.history: dict = {}
         # quantiles ("0.5", "0.99", "0.999", "1.0") of the patch energy of the training images:
@@ -242,6 +261,46 @@ class PEDENet:
         # fewer than 10 images are held out)
         self.normal_quantiles: dict[str, float] = {}
         self.calibration: Calibration | None = None
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments (scikit-learn's estimator API): ``device`` and every
+        field of :class:`pedenet.config.PEDENetConfig`, so that ``sklearn.base.clone(model)``
+        gives an unfitted model with the same settings. ``deep`` is accepted and ignored
+        (a PEDENet holds no sub-estimators)."""
+        params = {"device": self.device}
+        for f in fields(PEDENetConfig):
+            value = getattr(self.config, f.name)
+            given = self._given.get(f.name, value)
+            params[f.name] = given if _same(given, value) else value
+        return params
+
+    def set_params(self, **params) -> "PEDENet":
+        """Change settings of an unfitted model (scikit-learn's estimator API; e.g. by a grid
+        search on a clone). The new settings are checked together, as by the constructor.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: an unknown name (the message lists the valid ones), an invalid value,
+                or a change to a fitted model (its network was built from the old settings:
+                change a ``sklearn.base.clone(model)`` or a new ``PEDENet`` instead).
+        """
+        valid = self.get_params()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for PEDENet; valid: {sorted(valid)}")
+        changed = sorted(k for k, v in params.items() if not _same(v, valid[k]))
+        if changed and self.network is not None:
+            raise ValueError(f"set_params({', '.join(changed)}) on a fitted model: its network was "
+                             "built with the old settings; change sklearn.base.clone(model) or a "
+                             "new PEDENet instead")
+        device = params.pop("device", self.device)
+        _check_device(device)
+        given = {**self._given, **params}
+        config = _new_config({**self.config.to_dict(), **given})
+        self.config, self.device, self._given = config, device, given
+        return self
 
     def __repr__(self) -> str:
         """``PEDENet(<settings that differ from the defaults>)``, and whether it is fitted."""
@@ -281,6 +340,9 @@ class PEDENet:
                 features are recomputed; the EM initialization is not redone (the saved
                 network holds it).
             keep_checkpoint: keep ``checkpoint`` after a successful fit (default: delete it).
+
+        The result depends only on the images and ``config`` (``seed`` included); the global
+        random state of torch (CPU) and numpy is the same after fit as before it.
 
         A random ``calibration_fraction`` of the images (seeded) is held out of training and
         scored after it to calibrate the thresholds (:mod:`pedenet.calibration`); with fewer
@@ -325,6 +387,9 @@ class PEDENet:
                                  "held-out images", unit="img", disable=not progress):
             load()
         before = (self.network, self.history, self.calibration, self.normal_quantiles)
+        # fit seeds torch's and numpy's global generators (the network's initialization draws
+        # from them); the caller's random streams are put back afterwards
+        global_rng = (torch.get_rng_state(), np.random.get_state())
         try:  # all or nothing: an error or Ctrl-C part way leaves a fitted model as it was
             _seed_everything(self.config.seed)
             self.network = PEDENetNetwork(self.config).to(self.device)
@@ -367,6 +432,9 @@ class PEDENet:
         except BaseException:
             self.network, self.history, self.calibration, self.normal_quantiles = before
             raise
+        finally:
+            torch.set_rng_state(global_rng[0])
+            np.random.set_state(global_rng[1])
         return self
 
     def rescore(self, images, scoring: str | None = None, memory_bank_size: int | None = None,
@@ -551,7 +619,12 @@ class PEDENet:
 
         ``max_tile``: images whose processed size exceeds this many pixels on a side are
         encoded in overlapping tiles (see :meth:`iter_predict`); None disables tiling.
+        Raises TypeError / ValueError for a ``max_tile`` that is not a whole number >= 1
+        (:func:`pedenet.inference.check_options`), RuntimeError if the model is not fitted.
         """
+        from .inference import check_options
+
+        check_options(1, max_tile)
         net = self._require_fitted()
         arr = check_side(as_rgb_array(image), self.min_image_side, image)
         x = to_tensor(arr, self.config.image_size, self.config.keep_aspect).to(self.device)
@@ -604,9 +677,14 @@ class PEDENet:
         ``image_score_border``, :func:`pedenet.scoring.image_score`). Images larger than ``max_tile``
         pixels on a side after preprocessing are encoded in overlapping tiles
         (:meth:`pedenet.model.PEDENetNetwork.patch_energy`); None disables tiling.
-        """
-        from .inference import iter_predict
 
+        Raises (at the call, before any image is read): TypeError / ValueError for a
+        ``batch_size`` or ``max_tile`` that is not a whole number >= 1
+        (:func:`pedenet.inference.check_options`); RuntimeError if the model is not fitted.
+        """
+        from .inference import check_options, iter_predict
+
+        check_options(batch_size, max_tile)  # now, not at the generator's first next()
         self._require_fitted()
         return iter_predict(self, images, batch_size=batch_size, max_tile=max_tile)
 
@@ -641,9 +719,19 @@ class PEDENet:
 
         Raises:
             pedenet.data.DataError: a missing or unreadable image file.
-            ValueError: an array that is not an image, or a rate outside (0, 1).
+            ValueError: an array that is not an image, a rate outside (0, 1), or a
+                ``batch_size`` / ``max_tile`` below 1.
+            TypeError: a rate that is not a number, or a ``batch_size`` / ``max_tile`` that is
+                not a whole number.
             RuntimeError: the model is not fitted.
         """
+        from .calibration import check_fpr
+        from .inference import check_options
+
+        check_options(batch_size, max_tile)
+        for value, name in ((fpr, "fpr"), (pixel_fpr, "pixel_fpr")):
+            if value is not None:
+                check_fpr(value, name)
         items = _expand(images)
         maps: list = [None] * len(items)
         scores = np.zeros(len(items), dtype=np.float64)

@@ -44,6 +44,28 @@ clearly better than this one, so it was kept."""
 _END = object()
 
 
+def check_options(batch_size, max_tile) -> None:
+    """Refuse unusable inference options before any image is read.
+
+    Args:
+        batch_size: most images encoded together: a whole number >= 1.
+        max_tile: tile side in pixels above which an image is tiled: a whole number >= 1,
+            or None (never tile).
+
+    Raises:
+        TypeError: a value that is not a whole number (a float such as 2.5, a string, a bool).
+        ValueError: ``batch_size`` < 1 or ``max_tile`` < 1 (use None to disable tiling).
+    """
+    for name, value in (("batch_size", batch_size), ("max_tile", max_tile)):
+        if name == "max_tile" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be a whole number, got {value!r}")
+        if value < 1:
+            hint = " (None disables tiling)" if name == "max_tile" else ""
+            raise ValueError(f"{name} must be >= 1, got {value}{hint}")
+
+
 @dataclass
 class Predictions:
     """What :meth:`pedenet.PEDENet.predict` returns, one entry per input image (input order).
@@ -157,8 +179,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     """
     from .estimator import as_rgb_array, check_side
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_options(batch_size, max_tile)
     net = model._require_fitted()
     size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
     fraction, border = model.config.image_score_fraction, model.config.image_score_border

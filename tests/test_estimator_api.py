@@ -1,0 +1,91 @@
+"""The estimator's scikit-learn conventions and its argument checks."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from pedenet import PEDENet
+from pedenet.builtin import make_builtin_dataset
+from pedenet.calibration import CalibrationWarning
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = make_builtin_dataset(tmp_path_factory.mktemp("api") / "ds", categories=("brick",),
+                                n_train=6, n_test_good=1, n_test_defect=1, size=64)
+    images = sorted((root / "brick" / "train" / "good").glob("*.png"))
+    with pytest.warns(CalibrationWarning, match="cannot guarantee"):  # 2 held out: expected
+        model = PEDENet(steps=2, image_size=64, n_components=2, embedding_dim=8,
+                        calibration_fraction=0.34, de_init="random").fit(images, progress=False)
+    return model, images
+
+
+def test_clone_gives_an_unfitted_model_with_the_same_settings(fitted):
+    model, _ = fitted
+    copy = clone(model)
+    assert copy is not model and copy.network is None and copy.calibration is None
+    assert copy.config == model.config and copy.device == model.device
+    assert copy.get_params() == model.get_params()
+    # a value passed as a list or numpy scalar survives the clone's identity check too
+    odd = PEDENet(feature_blocks=[4, 10], n_components=np.int64(3))
+    assert clone(odd).config.feature_blocks == (4, 10) and clone(odd).config.n_components == 3
+
+
+def test_set_params_checks_names_values_and_fitted_state(fitted):
+    model, _ = fitted
+    fresh = PEDENet()
+    assert fresh.set_params(steps=7, n_components=5) is fresh
+    assert (fresh.config.steps, fresh.config.n_components) == (7, 5)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['step'\]"):
+        fresh.set_params(step=3)
+    with pytest.raises(ValueError, match="n_components must be >= 1"):
+        fresh.set_params(n_components=0)
+    assert fresh.config.n_components == 5  # a refused change leaves the settings as they were
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        fresh.set_params(memory_bank_size=10)  # the constructor's rule: needs scoring='distance'
+    with pytest.raises(ValueError, match="on a fitted model"):
+        model.set_params(n_components=5)
+    assert model.set_params(n_components=2) is model  # unchanged values are accepted
+
+
+def test_fit_puts_the_global_random_state_back(fitted):
+    _, images = fitted
+    torch.manual_seed(1234)
+    np.random.seed(99)
+    expected_torch, expected_np = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(1234)
+    np.random.seed(99)
+    PEDENet(steps=1, image_size=64, n_components=2, embedding_dim=8, seed=5,
+            de_init="random", calibration_fraction=0).fit(images[:2], progress=False)
+    assert torch.equal(torch.rand(3), expected_torch)
+    assert np.array_equal(np.random.rand(3), expected_np)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"batch_size": 2.5}, TypeError, "batch_size must be a whole number"),
+    ({"batch_size": True}, TypeError, "batch_size must be a whole number"),
+    ({"max_tile": 0}, ValueError, r"max_tile must be >= 1, got 0 \(None disables tiling\)"),
+    ({"max_tile": "512"}, TypeError, "max_tile must be a whole number"),
+])
+def test_bad_inference_options_are_refused_at_the_call(fitted, kwargs, error, match):
+    model, images = fitted
+    with pytest.raises(error, match=match):
+        model.iter_predict(images, **kwargs)  # at the call, not at the generator's first next()
+    with pytest.raises(error, match=match):
+        model.predict(images, **kwargs)
+    if "max_tile" in kwargs:
+        with pytest.raises(error, match=match):
+            model.anomaly_map(images[0], **kwargs)
+
+
+def test_rates_must_be_numbers(fitted):
+    model, images = fitted
+    with pytest.raises(TypeError, match=r"fpr must be a number in \(0, 1\), got '0.1'"):
+        model.predict(images[:1], fpr="0.1")
+    with pytest.raises(TypeError, match="pixel_fpr must be a number"):
+        model.predict(images[:1], pixel_fpr=True)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\); got nan"):
+        model.predict(images[:1], fpr=float("nan"))
+    assert model.predict(images[:1], fpr=np.float32(0.5)).anomalous.shape == (1,)
