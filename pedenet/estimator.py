@@ -114,8 +114,37 @@ def check_side(arr: np.ndarray, min_side: int, image: ImageLike = None) -> np.nd
     return arr
 
 
-def _loaders(images: Sequence[ImageLike], min_side: int = 0):
-    return [(lambda im=im: check_side(as_rgb_array(im), min_side, im)) for im in images]
+def read_image(image: ImageLike, min_side: int = 0, index: int | None = None) -> np.ndarray:
+    """:func:`as_rgb_array` then :func:`check_side`: float32 H×W×3 in [0, 1].
+
+    ``index``: the image's position among the images given (after folders are expanded).
+    An array or PIL image that cannot be used raises the same error type
+    (``pedenet.data.DataError`` / ValueError) with ``input image <index> (<what it is>):``
+    before the message, so that the bad item of a list is found; a file's error names the
+    file already.
+    """
+    try:
+        return check_side(as_rgb_array(image), min_side, image)
+    except ValueError as exc:
+        if index is None or isinstance(image, (str, os.PathLike)):
+            raise
+        what = (f"PIL image, mode {image.mode}" if hasattr(image, "mode") and hasattr(image, "size")
+                else f"{type(image).__name__}")
+        if isinstance(image, np.ndarray):
+            what = f"array, shape {image.shape}, {image.dtype}"
+        message = f"input image {index} ({what}): {exc}"
+        try:
+            error = type(exc)(message)
+        except TypeError:  # an exception type with another constructor
+            error = ValueError(message)
+        raise error from None
+
+
+def _loaders(images: Sequence[ImageLike], min_side: int = 0, indices: Sequence[int] | None = None):
+    """One reader per image (:func:`read_image`); ``indices``: the images' positions in the
+    input (default 0, 1, ...), named in errors about arrays and PIL images."""
+    indices = range(len(images)) if indices is None else [int(i) for i in indices]
+    return [(lambda im=im, i=i: read_image(im, min_side, i)) for im, i in zip(images, indices)]
 
 
 def _names(indices, items: list) -> list[str]:
@@ -383,7 +412,7 @@ class PEDENet:
             state = read_resume_state(checkpoint, self.config, items)
         # the held-out images are scored after training: read them now, so that a bad one
         # stops fit before the training, not after it (the training images are read first)
-        for load in progress_bar(_loaders(cal_items, self.min_image_side), desc="checking "
+        for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
                                  "held-out images", unit="img", disable=not progress):
             load()
         before = (self.network, self.history, self.calibration, self.normal_quantiles)
@@ -393,7 +422,8 @@ class PEDENet:
         try:  # all or nothing: an error or Ctrl-C part way leaves a fitted model as it was
             _seed_everything(self.config.seed)
             self.network = PEDENetNetwork(self.config).to(self.device)
-            cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side), progress)
+            cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side, train_idx),
+                                          progress)
             if state is None:
                 init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
                 start, opt_state, gen_state, history = 0, None, None, None
@@ -501,7 +531,7 @@ class PEDENet:
                   self.calibration, copy.deepcopy(self.history))
         try:  # all or nothing: an error or Ctrl-C part way leaves the model as it was
             self.config = net.config = config
-            cache = cache_frozen_features(net, _loaders(items, self.min_image_side), progress,
+            cache = cache_frozen_features(net, _loaders(items, self.min_image_side, train_idx), progress,
                                           fit_stats=False)
             timings = self._fit_scoring(cache, cal_items, progress)
         except BaseException:

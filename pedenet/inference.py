@@ -177,7 +177,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     own resolution, ``score`` its image score (float, :func:`pedenet.scoring.image_score` with
     ``config.image_score_fraction`` and ``config.image_score_border``). See :meth:`pedenet.PEDENet.iter_predict`.
     """
-    from .estimator import as_rgb_array, check_side
+    from .estimator import read_image
 
     check_options(batch_size, max_tile)
     net = model._require_fitted()
@@ -186,8 +186,9 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     device = model.device
     budget = BATCH_PIXELS["cuda" if str(device).startswith("cuda") else "cpu"]
 
-    def load(item):
-        arr = check_side(as_rgb_array(item), min_side, item)
+    def load(numbered):
+        i, item = numbered
+        arr = read_image(item, min_side, i)
         return arr.shape[:2], to_tensor(arr, size, model.config.keep_aspect)
 
     def run(batch):
@@ -200,7 +201,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
             yield i, amap, image_score(amap, fraction, border)
 
     batch: list = []
-    for i, (original, x) in enumerate(prefetched(iter_items(images), load, depth=2 * batch_size)):
+    for i, (original, x) in enumerate(prefetched(enumerate(iter_items(images)), load, depth=2 * batch_size)):
         limit = max(1, min(batch_size, budget // (x.shape[-2] * x.shape[-1])))
         if batch and (len(batch) >= limit or x.shape != batch[0][2].shape):
             yield from run(batch)

@@ -185,14 +185,14 @@ def synthetic_validation_set(images, seed: int = 0,
     Raises:
         ValueError: an unknown or repeated kind, or an image side below 48 px.
     """
-    from .estimator import as_rgb_array
+    from .estimator import read_image
 
     kinds = check_kinds(kinds)
     images = list(images)
     rng = np.random.default_rng([int(seed), 31337])
     arrays, masks, labels = [], [], []
-    for item, kind in zip(images, defect_kinds(len(images), kinds)):
-        img = as_rgb_array(item)
+    for i, (item, kind) in enumerate(zip(images, defect_kinds(len(images), kinds))):
+        img = read_image(item, index=i)
         bad, mask = add_synthetic_defect(img, rng, kind)
         arrays += [img, bad]
         masks += [np.zeros(img.shape[:2], dtype=bool), mask]

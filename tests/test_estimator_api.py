@@ -89,3 +89,21 @@ def test_rates_must_be_numbers(fitted):
     with pytest.raises(ValueError, match=r"must be in \(0, 1\); got nan"):
         model.predict(images[:1], fpr=float("nan"))
     assert model.predict(images[:1], fpr=np.float32(0.5)).anomalous.shape == (1,)
+
+
+def test_a_bad_array_in_a_list_is_named_by_its_position(fitted):
+    model, images = fitted
+    good = np.full((64, 64, 3), 128, dtype=np.uint8)
+    bad = np.full((64, 64), 2.0, dtype=np.float32)  # float values outside [0, 1]
+    with pytest.raises(ValueError, match=r"^input image 2 \(array, shape \(64, 64\), float32\): "
+                                          r"float image values must lie in \[0, 1\]"):
+        model.predict([images[0], good, bad])
+    with pytest.raises(ValueError, match=r"^input image 1 \(array, shape \(2, 2, 5\), uint8\): "
+                                          "image array must be"):
+        PEDENet(steps=1, calibration_fraction=0).fit([good, np.zeros((2, 2, 5), dtype=np.uint8)],
+                                                     progress=False)
+    with pytest.raises(ValueError, match=r"^input image 0 \(array"):
+        model.predict(bad)  # one array: position 0
+    missing = images[0].parent / "missing.png"
+    with pytest.raises(ValueError, match=r"^(?!input image).*missing\.png"):  # a file names itself
+        model.predict([good, missing])
