@@ -48,8 +48,10 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     Accepts a file path (read with ``pedenet.data.load_image``), a PIL image, or a numpy array
     H×W or H×W×C (C = 1, 3 or 4; alpha dropped) of dtype uint8 (0-255), uint16 (0-65535) or
     float in [0, 1]. A PIL image in float mode ``"F"`` is checked as a float array (values
-    in [0, 1]). A uint16 array whose values all lie in 0-255 warns (UserWarning): it is read
-    as 16-bit, nearly black; 8-bit values belong in a uint8 array. Raises
+    in [0, 1]). A uint16 array or a PIL image in mode ``"I;16"`` whose values all lie in
+    0-255, or a PIL image in mode ``"I"`` (32-bit, divided by 2³¹−1) whose values all lie in
+    0-65535, warns (UserWarning): it is read nearly black; 8-bit values belong in a uint8
+    array (or mode ``"L"``), 16-bit values in a uint16 array. Raises
     ``pedenet.data.DataError`` / ValueError for anything else (floats outside [0, 1] too).
     """
     from . import data
@@ -57,6 +59,15 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return data.load_image(image)
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            # e.g. an 8-bit image after .convert("I"): divided by 2**31 - 1, black
+            bits, divisor, limit = (32, 2**31 - 1, 65535) if image.mode == "I" else (16, 65535, 255)
+            top = int(np.asarray(image).max()) if image.width and image.height else 0
+            if top <= limit:
+                warnings.warn(f"PIL image in mode {image.mode!r} with values only in 0-{top}: read "
+                              f"as {bits}-bit (divided by {divisor}), "
+                              "so it is nearly black; pass 8-bit values as image.convert('L') or a "
+                              "uint8 array, 16-bit values as a uint16 array", stacklevel=3)
         if image.mode != "F":
             return data.pil_to_array(image)
         image = np.asarray(image, dtype=np.float32)  # checked below, as float arrays are

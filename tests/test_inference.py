@@ -227,3 +227,23 @@ def test_float_pil_images_are_checked_like_float_arrays_and_8_bit_uint16_warns()
     with pytest.warns(UserWarning, match="uint8 image array with values only in 0-1.*float"):
         black = as_rgb_array((values / 255).astype(np.uint8))  # a [0, 1] float cast to uint8
     assert black.max() == pytest.approx(1 / 255)  # still read as 8-bit
+
+
+def test_pil_images_in_mode_i_with_8_bit_values_warn():
+    from PIL import Image
+
+    from pedenet.estimator import as_rgb_array
+
+    gray = Image.fromarray(np.linspace(0, 255, 12, dtype=np.uint8).reshape(3, 4), mode="L")
+    with pytest.warns(UserWarning, match=r"mode 'I' with values only in 0-255: read as 32-bit "
+                                         r"\(divided by 2147483647\).*convert\('L'\)"):
+        dark = as_rgb_array(gray.convert("I"))
+    assert dark.max() == pytest.approx(255 / (2**31 - 1))  # still read as 32-bit, as documented
+    sixteen_in_i = Image.fromarray(np.asarray(gray).astype(np.int32) * 257, mode="I")
+    with pytest.warns(UserWarning, match="mode 'I' with values only in 0-65535.*uint16 array"):
+        as_rgb_array(sixteen_in_i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sixteen = as_rgb_array(Image.fromarray((np.asarray(gray).astype(np.uint16) * 257)))
+        assert sixteen.max() == pytest.approx(1.0)  # real 16-bit values: no warning
+        np.testing.assert_allclose(as_rgb_array(gray)[..., 0], np.asarray(gray) / 255, rtol=1e-6)
