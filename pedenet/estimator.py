@@ -42,7 +42,7 @@ OVERFIT_SPANS = 5.0
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 
-def as_rgb_array(image: ImageLike) -> np.ndarray:
+def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     """Any accepted image → float32 H×W×3 array in [0, 1].
 
     Accepts a file path (read with ``pedenet.data.load_image``), a PIL image, or a numpy array
@@ -53,18 +53,20 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     0-65535, warns (UserWarning): it is read nearly black; 8-bit values belong in a uint8
     array (or mode ``"L"``), 16-bit values in a uint16 array. Raises
     ``pedenet.data.DataError`` / ValueError for anything else (floats outside [0, 1] too).
+    ``name`` (e.g. ``"input image 3"``) starts those warnings, to say which image they are about.
     """
     from . import data
 
     if isinstance(image, (str, os.PathLike)):
         return data.load_image(image)
+    lead = f"{name}: " if name else ""
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
         if image.mode == "I" or image.mode.startswith("I;16"):
             # e.g. an 8-bit image after .convert("I"): divided by 2**31 - 1, black
             bits, divisor, limit = (32, 2**31 - 1, 65535) if image.mode == "I" else (16, 65535, 255)
             top = int(np.asarray(image).max()) if image.width and image.height else 0
             if top <= limit:
-                warnings.warn(f"PIL image in mode {image.mode!r} with values only in 0-{top}: read "
+                warnings.warn(f"{lead}PIL image in mode {image.mode!r} with values only in 0-{top}: read "
                               f"as {bits}-bit (divided by {divisor}), "
                               "so it is nearly black; pass 8-bit values as image.convert('L') or a "
                               "uint8 array, 16-bit values as a uint16 array", stacklevel=3)
@@ -84,14 +86,14 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
         arr = np.repeat(arr, 3, axis=2)
     if arr.dtype == np.uint8:
         if arr.max() <= 1 and arr.size > 1:
-            warnings.warn(f"uint8 image array with values only in 0-{int(arr.max())}: read as "
+            warnings.warn(f"{lead}uint8 image array with values only in 0-{int(arr.max())}: read as "
                           "8-bit (divided by 255), so it is black; if it holds values in [0, 1] "
                           "(a float image cast to uint8), pass the float array itself, or "
                           "(arr * 255).astype(np.uint8) before the cast", stacklevel=3)
         arr = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:
         if arr.max() <= 255:
-            warnings.warn(f"uint16 image array with values only in 0-{int(arr.max())}: read as "
+            warnings.warn(f"{lead}uint16 image array with values only in 0-{int(arr.max())}: read as "
                           "16-bit (divided by 65535), so it is nearly black; if it holds 8-bit "
                           "values, pass it as uint8 (arr.astype(np.uint8))", stacklevel=3)
         arr = arr.astype(np.float32) / 65535.0
@@ -131,11 +133,12 @@ def read_image(image: ImageLike, min_side: int = 0, index: int | None = None) ->
     ``index``: the image's position among the images given (after folders are expanded).
     An array or PIL image that cannot be used raises the same error type
     (``pedenet.data.DataError`` / ValueError) with ``input image <index> (<what it is>):``
-    before the message, so that the bad item of a list is found; a file's error names the
-    file already.
+    before the message, so that the bad item of a list is found (and its dtype warnings start
+    with ``input image <index>:``); a file's error names the file already.
     """
     try:
-        return check_side(as_rgb_array(image), min_side, image)
+        named = None if index is None else f"input image {index}"
+        return check_side(as_rgb_array(image, name=named), min_side, image)
     except ValueError as exc:
         if index is None or isinstance(image, (str, os.PathLike)):
             raise

@@ -104,6 +104,9 @@ def test_a_bad_array_in_a_list_is_named_by_its_position(fitted):
                                                      progress=False)
     with pytest.raises(ValueError, match=r"^input image 0 \(array"):
         model.predict(bad)  # one array: position 0
+    dark = np.full((64, 64), 200, dtype=np.uint16)  # 8-bit values in a uint16 array
+    with pytest.warns(UserWarning, match="^input image 2: uint16 image array with values only in 0-200"):
+        model.predict([images[0], good, dark])
     missing = images[0].parent / "missing.png"
     with pytest.raises(ValueError, match=r"^(?!input image).*missing\.png"):  # a file names itself
         model.predict([good, missing])
