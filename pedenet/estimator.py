@@ -315,11 +315,15 @@ class PEDENet:
             value = getattr(self.config, f.name)
             given = self._given.get(f.name, value)
             params[f.name] = given if _same(given, value) else value
+        if params["scoring"] != "distance":  # a file saved before that rule may hold another
+            params["memory_bank_size"] = _DEFAULT_BANK  # size; it has no effect, clone drops it
         return params
 
     def set_params(self, **params) -> "PEDENet":
         """Change settings of an unfitted model (scikit-learn's estimator API; e.g. by a grid
         search on a clone). The new settings are checked together, as by the constructor.
+        Values equal to the current ones change nothing (a fitted model's settings, those
+        :meth:`rescore` set included, stay as they are).
 
         Returns:
             self.
@@ -338,10 +342,14 @@ class PEDENet:
             raise ValueError(f"set_params({', '.join(changed)}) on a fitted model: its network was "
                              "built with the old settings; change sklearn.base.clone(model) or a "
                              "new PEDENet instead")
+        if not changed:  # nothing to do (the settings of a fitted or rescored model stay)
+            return self
         device = params.pop("device", self.device)
         _check_device(device)
-        given = {**self._given, **params}
-        config = _new_config({**self.config.to_dict(), **given})
+        current = {k: v for k, v in valid.items() if k != "device"}
+        config = _new_config({**current, **params})
+        # keep the objects as passed (get_params returns them) where they still hold
+        given = {k: v for k, v in {**self._given, **params}.items() if _same(v, getattr(config, k))}
         self.config, self.device, self._given = config, device, given
         return self
 

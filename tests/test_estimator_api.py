@@ -110,3 +110,31 @@ def test_a_bad_array_in_a_list_is_named_by_its_position(fitted):
     missing = images[0].parent / "missing.png"
     with pytest.raises(ValueError, match=r"^(?!input image).*missing\.png"):  # a file names itself
         model.predict([good, missing])
+
+
+def test_settings_changed_by_rescore_survive_set_params_and_clone(fitted):
+    model, images = fitted
+    with pytest.warns(CalibrationWarning, match="cannot guarantee"):  # 2 held out: expected
+        rescored = clone(model).fit(images, progress=False)
+        rescored.rescore(images, scoring="distance", memory_bank_size=500,
+                         image_score_border=0.1, progress=False)
+    scores = rescored.predict(images[:2], progress=False).scores
+    assert rescored.set_params() is rescored and rescored.set_params(n_components=2) is rescored
+    assert (rescored.config.scoring, rescored.config.memory_bank_size,
+            rescored.config.image_score_border) == ("distance", 500, 0.1)
+    assert rescored.network.config.scoring == "distance"
+    np.testing.assert_array_equal(rescored.predict(images[:2], progress=False).scores, scores)
+    params = rescored.get_params()
+    assert (params["scoring"], params["memory_bank_size"], params["image_score_border"]) == (
+        "distance", 500, 0.1)
+    assert clone(rescored).config == rescored.config
+
+
+def test_a_bank_size_without_effect_from_an_old_file_does_not_block_clone():
+    import dataclasses
+    old = PEDENet()
+    # as pedenet.load leaves a file saved before the constructor refused this combination
+    old.config = dataclasses.replace(old.config, memory_bank_size=50_000)
+    assert old.get_params()["memory_bank_size"] == 200_000
+    assert clone(old).config.memory_bank_size == 200_000
+    assert old.set_params(steps=5).config.memory_bank_size == 200_000
