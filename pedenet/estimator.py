@@ -468,7 +468,7 @@ class PEDENet:
                                         optimizer_state=opt_state, generator_state=gen_state,
                                         history=history, on_step=on_step)
             fit_mixture(self.network, cache, progress)
-            history.timings.update(self._fit_scoring(cache, cal_items, progress))
+            history.timings.update(self._fit_scoring(cache, cal_items, cal_idx, progress))
             del cache
             self.history = history.to_dict()
             self.history["de_init"] = init
@@ -529,7 +529,8 @@ class PEDENet:
                 model was fitted on (another count, held-out images of other file names than
                 ``history["calibration_images"]``, or other features); its ``problem`` says
                 what differs without the advice.
-            pedenet.data.DataError: an image that cannot be read.
+            pedenet.data.DataError: an image that cannot be read (the held-out images are
+                read first, before the training images are encoded).
         """
         import copy
         import dataclasses
@@ -549,13 +550,16 @@ class PEDENet:
         items = [all_items[i] for i in train_idx]
         cal_items = [all_items[i] for i in cal_idx]
         self._check_same_images(items, cal_items)
+        for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
+                                 "held-out images", unit="img", disable=not progress):
+            load()  # a bad held-out image stops rescore before the training images' encoding
         before = (self.config, net.config, net.memory_bank, self.normal_quantiles,
                   self.calibration, copy.deepcopy(self.history))
         try:  # all or nothing: an error or Ctrl-C part way leaves the model as it was
             self.config = net.config = config
             cache = cache_frozen_features(net, _loaders(items, self.min_image_side, train_idx), progress,
                                           fit_stats=False)
-            timings = self._fit_scoring(cache, cal_items, progress)
+            timings = self._fit_scoring(cache, cal_items, cal_idx, progress)
         except BaseException:
             (self.config, net.config, net.memory_bank, self.normal_quantiles,
              self.calibration, self.history) = before
@@ -585,10 +589,11 @@ class PEDENet:
             raise ImagesMismatchError(f"these images are not those the model was fitted on: a "
                                       f"held-out image differs ({diff}, recorded first)")
 
-    def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, progress: bool) -> dict:
+    def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, cal_idx, progress: bool) -> dict:
         """What follows training and the mixture: the memory bank (scoring "distance"), the
         colour scale of normal scores (``normal_quantiles``) and the thresholds from the
-        held-out ``cal_items`` (``calibration``; None when none are held out). ``cache``: the
+        held-out ``cal_items`` (``calibration``; None when none are held out; ``cal_idx``:
+        their positions among the images given, named in errors). ``cache``: the
         training images' frozen features. Returns the stage timings in seconds
         (``memory_bank_seconds``, ``calibration_seconds``)."""
         timings = {}
@@ -605,7 +610,10 @@ class PEDENet:
         self.calibration = None
         if cal_items:
             t0 = time.perf_counter()
-            maps = [m for _, m, _ in progress_bar(self.iter_predict(cal_items), total=len(cal_items),
+            from .inference import iter_predict
+
+            maps = [m for _, m, _ in progress_bar(iter_predict(self, cal_items, positions=cal_idx),
+                                                  total=len(cal_items),
                                                   desc="calibrating", unit="img", disable=not progress)]
             self.calibration = calibrate(maps, self.config.target_fpr, seed=self.config.seed,
                                          pixel_fpr=self.config.pixel_fpr,

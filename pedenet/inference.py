@@ -20,7 +20,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -170,12 +170,17 @@ def prefetched(items: Iterable, fn: Callable, depth: int) -> Iterator:
 
 @torch.inference_mode()
 def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_tile: int | None = DEFAULT_MAX_TILE) -> Iterator[tuple[int, np.ndarray, float]]:
+                 max_tile: int | None = DEFAULT_MAX_TILE,
+                 positions: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray, float]]:
     """Yield ``(index, map, score)`` for each image of ``images`` in input order.
 
     ``model`` is a fitted :class:`pedenet.PEDENet`; ``map`` is float32 H×W at the image's
     own resolution, ``score`` its image score (float, :func:`pedenet.scoring.image_score` with
     ``config.image_score_fraction`` and ``config.image_score_border``). See :meth:`pedenet.PEDENet.iter_predict`.
+    ``positions``: the images' positions in a larger input (e.g. the held-out images among
+    those given to fit), named in errors and warnings about arrays and PIL images instead
+    of ``index``; the yielded ``index`` still counts 0, 1, ... Unlike the method, this
+    generator checks its options at its first ``next()``.
     """
     from .estimator import read_image
 
@@ -188,7 +193,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
 
     def load(numbered):
         i, item = numbered
-        arr = read_image(item, min_side, i)
+        arr = read_image(item, min_side, i if positions is None else int(positions[i]))
         return arr.shape[:2], to_tensor(arr, size, model.config.keep_aspect)
 
     def run(batch):

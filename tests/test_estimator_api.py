@@ -138,3 +138,33 @@ def test_a_bank_size_without_effect_from_an_old_file_does_not_block_clone():
     assert old.get_params()["memory_bank_size"] == 200_000
     assert clone(old).config.memory_bank_size == 200_000
     assert old.set_params(steps=5).config.memory_bank_size == 200_000
+
+
+def test_held_out_arrays_are_named_by_their_position_in_fit_and_rescore(fitted, monkeypatch):
+    import warnings
+
+    import pedenet.estimator
+    from PIL import Image
+
+    from pedenet.calibration import split_calibration
+
+    model, images = fitted
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    held_out = int(split_calibration(len(arrays), 0.34, model.config.seed)[1][-1])
+    dark = list(arrays)
+    dark[held_out] = arrays[held_out].astype(np.uint16)  # 8-bit values in a uint16 array: warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted_on_arrays = clone(model).fit(dark, progress=False)
+    named = [str(w.message) for w in caught if "uint16" in str(w.message)]
+    assert named and all(m.startswith(f"input image {held_out}: uint16") for m in named), named
+    bad = list(arrays)
+    bad[held_out] = np.full((64, 64), 2.0, dtype=np.float32)  # float values outside [0, 1]
+
+    def encoding_started(*args, **kwargs):
+        raise AssertionError("the training images were encoded before the held-out ones were read")
+
+    monkeypatch.setattr(pedenet.estimator, "cache_frozen_features", encoding_started)
+    with pytest.raises(ValueError, match=rf"^input image {held_out} \(array, shape \(64, 64\)"):
+        fitted_on_arrays.rescore(bad, image_score_border=0.1, progress=False)
+    assert fitted_on_arrays.config.image_score_border == model.config.image_score_border
