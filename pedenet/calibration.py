@@ -77,11 +77,20 @@ def min_images_to_hold_out(fraction: float) -> int:
 def check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
     """``fpr`` as a float after checking it is a rate: a number in (0, 1).
 
-    Raises TypeError for a value that is not a number (a string, a bool, None), ValueError for
-    one outside (0, 1) or NaN."""
-    if isinstance(fpr, bool) or not isinstance(fpr, numbers.Real):
+    Any real number is accepted: a Python, numpy or ``Decimal`` value, or a 0-d array or
+    tensor (a 16- or 32-bit float is read as the decimal it prints as: 0.01, not 0.0099999998). Raises TypeError for a value that is not a number (a string, a bool, None, an
+    array of several values, a complex number), ValueError for one outside (0, 1) or NaN."""
+    if (isinstance(fpr, (bool, np.bool_, str, bytes)) or getattr(fpr, "ndim", 0) != 0
+            or str(getattr(fpr, "dtype", "")) in ("bool", "torch.bool")):
         raise TypeError(f"{name} must be a number in (0, 1), got {fpr!r}")
-    fpr = float(fpr)
+    try:
+        value = float(fpr)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1), got {fpr!r}") from None
+    low_precision = str(getattr(fpr, "dtype", "")).replace("torch.", "")
+    if low_precision in ("float16", "float32"):  # np.float32(0.01) means 0.01, not 0.0099999998
+        value = float(str(getattr(np, low_precision)(value)))
+    fpr = value
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"{name} must be in (0, 1); got {fpr}")
     return fpr

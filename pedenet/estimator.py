@@ -684,7 +684,7 @@ class PEDENet:
         """
         from .inference import check_options
 
-        check_options(1, max_tile)
+        _, max_tile = check_options(1, max_tile)
         net = self._require_fitted()
         arr = check_side(as_rgb_array(image), self.min_image_side, image)
         x = to_tensor(arr, self.config.image_size, self.config.keep_aspect).to(self.device)
@@ -744,7 +744,7 @@ class PEDENet:
         """
         from .inference import check_options, iter_predict
 
-        check_options(batch_size, max_tile)  # now, not at the generator's first next()
+        batch_size, max_tile = check_options(batch_size, max_tile)  # now, not at the first next()
         self._require_fitted()
         return iter_predict(self, images, batch_size=batch_size, max_tile=max_tile)
 
@@ -788,10 +788,9 @@ class PEDENet:
         from .calibration import check_fpr
         from .inference import check_options
 
-        check_options(batch_size, max_tile)
-        for value, name in ((fpr, "fpr"), (pixel_fpr, "pixel_fpr")):
-            if value is not None:
-                check_fpr(value, name)
+        batch_size, max_tile = check_options(batch_size, max_tile)
+        fpr = None if fpr is None else check_fpr(fpr, "fpr")
+        pixel_fpr = None if pixel_fpr is None else check_fpr(pixel_fpr, "pixel_fpr")
         items = _expand(images)
         maps: list = [None] * len(items)
         scores = np.zeros(len(items), dtype=np.float64)

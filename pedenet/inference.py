@@ -15,6 +15,7 @@ Images larger than ``max_tile`` pixels on a side (only possible with ``image_siz
 
 from __future__ import annotations
 
+import operator
 import os
 import queue
 import threading
@@ -44,13 +45,34 @@ clearly better than this one, so it was kept."""
 _END = object()
 
 
-def check_options(batch_size, max_tile) -> None:
-    """Refuse unusable inference options before any image is read.
+def _whole_number(value) -> bool:
+    """True for an integer (not a bool) or an integral float, as a Python, numpy or 0-d
+    array / tensor value."""
+    if (isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "ndim", 0) != 0
+            or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")):
+        return False
+    try:
+        operator.index(value)
+        return True
+    except TypeError:
+        pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number.is_integer()
+
+
+def check_options(batch_size, max_tile) -> tuple[int, int | None]:
+    """Refuse unusable inference options before any image is read; return them as ints.
 
     Args:
         batch_size: most images encoded together: a whole number >= 1.
         max_tile: tile side in pixels above which an image is tiled: a whole number >= 1,
             or None (never tile).
+
+    Integers of any kind (Python, numpy, a 0-d integer array or tensor) and whole floats
+    (2.0) are accepted.
 
     Raises:
         TypeError: a value that is not a whole number (a float such as 2.5, a string, a bool).
@@ -59,11 +81,12 @@ def check_options(batch_size, max_tile) -> None:
     for name, value in (("batch_size", batch_size), ("max_tile", max_tile)):
         if name == "max_tile" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not _whole_number(value):
             raise TypeError(f"{name} must be a whole number, got {value!r}")
         if value < 1:
             hint = " (None disables tiling)" if name == "max_tile" else ""
             raise ValueError(f"{name} must be >= 1, got {value}{hint}")
+    return int(batch_size), (None if max_tile is None else int(max_tile))
 
 
 @dataclass
@@ -184,7 +207,7 @@ def iter_predict(model, images, batch_size: int = DEFAULT_BATCH_SIZE,
     """
     from .estimator import read_image
 
-    check_options(batch_size, max_tile)
+    batch_size, max_tile = check_options(batch_size, max_tile)
     net = model._require_fitted()
     size, sigma, min_side = model.config.image_size, model.config.smoothing_sigma, model.min_image_side
     fraction, border = model.config.image_score_fraction, model.config.image_score_border

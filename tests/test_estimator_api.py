@@ -168,3 +168,22 @@ def test_held_out_arrays_are_named_by_their_position_in_fit_and_rescore(fitted, 
     with pytest.raises(ValueError, match=rf"^input image {held_out} \(array, shape \(64, 64\)"):
         fitted_on_arrays.rescore(bad, image_score_border=0.1, progress=False)
     assert fitted_on_arrays.config.image_score_border == model.config.image_score_border
+
+
+def test_whole_numbers_and_rates_of_any_numeric_type_are_accepted(fitted):
+    from decimal import Decimal
+
+    model, images = fitted
+    expected = model.predict(images[:2], batch_size=2, max_tile=64, fpr=0.5)
+    for batch_size, max_tile in ((2.0, 64.0), (np.array(2), np.int32(64)), (torch.tensor(2), None)):
+        got = model.predict(images[:2], batch_size=batch_size, max_tile=max_tile, fpr=0.5)
+        np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5)
+    for rate in (np.array(0.5), torch.tensor(0.5, dtype=torch.float64), Decimal("0.5"), np.float32(0.5)):
+        assert model.predict(images[:2], fpr=rate).thresholds["target_fpr"] == 0.5
+    # a 32-bit rate means the decimal it prints as
+    assert model.thresholds(fpr=np.float32(0.01))["target_fpr"] == 0.01
+    for bad in (np.array([0.5]), torch.tensor(True), 0.5j):
+        with pytest.raises(TypeError, match="must be a number"):
+            model.predict(images[:1], fpr=bad)
+    with pytest.raises(TypeError, match="batch_size must be a whole number"):
+        model.predict(images[:1], batch_size=np.array([2]))
