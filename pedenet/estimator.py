@@ -52,7 +52,8 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     0-255, or a PIL image in mode ``"I"`` (32-bit, divided by 2³¹−1) whose values all lie in
     0-65535, warns (UserWarning): it is read nearly black; 8-bit values belong in a uint8
     array (or mode ``"L"``), 16-bit values in a uint16 array. Raises
-    ``pedenet.data.DataError`` / ValueError for anything else (floats outside [0, 1] too).
+    ``pedenet.data.DataError`` / ValueError for anything else (floats outside [0, 1], an
+    empty image, or an object that is not an image, such as None).
     ``name`` (e.g. ``"input image 3"``) starts those warnings, to say which image they are about.
     """
     from . import data
@@ -64,15 +65,24 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
         if image.mode == "I" or image.mode.startswith("I;16"):
             # e.g. an 8-bit image after .convert("I"): divided by 2**31 - 1, black
             bits, divisor, limit = (32, 2**31 - 1, 65535) if image.mode == "I" else (16, 65535, 255)
-            top = int(np.asarray(image).max()) if image.width and image.height else 0
+            values = np.asarray(image) if image.width and image.height else np.zeros(1, np.int32)
+            low, top = int(values.min()), int(values.max())
+            span = f"0-{top}" if low >= 0 else f"{low} to {top} (negative values read as 0)"
             if top <= limit:
-                warnings.warn(f"{lead}PIL image in mode {image.mode!r} with values only in 0-{top}: read "
+                warnings.warn(f"{lead}PIL image in mode {image.mode!r} with values only in {span}: read "
                               f"as {bits}-bit (divided by {divisor}), "
                               "so it is nearly black; pass 8-bit values as image.convert('L') or a "
                               "uint8 array, 16-bit values as a uint16 array", stacklevel=3)
+        if not (image.width and image.height):
+            raise ValueError(f"image is empty ({image.width}x{image.height} px); pass an image "
+                             "of at least one pixel")
         if image.mode != "F":
             return data.pil_to_array(image)
         image = np.asarray(image, dtype=np.float32)  # checked below, as float arrays are
+    if not (isinstance(image, (np.ndarray, list, tuple)) or hasattr(image, "__array__")
+            or hasattr(image, "__array_interface__")):
+        raise ValueError(f"not an image: {type(image).__name__} - pass a file path, a PIL image "
+                         "or a numpy array (H×W or H×W×C)")
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -110,18 +120,15 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _describe(image: ImageLike) -> str:
-    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image"
-
-
 def check_side(arr: np.ndarray, min_side: int, image: ImageLike = None) -> np.ndarray:
     """Raise ``pedenet.data.DataError`` if a side of the H×W×3 ``arr`` is below ``min_side``."""
     from .data import DataError
 
     h, w = arr.shape[:2]
     if min_side and min(h, w) < min_side:
+        lead = f"{os.fspath(image)}: " if isinstance(image, (str, os.PathLike)) else ""
         raise DataError(
-            f"{_describe(image)}: image is {w}x{h} px, smaller than the {min_side} px patch size; "
+            f"{lead}image is {w}x{h} px, smaller than the {min_side} px patch size; "
             f"images used at their native size (image size 0) need both sides >= {min_side} px - "
             "enlarge or remove the image, or resize all images (--image-size)")
     return arr

@@ -187,3 +187,17 @@ def test_whole_numbers_and_rates_of_any_numeric_type_are_accepted(fitted):
             model.predict(images[:1], fpr=bad)
     with pytest.raises(TypeError, match="batch_size must be a whole number"):
         model.predict(images[:1], batch_size=np.array([2]))
+
+
+def test_items_that_are_not_images_say_so(fitted):
+    from PIL import Image
+
+    model, images = fitted
+    with pytest.raises(ValueError, match=r"^input image 1 \(NoneType\): not an image"):
+        model.predict([images[0], None])
+    with pytest.raises(ValueError, match=r"^input image 0 \(PIL image, mode RGB\): image is empty "
+                                          r"\(0x0 px\)"):
+        model.predict([Image.new("RGB", (0, 0))])
+    negative = Image.fromarray(np.full((64, 64), -5, dtype=np.int32), mode="I")
+    with pytest.warns(UserWarning, match=r"values only in -5 to -5 \(negative values read as 0\)"):
+        model.predict([negative])
