@@ -27,6 +27,7 @@ from .training import (
     TrainingHistory,
     _seed_everything,
     cache_frozen_features,
+    check_embedding_count,
     fit_mixture,
     init_membership,
     train_network,
@@ -415,7 +416,9 @@ class PEDENet:
                 images are only in subfolders, an unreadable image, or (with ``image_size`` 0)
                 an image smaller than the patch size.
             TypeError: a bool as ``y`` (``progress`` is keyword-only).
-            ValueError: an empty list, or an array that is not an image (see :func:`as_rgb_array`).
+            ValueError: an empty list, an array that is not an image (see :func:`as_rgb_array`),
+                or fewer training patch embeddings than mixture components (before training;
+                fewer than K × (D + 1) warns: :func:`pedenet.training.check_embedding_count`).
             CheckpointError: an unusable resume file.
 
         Every held-out image is read before training starts, so a bad one stops fit at once.
@@ -453,6 +456,7 @@ class PEDENet:
             self.network = PEDENetNetwork(self.config).to(self.device)
             cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side, train_idx),
                                           progress)
+            check_embedding_count(self.network, cache)  # before the EM and the training
             if state is None:
                 init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
                 start, opt_state, gen_state, history = 0, None, None, None

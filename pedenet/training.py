@@ -213,6 +213,35 @@ def _sample_embeddings(network: PEDENetNetwork, cache: list[torch.Tensor], n: in
     return torch.cat(rows)
 
 
+def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], warn: bool = True) -> int:
+    """Number of training patch embeddings, checked against what the mixture needs.
+
+    Each of the K components has a full D×D covariance (``n_components``,
+    ``embedding_dim``), which needs more than D embeddings to be estimated at all.
+
+    Raises:
+        ValueError: fewer embeddings than components.
+    Warns:
+        UserWarning: fewer than K × (D + 1) embeddings: the covariances rest on the ridge
+            and the energies mean little.
+    """
+    cfg = network.config
+    n_cells = _count_cells(network, cache)
+    advice = ("use more or larger training images, a larger image size, or fewer components "
+              "(--n-components)")
+    if n_cells < cfg.n_components:
+        raise ValueError(f"the {len(cache)} training image(s) give only {n_cells} patch embeddings, "
+                         f"fewer than the {cfg.n_components} mixture components; {advice}")
+    needed = cfg.n_components * (cfg.embedding_dim + 1)
+    if warn and n_cells < needed:
+        warnings.warn(f"the {len(cache)} training image(s) give {n_cells} patch embeddings, fewer "
+                      f"than the {needed} that {cfg.n_components} full {cfg.embedding_dim}×"
+                      f"{cfg.embedding_dim} covariances need (K × (D + 1)): the mixture rests on "
+                      f"its ridge and its energies mean little; {advice}, or a smaller "
+                      "embedding dimension", stacklevel=3)
+    return n_cells
+
+
 @torch.no_grad()
 def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
     """Number of patch embeddings (grid cells) of all cached training images."""
@@ -268,12 +297,7 @@ def init_membership(network: PEDENetNetwork, cache: list[torch.Tensor], progress
     cfg = network.config
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     z = _sample_embeddings(network, cache, n_samples, gen)
-    n_cells = _count_cells(network, cache)
-    if n_cells < cfg.n_components:
-        raise ValueError(
-            f"the {len(cache)} training image(s) give only {n_cells} patch embeddings, fewer than "
-            f"the {cfg.n_components} mixture components; use more or larger training images, a "
-            "larger image size, or fewer components (--n-components)")
+    check_embedding_count(network, cache, warn=False)  # fit warned
     zd = z.double().numpy()
     # the ridge of pedenet.gmm.ridge_of: relative, with a floor so that constant embeddings
     # (e.g. all-black training images) still give positive-definite covariances

@@ -239,3 +239,23 @@ def test_cuda_without_a_gpu_is_refused_clearly(fitted, tmp_path):
         pedenet.load(tmp_path / "model.pt", device="cuda")
     with pytest.raises(ValueError, match="device must be"):
         pedenet.PEDENet(device="cuda:x")
+
+
+def test_too_few_embeddings_for_the_mixture_warn_or_stop_before_training(monkeypatch):
+    import pedenet.estimator
+
+    images = [np.random.default_rng(i).random((64, 64, 3)).astype(np.float32) for i in range(3)]
+    # 3 images of 32 px at stride 8: 16 embeddings each, 48 in all
+    with pytest.warns(UserWarning, match=r"give 48 patch embeddings, fewer than the 360 that 40 "
+                                         r"full 8×8 covariances need \(K × \(D \+ 1\)\)"):
+        pedenet.PEDENet(image_size=32, n_components=40, embedding_dim=8, steps=1,
+                        calibration_fraction=0, de_init="random").fit(images, progress=False)
+
+    def training_started(*args, **kwargs):
+        raise AssertionError("trained although the mixture cannot be estimated")
+
+    monkeypatch.setattr(pedenet.estimator, "train_network", training_started)
+    for init in ("random", "em"):
+        with pytest.raises(ValueError, match="only 48 patch embeddings, fewer than the 50 mixture"):
+            pedenet.PEDENet(image_size=32, n_components=50, embedding_dim=8, steps=1,
+                            calibration_fraction=0, de_init=init).fit(images, progress=False)
