@@ -30,12 +30,12 @@ images flagged at the image threshold, so an image that passes has an empty mask
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from .config import real_number
 from .scoring import image_score
 
 __all__ = ["Calibration", "CalibrationWarning", "calibrate", "split_calibration"]
@@ -77,19 +77,13 @@ def min_images_to_hold_out(fraction: float) -> int:
 def check_fpr(fpr: float, name: str = "target false-alarm rate (fpr)") -> float:
     """``fpr`` as a float after checking it is a rate: a number in (0, 1).
 
-    Any real number is accepted: a Python, numpy or ``Decimal`` value, or a 0-d array or
-    tensor (a 16- or 32-bit float is read as the decimal it prints as: 0.01, not 0.0099999998). Raises TypeError for a value that is not a number (a string, a bool, None, an
-    array of several values, a complex number), ValueError for one outside (0, 1) or NaN."""
-    if (isinstance(fpr, (bool, np.bool_, str, bytes)) or getattr(fpr, "ndim", 0) != 0
-            or str(getattr(fpr, "dtype", "")) in ("bool", "torch.bool")):
+    Any real number is accepted (:func:`pedenet.config.real_number`: Python, numpy,
+    ``Decimal``, a 0-d array or tensor; a float32 0.01 means 0.01). Raises TypeError for a
+    value that is not a number (a string, a bool, None, an array of several values, a complex
+    number), ValueError for one outside (0, 1) or NaN."""
+    value = real_number(fpr)
+    if value is None:
         raise TypeError(f"{name} must be a number in (0, 1), got {fpr!r}")
-    try:
-        value = float(fpr)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in (0, 1), got {fpr!r}") from None
-    low_precision = str(getattr(fpr, "dtype", "")).replace("torch.", "")
-    if low_precision in ("float16", "float32"):  # np.float32(0.01) means 0.01, not 0.0099999998
-        value = float(str(getattr(np, low_precision)(value)))
     fpr = value
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"{name} must be in (0, 1); got {fpr}")

@@ -9,11 +9,44 @@ components and the loss weights of DAGMM / PEDENet (λ_DE = 1, λ_cov = 0.005, �
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 ENCODERS = ("pretrained", "scratch")
 SCORINGS = ("mixture", "distance")
+
+
+def real_number(value) -> float | None:
+    """``value`` as a float when it is one real number, else None.
+
+    Accepted: Python, numpy and ``Decimal`` / ``Fraction`` numbers, 0-d arrays and tensors.
+    Not numbers here: bools, strings, bytes, arrays of several values, complex numbers. A
+    16- or 32-bit float is read as the decimal it prints as (``np.float32(0.01)`` → 0.01,
+    not 0.0099999998), so that a rate means the same whichever type carries it."""
+    dtype = str(getattr(value, "dtype", "")).replace("torch.", "")
+    if isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "ndim", 0) != 0 or dtype == "bool":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if dtype in ("float16", "float32"):
+        number = float(str(getattr(np, dtype)(number)))
+    return number
+
+
+def whole_number(value) -> int | None:
+    """``value`` as an int when it is a whole number (an integer of any kind, or an
+    integral float such as 2.0: see :func:`real_number`), else None."""
+    number = real_number(value)
+    if number is None:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return int(number) if number.is_integer() else None
 
 
 @dataclass
@@ -133,19 +166,20 @@ class PEDENetConfig:
             value, kind = getattr(self, f.name), f.type
             if kind == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{f.name} must be an integer, got {value!r}")
-            if kind in ("float", "float | None") and not (value is None and kind != "float") and (
-                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise ValueError(f"{f.name} must be a number, got {value!r}")
             # plain Python numbers: numpy scalars (np.int64 from a grid) would make the saved
             # checkpoint unloadable under torch.load(weights_only=True)
             if kind == "int":
-                setattr(self, f.name, int(value))
-            elif kind in ("float", "float | None") and value is not None:
-                if not math.isfinite(float(value)):
+                number = whole_number(value)
+                if number is None:
+                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
+                setattr(self, f.name, number)
+            elif kind in ("float", "float | None") and not (value is None and kind != "float"):
+                number = real_number(value)
+                if number is None:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}")
+                if not math.isfinite(number):
                     raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-                setattr(self, f.name, float(value))
+                setattr(self, f.name, number)
         if not 0.0 <= float(self.image_score_fraction) < 1.0:
             raise ValueError(f"image_score_fraction must be in [0, 1), got {self.image_score_fraction}")
         if not 0.0 <= float(self.image_score_border) < 0.5:

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import __version__
 from .calibration import Calibration, calibrate, min_images_to_hold_out, split_calibration
@@ -47,8 +48,9 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     """Any accepted image → float32 H×W×3 array in [0, 1].
 
     Accepts a file path (read with ``pedenet.data.load_image``), a PIL image, or a numpy array
-    H×W or H×W×C (C = 1, 3 or 4; alpha dropped) of dtype uint8 (0-255), uint16 (0-65535) or
-    float in [0, 1]. A PIL image in float mode ``"F"`` is checked as a float array (values
+    (or torch tensor, read as its array) H×W or H×W×C (C = 1, 3 or 4; alpha dropped) of dtype
+    uint8 (0-255), uint16 (0-65535) or float in [0, 1]; channels-first C×H×W is refused with
+    the transpose to use. A PIL image in float mode ``"F"`` is checked as a float array (values
     in [0, 1]). A uint16 array or a PIL image in mode ``"I;16"`` whose values all lie in
     0-255, or a PIL image in mode ``"I"`` (32-bit, divided by 2³¹−1) whose values all lie in
     0-65535, warns (UserWarning): it is read nearly black; 8-bit values belong in a uint8
@@ -62,7 +64,7 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return data.load_image(image)
     lead = f"{name}: " if name else ""
-    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
+    if isinstance(image, Image.Image):
         if image.mode == "I" or image.mode.startswith("I;16"):
             # e.g. an 8-bit image after .convert("I"): divided by 2**31 - 1, black
             bits, divisor, limit = (32, 2**31 - 1, 65535) if image.mode == "I" else (16, 65535, 255)
@@ -84,11 +86,20 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
             or hasattr(image, "__array_interface__")):
         raise ValueError(f"not an image: {type(image).__name__} - pass a file path, a PIL image "
                          "or a numpy array (H×W or H×W×C)")
+    if isinstance(image, torch.Tensor):  # read as an array, H×W or H×W×C as numpy's are
+        image = image.detach().cpu().numpy()
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image array must be H×W or H×W×C with C in 1, 3, 4; got shape {arr.shape}")
+        hint = ""
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+            hint = (" - it looks channels-first (C×H×W, as torch keeps images): pass "
+                    "arr.transpose(1, 2, 0), or tensor.permute(1, 2, 0)")
+        elif arr.ndim == 4:
+            hint = " - pass a batch as a list of images (list(arr))"
+        raise ValueError(f"image array must be H×W or H×W×C with C in 1, 3, 4; got shape "
+                         f"{arr.shape}{hint}")
     if arr.size == 0:
         raise ValueError(f"image array is empty (shape {arr.shape}); pass an image of at least one pixel")
     if arr.shape[2] == 4:
@@ -150,10 +161,12 @@ def read_image(image: ImageLike, min_side: int = 0, index: int | None = None) ->
     except ValueError as exc:
         if index is None or isinstance(image, (str, os.PathLike)):
             raise
-        what = (f"PIL image, mode {image.mode}" if hasattr(image, "mode") and hasattr(image, "size")
+        what = (f"PIL image, mode {image.mode}" if isinstance(image, Image.Image)
                 else f"{type(image).__name__}")
         if isinstance(image, np.ndarray):
             what = f"array, shape {image.shape}, {image.dtype}"
+        elif isinstance(image, torch.Tensor):
+            what = f"tensor, shape {tuple(image.shape)}, {image.dtype}"
         message = f"input image {index} ({what}): {exc}"
         try:
             error = type(exc)(message)
@@ -195,7 +208,7 @@ def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = Fals
 
     if isinstance(images, (str, os.PathLike)):
         return folder_images(images) if Path(images).is_dir() else find_images([images])
-    if isinstance(images, np.ndarray) or hasattr(images, "mode"):
+    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):  # one image
         return [images]
     out = []
     for im in images:

@@ -15,7 +15,6 @@ Images larger than ``max_tile`` pixels on a side (only possible with ``image_siz
 
 from __future__ import annotations
 
-import operator
 import os
 import queue
 import threading
@@ -25,7 +24,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .config import whole_number
 from .scoring import grid_to_map, image_score, to_tensor
 
 DEFAULT_MAX_TILE = 1024
@@ -43,24 +44,6 @@ took 103/122/184/227/361. Re-measured with the default blocks 4, 10, 14, 15, no 
 clearly better than this one, so it was kept."""
 
 _END = object()
-
-
-def _whole_number(value) -> bool:
-    """True for an integer (not a bool) or an integral float, as a Python, numpy or 0-d
-    array / tensor value."""
-    if (isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "ndim", 0) != 0
-            or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")):
-        return False
-    try:
-        operator.index(value)
-        return True
-    except TypeError:
-        pass
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return False
-    return number.is_integer()
 
 
 def check_options(batch_size, max_tile) -> tuple[int, int | None]:
@@ -81,12 +64,12 @@ def check_options(batch_size, max_tile) -> tuple[int, int | None]:
     for name, value in (("batch_size", batch_size), ("max_tile", max_tile)):
         if name == "max_tile" and value is None:
             continue
-        if not _whole_number(value):
+        if whole_number(value) is None:
             raise TypeError(f"{name} must be a whole number, got {value!r}")
-        if value < 1:
+        if whole_number(value) < 1:
             hint = " (None disables tiling)" if name == "max_tile" else ""
             raise ValueError(f"{name} must be >= 1, got {value}{hint}")
-    return int(batch_size), (None if max_tile is None else int(max_tile))
+    return whole_number(batch_size), (None if max_tile is None else whole_number(max_tile))
 
 
 @dataclass
@@ -138,7 +121,7 @@ def iter_items(images) -> Iterator:
             p = p / "train" / "good"
         yield from find_images([p])
         return
-    if isinstance(images, np.ndarray) or hasattr(images, "mode"):
+    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):  # one image
         yield images
         return
     for im in images:

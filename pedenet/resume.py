@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -109,9 +110,11 @@ def _fingerprint(item) -> list:
         except OSError:
             size = -1
         return [str(p), int(size)]
-    if hasattr(item, "mode") and hasattr(item, "size"):  # PIL image
+    if isinstance(item, Image.Image):
         data = item.tobytes()
         return [f"<PIL {item.mode} {item.size}>", hashlib.sha1(data).hexdigest()]
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
     arr = np.ascontiguousarray(np.asarray(item))
     return [f"<array {arr.dtype} {tuple(arr.shape)}>", hashlib.sha1(arr.tobytes()).hexdigest()]
 

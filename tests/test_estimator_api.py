@@ -201,3 +201,29 @@ def test_items_that_are_not_images_say_so(fitted):
     negative = Image.fromarray(np.full((64, 64), -5, dtype=np.int32), mode="I")
     with pytest.warns(UserWarning, match=r"values only in -5 to -5 \(negative values read as 0\)"):
         model.predict([negative])
+
+
+def test_torch_tensors_are_read_as_arrays_and_channels_first_is_explained(fitted):
+    model, images = fitted
+    hwc = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    expected = model.predict([hwc]).scores
+    np.testing.assert_allclose(model.predict([torch.from_numpy(hwc)]).scores, expected, rtol=1e-6)
+    np.testing.assert_allclose(model.predict(torch.from_numpy(hwc)).scores, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^input image 1 \(tensor, shape \(3, 64, 64\), torch.float32\)"
+                                          r".*channels-first .*permute\(1, 2, 0\)"):
+        model.predict([images[0], torch.from_numpy(hwc).permute(2, 0, 1)])
+
+
+def test_settings_take_any_numeric_type_and_float32_rates_mean_their_decimal():
+    from decimal import Decimal
+
+    model = PEDENet(target_fpr=np.float32(0.01), pixel_fpr=Decimal("0.05"), image_size=64.0,
+                    seed=np.array(3), lr=torch.tensor(0.01, dtype=torch.float64))
+    assert (model.config.target_fpr, model.config.pixel_fpr, model.config.lr) == (0.01, 0.05, 0.01)
+    assert type(model.config.image_size) is int and model.config.image_size == 64
+    assert type(model.config.seed) is int and model.config.seed == 3
+    for bad, message in ((dict(image_size=64.5), "image_size must be an integer"),
+                         (dict(seed="3"), "seed must be an integer"),
+                         (dict(target_fpr="0.1"), "target_fpr must be a number")):
+        with pytest.raises(ValueError, match=message):
+            PEDENet(**bad)
