@@ -360,14 +360,25 @@ class PEDENet:
             raise ValueError(f"unknown setting(s) {unknown} for PEDENet; valid: {sorted(valid)}")
         changed = sorted(k for k, v in params.items() if not _same(v, valid[k]))
         if changed and self.network is not None:
-            raise ValueError(f"set_params({', '.join(changed)}) on a fitted model: its network was "
-                             "built with the old settings; change sklearn.base.clone(model) or a "
-                             "new PEDENet instead")
+            advice = []
+            if {"target_fpr", "pixel_fpr"} & set(changed):
+                advice.append("for other false-alarm rates pass predict(fpr=..., pixel_fpr=...) "
+                              "or thresholds(fpr, pixel_fpr): no new fit is needed")
+            if {"scoring", "memory_bank_size", "image_score_border"} & set(changed):
+                advice.append("to change scoring, memory_bank_size or image_score_border use "
+                              "rescore(images, ...): no training")
+            advice.append("for other settings change sklearn.base.clone(model) or a new PEDENet "
+                          "and fit it")
+            raise ValueError(f"set_params({', '.join(changed)}) on a fitted model: its network, "
+                             "mixture and thresholds were made with the old settings; "
+                             + "; ".join(advice))
         if not changed:  # nothing to do (the settings of a fitted or rescored model stay)
             return self
         device = params.pop("device", self.device)
         _check_device(device)
         current = {k: v for k, v in valid.items() if k != "device"}
+        if params.get("scoring", "distance") != "distance" and "memory_bank_size" not in params:
+            current["memory_bank_size"] = _DEFAULT_BANK  # as rescore does: a grid over scoring works
         config = _new_config({**current, **params})
         # keep the objects as passed (get_params returns them) where they still hold
         given = {k: v for k, v in {**self._given, **params}.items() if _same(v, getattr(config, k))}

@@ -183,17 +183,26 @@ def synthetic_validation_set(images, seed: int = 0,
         for the normal copies) and int64 labels (0 normal, 1 defective).
 
     Raises:
-        ValueError: an unknown or repeated kind, or an image side below 48 px.
+        ValueError: an unknown or repeated kind, a ``seed`` that is not a whole number >= 0,
+            or an image side below 48 px (the message names the file, or ``input image i``).
     """
     from .estimator import read_image
 
+    from .config import whole_number
+
     kinds = check_kinds(kinds)
+    if whole_number(seed) is None or whole_number(seed) < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     images = list(images)
-    rng = np.random.default_rng([int(seed), 31337])
+    rng = np.random.default_rng([whole_number(seed), 31337])
     arrays, masks, labels = [], [], []
     for i, (item, kind) in enumerate(zip(images, defect_kinds(len(images), kinds))):
         img = read_image(item, index=i)
-        bad, mask = add_synthetic_defect(img, rng, kind)
+        try:
+            bad, mask = add_synthetic_defect(img, rng, kind)
+        except ValueError as exc:  # too small: say which image
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"input image {i}"
+            raise ValueError(f"{name}: {exc}") from None
         arrays += [img, bad]
         masks += [np.zeros(img.shape[:2], dtype=bool), mask]
         labels += [0, 1]

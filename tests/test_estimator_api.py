@@ -227,3 +227,31 @@ def test_settings_take_any_numeric_type_and_float32_rates_mean_their_decimal():
                          (dict(target_fpr="0.1"), "target_fpr must be a number")):
         with pytest.raises(ValueError, match=message):
             PEDENet(**bad)
+
+
+def test_set_params_on_a_fitted_model_says_what_to_do_and_a_grid_over_scoring_works(fitted):
+    model, _ = fitted
+    with pytest.raises(ValueError, match=r"predict\(fpr=\.\.\., pixel_fpr=\.\.\.\)"):
+        model.set_params(target_fpr=0.2)
+    with pytest.raises(ValueError, match=r"use rescore\(images, \.\.\.\)"):
+        model.set_params(scoring="distance")
+    distance = PEDENet(scoring="distance", memory_bank_size=50)
+    assert distance.set_params(scoring="mixture").config.memory_bank_size == 200_000
+    assert clone(distance).set_params(scoring="distance").config.memory_bank_size == 200_000
+
+
+def test_validate_names_a_small_image_and_checks_its_seed(fitted, tmp_path):
+    from PIL import Image
+
+    from pedenet.validation import validate
+
+    model, images = fitted
+    small = tmp_path / "small20.png"
+    Image.new("RGB", (20, 20), (90, 90, 90)).save(small)
+    with pytest.raises(ValueError, match=r"small20\.png: image is 20x20 px; synthetic defects need"):
+        validate(model, [images[0], small])
+    with pytest.raises(ValueError, match=r"^input image 1: image is 20x20 px"):
+        validate(model, [images[0], np.full((20, 20), 90, np.uint8)])
+    for seed in (-1, "3", 1.5):
+        with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
+            validate(model, images[:1], seed=seed)
