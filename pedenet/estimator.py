@@ -189,6 +189,15 @@ def _names(indices, items: list) -> list[str]:
             for i, p in zip(indices.tolist(), items)]
 
 
+def _input_hashes(indices, items: list) -> dict[str, str]:
+    """``{"<input i>": SHA-1 of its pixels}`` for the arrays and PIL images among ``items``
+    (i: its index among the images given; files are recorded by name instead)."""
+    from .resume import image_fingerprints
+
+    pairs = [(int(i), it) for i, it in zip(indices, items) if not isinstance(it, (str, os.PathLike))]
+    return {f"<input {i}>": fp[1] for (i, _), fp in zip(pairs, image_fingerprints([it for _, it in pairs]))}
+
+
 def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = False) -> list:
     """A folder → its images (sorted); a single image → [image]; a list stays a list.
 
@@ -512,6 +521,7 @@ class PEDENet:
             if self.network.memory_bank is not None:
                 self.history["memory_bank_rows"] = len(self.network.memory_bank)
             self.history["calibration_images"] = _names(cal_idx, cal_items)
+            self.history["calibration_input_hashes"] = _input_hashes(cal_idx, cal_items)
             if state is not None:
                 self.history["resumed_from_step"] = start
             if checkpoint is not None and not keep_checkpoint:
@@ -538,9 +548,10 @@ class PEDENet:
         training. All or nothing: when it raises (or is interrupted), the model is as before.
 
         The images are checked to be the fit's: as many, the held-out ones of the recorded
-        file names, and (pretrained encoder) their features' per-channel mean equal to the one
-        fitted then (:func:`pedenet.training.cache_frozen_features`); that catches other data,
-        not a change to one image among many.
+        file names (files) or pixel hashes (arrays and PIL images, where the model
+        recorded them: ``history["calibration_input_hashes"]``), and (pretrained encoder) their features' per-channel mean
+        equal to the one fitted then (:func:`pedenet.training.cache_frozen_features`); that
+        catches other data, not a change to one training image among many.
 
         Args:
             images: the images ``fit`` was given (all of them: the same seeded split is drawn
@@ -584,7 +595,7 @@ class PEDENet:
         train_idx, cal_idx = split_calibration(len(all_items), config.calibration_fraction, config.seed)
         items = [all_items[i] for i in train_idx]
         cal_items = [all_items[i] for i in cal_idx]
-        self._check_same_images(items, cal_items)
+        self._check_same_images(items, cal_items, cal_idx)
         for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
                                  "held-out images", unit="img", disable=not progress):
             load()  # a bad held-out image stops rescore before the training images' encoding
@@ -608,9 +619,11 @@ class PEDENet:
         self.history["calibration_images"] = _names(cal_idx, cal_items)  # where they are now
         return self
 
-    def _check_same_images(self, items: list, cal_items: list) -> None:
+    def _check_same_images(self, items: list, cal_items: list, cal_idx=()) -> None:
         """Raise :class:`ImagesMismatchError` unless ``items`` (training) and ``cal_items``
-        (held out) are as many as fit had, and the held-out files have the names fit recorded."""
+        (held out) are as many as fit had, the held-out files have the names fit recorded,
+        and the held-out arrays and PIL images (``cal_idx``: their positions) the pixel
+        hashes it recorded (``history["calibration_input_hashes"]``)."""
         h = self.history
         n_train, n_cal = h.get("n_train_images"), h.get("n_calibration_images")
         if (n_train, n_cal) != (len(items), len(cal_items)) and n_train is not None:
@@ -623,6 +636,12 @@ class PEDENet:
             diff = next(f"{a} against {b}" for a, b in zip(recorded, given) if a != b)
             raise ImagesMismatchError(f"these images are not those the model was fitted on: a "
                                       f"held-out image differs ({diff}, recorded first)")
+        hashes = h.get("calibration_input_hashes") or {}
+        for name, digest in _input_hashes(cal_idx, cal_items).items():
+            if name in hashes and hashes[name] != digest:
+                raise ImagesMismatchError(f"these images are not those the model was fitted on: "
+                                          f"held-out {name.strip('<>')} has other pixels than the "
+                                          "one fit held out")
 
     def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, cal_idx, progress: bool) -> dict:
         """What follows training and the mixture: the memory bank (scoring "distance"), the

@@ -165,6 +165,8 @@ def test_held_out_arrays_are_named_by_their_position_in_fit_and_rescore(fitted, 
         raise AssertionError("the training images were encoded before the held-out ones were read")
 
     monkeypatch.setattr(pedenet.estimator, "cache_frozen_features", encoding_started)
+    # the held-out pixel hashes would refuse the other array first (a file saved before them)
+    del fitted_on_arrays.history["calibration_input_hashes"]
     with pytest.raises(ValueError, match=rf"^input image {held_out} \(array, shape \(64, 64\)"):
         fitted_on_arrays.rescore(bad, image_score_border=0.1, progress=False)
     assert fitted_on_arrays.config.image_score_border == model.config.image_score_border
@@ -255,3 +257,25 @@ def test_validate_names_a_small_image_and_checks_its_seed(fitted, tmp_path):
     for seed in (-1, "3", 1.5):
         with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
             validate(model, images[:1], seed=seed)
+
+
+def test_rescore_notices_a_replaced_held_out_array(fitted, tmp_path):
+    import pedenet
+    from PIL import Image
+
+    from pedenet.calibration import split_calibration
+    from pedenet.training import ImagesMismatchError
+
+    model, images = fitted
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    held_out = int(split_calibration(len(arrays), 0.34, model.config.seed)[1][0])
+    with pytest.warns(CalibrationWarning):
+        on_arrays = clone(model).fit(arrays, progress=False)
+    on_arrays.save(tmp_path / "model.pt")
+    replaced = list(arrays)
+    replaced[held_out] = np.full_like(arrays[held_out], 128)
+    for fitted_model in (on_arrays, pedenet.load(tmp_path / "model.pt")):
+        with pytest.raises(ImagesMismatchError, match=rf"held-out input {held_out} has other pixels"):
+            fitted_model.rescore(replaced, scoring="distance", progress=False)
+    with pytest.warns(CalibrationWarning):
+        on_arrays.rescore(arrays, scoring="distance", memory_bank_size=500, progress=False)

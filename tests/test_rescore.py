@@ -102,11 +102,15 @@ def test_estimator_refuses_a_bank_size_without_distance_scoring_but_loads_a_resc
 
 
 def test_rescore_refuses_other_data_and_leaves_the_model_as_it_was(fitted, images):
-    """Arrays carry no names: the features' mean tells other images apart. A failure part way
-    (an unreadable training image) restores every part of the model."""
+    """Arrays carry no names: held out, their pixel hashes tell other images apart; trained
+    on, the features' mean. A failure part way (an unreadable training image) restores every
+    part of the model."""
     m = copy.deepcopy(fitted[0])
     state = (m.config, m.normal_quantiles, m.thresholds(), copy.deepcopy(m.history))
-    other = [np.clip(im * 0.5 + 0.25, 0, 1) for im in images]
+    with pytest.raises(pedenet.training.ImagesMismatchError, match="held-out input 1 has other pixels"):
+        m.rescore([np.clip(im * 0.5 + 0.25, 0, 1) for im in images], "distance", progress=False)
+    # split_calibration(6, 1/3, 0) holds out 1 and 4: other training images only
+    other = [im if i in (1, 4) else np.clip(im * 0.5 + 0.25, 0, 1) for i, im in enumerate(images)]
     with pytest.raises(pedenet.training.ImagesMismatchError, match="not the images the network "
                        "was trained on: their features' mean differs") as info:
         m.rescore(other, "distance", progress=False)
