@@ -167,8 +167,10 @@ class PEDENetNetwork(nn.Module):
         s = self.stride
         k = (max_tile - before - after - align) // s  # owned cells per tile (slack for rounding)
         if k < 1:
-            raise ValueError(f"max_tile={max_tile} is too small for this encoder: it needs more "
-                             f"than {before + after + align + s} px")
+            need = before + after + align + s
+            raise ValueError(f"max_tile={max_tile} is too small for this encoder: a tile needs at "
+                             f"least {need} px (its context and one cell); pass max_tile >= {need}, "
+                             "or None to encode each image whole")
         tiles: list[tuple[int, int, int, int | None]] = []
         c0 = 0
         while True:

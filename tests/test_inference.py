@@ -139,8 +139,13 @@ def test_tile_plan_covers_every_cell_once():
         assert owned[0][0] == 0 and owned[-1][1] is None
         for (c0, c1), (d0, _) in zip(owned, owned[1:]):
             assert c1 == d0 and c1 > c0
-    with pytest.raises(ValueError, match="too small"):
-        _network("pretrained").tile_plan(1000, 200)
+    net = _network("pretrained")
+    before, after, align = net.tile_geometry()
+    need = before + after + align + net.stride  # the context and one owned cell
+    with pytest.raises(ValueError, match=rf"max_tile={need - 1} is too small .* at least {need} px.*"
+                                         rf"pass max_tile >= {need}, or None"):
+        net.tile_plan(2 * need, need - 1)
+    assert len(net.tile_plan(2 * need, need)) > 1  # the smallest accepted tile works
 
 
 def test_predict_tiles_large_native_images(train_images):
