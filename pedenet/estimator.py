@@ -89,6 +89,8 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
     if isinstance(image, torch.Tensor):  # read as an array, H×W or H×W×C as numpy's are
         image = image.detach().cpu().numpy()
     arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"image array is empty (shape {arr.shape}); pass an image of at least one pixel")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -97,11 +99,9 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
             hint = (" - it looks channels-first (C×H×W, as torch keeps images): pass "
                     "arr.transpose(1, 2, 0), or tensor.permute(1, 2, 0)")
         elif arr.ndim == 4:
-            hint = " - pass a batch as a list of images (list(arr))"
+            hint = " - pass a batch as the N×H×W×C array itself, or as a list of images"
         raise ValueError(f"image array must be H×W or H×W×C with C in 1, 3, 4; got shape "
                          f"{arr.shape}{hint}")
-    if arr.size == 0:
-        raise ValueError(f"image array is empty (shape {arr.shape}); pass an image of at least one pixel")
     if arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if arr.shape[2] == 1:
@@ -208,6 +208,7 @@ def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = Fals
     otherwise (predict) folders are searched recursively (:func:`pedenet.data.find_images`).
     """
     from .data import find_images
+    from .inference import items_of
 
     def folder_images(folder) -> list:
         p = Path(folder)
@@ -217,10 +218,8 @@ def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = Fals
 
     if isinstance(images, (str, os.PathLike)):
         return folder_images(images) if Path(images).is_dir() else find_images([images])
-    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):  # one image
-        return [images]
     out = []
-    for im in images:
+    for im in items_of(images):
         if isinstance(im, (str, os.PathLike)) and Path(im).is_dir():
             out.extend(folder_images(im))
         else:
@@ -416,8 +415,9 @@ class PEDENet:
         """Train on normal images.
 
         Args:
-            images: a folder of normal images (or a category folder with train/good), or a
-                sequence of paths / PIL images / arrays (see :func:`as_rgb_array`).
+            images: a folder of normal images (or a category folder with train/good), a
+                sequence of paths / PIL images / arrays (see :func:`as_rgb_array`), or an
+                N×H×W×C array (N images). A set or dict is refused (no order).
             y: ignored (every image is taken as normal); there for scikit-learn's
                 ``fit(X, y)`` convention. The other arguments are keyword-only.
             progress: show progress bars.

@@ -121,14 +121,27 @@ def iter_items(images) -> Iterator:
             p = p / "train" / "good"
         yield from find_images([p])
         return
-    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):  # one image
-        yield images
-        return
-    for im in images:
+    for im in items_of(images):
         if isinstance(im, (str, os.PathLike)) and Path(im).is_dir():
             yield from find_images([im])
         else:
             yield im
+
+
+def items_of(images) -> Iterable:
+    """The items of an input that is not a path: one image (array, tensor, PIL image) →
+    ``(image,)``; an N×H×W×C array or 4-D tensor → its N images; another iterable → itself.
+
+    Raises ValueError for a set or dict: it has no order to match results to (pass a list).
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):
+        return (images,)
+    if isinstance(images, (set, frozenset, dict)):
+        raise ValueError(f"images given as a {type(images).__name__}: it has no order to match "
+                         "the results to; pass a list (for a dict, list(d.values()))")
+    return images
 
 
 def prefetched(items: Iterable, fn: Callable, depth: int) -> Iterator:

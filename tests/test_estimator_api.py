@@ -279,3 +279,17 @@ def test_rescore_notices_a_replaced_held_out_array(fitted, tmp_path):
             fitted_model.rescore(replaced, scoring="distance", progress=False)
     with pytest.warns(CalibrationWarning):
         on_arrays.rescore(arrays, scoring="distance", memory_bank_size=500, progress=False)
+
+
+def test_a_stack_of_images_is_a_batch_and_unordered_collections_are_refused(fitted):
+    model, images = fitted
+    stack = np.random.default_rng(1).random((3, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(stack).scores, model.predict(list(stack)).scores,
+                               rtol=1e-6)
+    assert len(model.predict(torch.from_numpy(stack[:2])).scores) == 2
+    for unordered in (set(images[:2]), dict.fromkeys(images[:2])):
+        with pytest.raises(ValueError, match="no order to match the results to; pass a list"):
+            model.predict(unordered)
+    with pytest.raises(ValueError, match=r"^input image 0 \(array, shape \(0, 10\), float64\): "
+                                          r"image array is empty \(shape \(0, 10\)\)"):
+        model.predict([np.zeros((0, 10))])
