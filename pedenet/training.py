@@ -228,7 +228,7 @@ def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], wa
     cfg = network.config
     n_cells = _count_cells(network, cache)
     advice = ("use more or larger training images, a larger image size, or fewer components "
-              "(--n-components)")
+              "(n_components, --n-components)")
     if n_cells < cfg.n_components:
         raise ValueError(f"the {len(cache)} training image(s) give only {n_cells} patch embeddings, "
                          f"fewer than the {cfg.n_components} mixture components; {advice}")
@@ -238,7 +238,7 @@ def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], wa
                       f"than the {needed} that {cfg.n_components} full {cfg.embedding_dim}×"
                       f"{cfg.embedding_dim} covariances need (K × (D + 1)): the mixture rests on "
                       f"its ridge and its energies mean little; {advice}, or a smaller "
-                      "embedding dimension", stacklevel=3)
+                      "embedding dimension (embedding_dim, --embedding-dim)", stacklevel=3)
     return n_cells
 
 
