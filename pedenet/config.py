@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 ENCODERS = ("pretrained", "scratch")
+MAX_SEED = 2**32 - 1
 SCORINGS = ("mixture", "distance")
 
 
@@ -208,8 +209,17 @@ class PEDENetConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.de_hidden < 1:
             raise ValueError(f"de_hidden must be >= 1, got {self.de_hidden}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy's and scikit-learn's seeds are 32-bit
+            raise ValueError(f"seed must be in 0-{MAX_SEED}, got {self.seed}")
+        if self.encoder == "pretrained":
+            from .encoders import BLOCK_CHANNELS
+
+            channels = sum(BLOCK_CHANNELS[b] for b in self.feature_blocks)
+            if self.embedding_dim > channels:
+                raise ValueError(f"embedding_dim {self.embedding_dim} is more than the {channels} "
+                                 f"feature channels of feature_blocks {list(self.feature_blocks)}: "
+                                 f"the reduction keeps at most that many principal axes; use "
+                                 f"embedding_dim <= {channels} or more blocks")
         if not float(self.lp_distance) > 0:
             raise ValueError(f"lp_distance must be > 0 (in patch sizes), got {self.lp_distance}")
         if self.steps < 0:

@@ -868,3 +868,23 @@ def test_evaluate_interrupted_while_drawing_overlays_says_the_metrics_are_kept(r
     assert_one_line_error(result, "interrupted while writing the report; the metrics are complete",
                           "the report not: rerun with --overwrite")
     assert not (target / "report.html").exists() and (target / "metrics.json").is_file()
+
+
+def test_a_run_record_of_the_wrong_shape_and_impossible_settings_are_one_line_errors(run_dir, dataset,
+                                                                                   tmp_path):
+    from pedenet import PEDENet
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for record in ("[1, 2]", json.dumps({"data": 5}), json.dumps({"category_dir": ["x"]})):
+        (damaged / "config.json").write_text(record)
+        for verb in (["evaluate", damaged, "--overwrite"], ["validate", damaged, "--data", dataset]):
+            assert_one_line_error(run(*verb), "not a pedenet run record as `fit` writes it")
+    r = run("fit", dataset, "--category", "grass", "--out", tmp_path / "d", "--embedding-dim", "700")
+    assert_one_line_error(r, "embedding_dim 700 is more than the 664 feature channels",
+                          "use embedding_dim <= 664")
+    assert not (tmp_path / "d").exists()
+    r = run("fit", dataset, "--category", "grass", "--out", tmp_path / "s", "--seed", 2**32)
+    assert r.exit_code == 2 and "0<=x<=4294967295" in r.output
+    with pytest.raises(ValueError, match="seed must be in 0-4294967295"):
+        PEDENet(seed=2**32)

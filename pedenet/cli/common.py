@@ -249,16 +249,28 @@ def _write_json(path: Path, obj) -> None:
     _write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
+# the fields of a run record (config.json) that commands read, and their JSON types
+RUN_RECORD_FIELDS = {"data": str, "category_dir": str, "category": (str, type(None)),
+                     "plain_folder": bool, "skipped_files": list, "warnings": list, "timings": dict}
+
+
 def _read_json(path: Path) -> dict:
-    """A run's config.json (the record `fit` wrote: where its data is), parsed. Raises
-    FileNotFoundError, or UserError when it cannot be read or parsed."""
+    """A run's config.json (the record `fit` wrote: where its data is), parsed and checked
+    for the types of :data:`RUN_RECORD_FIELDS` that it holds. Raises FileNotFoundError, or
+    UserError when it cannot be read or parsed or is not such a record."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read ({_one_line(exc)}); it is the run record `fit` "
                         "wrote: restore it, or refit") from None
+    wrong = ([k for k, kind in RUN_RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]
+             if isinstance(record, dict) else ["the whole file (not a JSON object)"])
+    if wrong:
+        raise UserError(f"{path}: not a pedenet run record as `fit` writes it (wrong: "
+                        f"{', '.join(wrong)}); restore it, or refit")
+    return record
 
 
 def _recorded_category(record: dict) -> str | None:

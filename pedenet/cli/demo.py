@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from .. import __version__
+from ..config import MAX_SEED
 from ..environment import package_versions
 from .common import (DEFAULTS, NonEmptyPath, UserError, _check_out_folder, _device_option, _info,
                      _one_line, _set_verbose, _user_errors, _verbose_option, _write_json,
@@ -62,7 +63,7 @@ def _decision_lines(results: dict, target_fpr: float) -> list[str]:
               help="Optimizer steps per category.")
 @click.option("--categories", default=DEMO_CATEGORIES, show_default=True,
               help="Comma-separated built-in categories (brick, grass, gravel).")
-@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=DEMO_TARGET_FPR, show_default=True,
               help="Target false-alarm rate of the decisions (12 held-out normal images per "

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..config import ENCODERS, SCORINGS, PEDENetConfig
+from ..config import ENCODERS, MAX_SEED, SCORINGS, PEDENetConfig
 from ..environment import package_versions
 from ..data import (UNREAD_IMAGE_EXTENSIONS, DataError, Sample, SkippedFileWarning,
                     categories_under, find_images, is_category_dir, list_images, resolve_category,
@@ -194,7 +194,7 @@ def _parse_blocks(value) -> tuple[int, ...]:
               help="Category under DATA when DATA is a dataset root.")
 @click.option("--steps", type=click.IntRange(min=0), default=DEFAULTS.steps, show_default=True,
               help="Optimizer steps.")
-@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @_device_option
 @click.option("--encoder", type=click.Choice(list(ENCODERS)), default=DEFAULTS.encoder,
               show_default=True, help="Patch encoder: frozen pretrained EfficientNet-Lite0 or "

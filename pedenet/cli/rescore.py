@@ -74,7 +74,7 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
     if not config_path.is_file():
         raise UserError(f"{config_path}: not found; rescore reads the training images' folder "
                         "from it (refit with `pedenet fit`, or use PEDENet.rescore in Python)")
-    record = _run_record(config_path)
+    record = _read_json(config_path)
     scoring = model.config.scoring if scoring is None else scoring
     if memory_bank_size is not None and scoring != "distance":
         raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
@@ -125,19 +125,6 @@ def rescore(run_dir, scoring, image_score_border, out_dir, memory_bank_size, dat
     model.save(out_dir / "model.pt")  # last: model.pt marks a complete run
     _info(quiet, f"rescored in {seconds:.1f} s -> {out_dir}")
     _info(quiet, _thresholds_line(model.thresholds(), model))
-
-
-def _run_record(config_path: Path) -> dict:
-    """RUN_DIR/config.json, checked for the fields rescore uses (UserError otherwise)."""
-    record = _read_json(config_path)
-    expected = {"category_dir": str, "category": (str, type(None)), "plain_folder": bool,
-                "skipped_files": list, "warnings": list, "timings": dict}
-    wrong = [k for k, kind in expected.items() if k in record and not isinstance(record[k], kind)] \
-        if isinstance(record, dict) else ["the whole file (not a JSON object)"]
-    if wrong:
-        raise UserError(f"{config_path}: not a pedenet run record as `fit` writes it (wrong: "
-                        f"{', '.join(wrong)}); restore it, or refit")
-    return record
 
 
 def _training_folder(record: dict, config_path: Path, data: Path | None) -> Path:
