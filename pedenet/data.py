@@ -428,7 +428,8 @@ def load_mask(
 
     Returns:
         ``np.ndarray`` of dtype ``bool``, shape ``(H, W)``; ``True`` marks anomalous pixels.
-        An all-zero mask gives an all-False array.
+        An all-zero mask gives an all-False array. A mask with non-zero values none of
+        which reaches the threshold (e.g. 0/60) warns (UserWarning) that it marks nothing.
 
     Raises:
         DataError: the mask cannot be read (see :func:`load_image`), or its size differs
@@ -446,6 +447,11 @@ def load_mask(
         mask = raw >= 1
     else:
         mask = scaled >= 128.0
+    if raw.size and not mask.any() and float(raw.max()) > 0:
+        warnings.warn(f"{path}: mask has non-zero pixels (up to {float(raw.max()):g}) but none "
+                      "at the anomalous threshold, so it marks no defect pixel; masks are 0 = "
+                      "normal, >= 128 of 255 (or 1 in a 0/1 mask, 0.5 in a float one) = anomalous "
+                      "- rescale it if its values mark the defect", stacklevel=2)
     mask = np.ascontiguousarray(mask, dtype=bool)
     if expected_shape is not None:
         want = tuple(int(s) for s in tuple(expected_shape)[:2])

@@ -303,6 +303,16 @@ def test_mask_soft(tmp_path):
     np.testing.assert_array_equal(load_mask(tmp_path / "soft.png"), [[0, 0, 1, 1, 1, 0]])
 
 
+def test_mask_whose_values_all_fall_below_the_threshold_warns(tmp_path):
+    Image.fromarray(np.array([[0, 60], [60, 0]], np.uint8)).save(tmp_path / "faint.png")
+    with pytest.warns(UserWarning, match=r"faint\.png: mask has non-zero pixels \(up to 60\) but "
+                                         "none at the anomalous threshold"):
+        assert not load_mask(tmp_path / "faint.png").any()
+    tifffile.imwrite(tmp_path / "faint.tif", np.array([[0.0, 0.3]], np.float32))
+    with pytest.warns(UserWarning, match=r"up to 0\.3"):
+        assert not load_mask(tmp_path / "faint.tif").any()
+
+
 def test_mask_empty(tmp_path):
     Image.new("L", (5, 4), 0).save(tmp_path / "empty.png")
     m = load_mask(tmp_path / "empty.png", expected_shape=(4, 5))
