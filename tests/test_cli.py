@@ -872,6 +872,7 @@ def test_evaluate_interrupted_while_drawing_overlays_says_the_metrics_are_kept(r
 
 def test_a_run_record_of_the_wrong_shape_and_impossible_settings_are_one_line_errors(run_dir, dataset,
                                                                                    tmp_path):
+    """Also: predict --out RUN_DIR is refused (it would replace the evaluation's report)."""
     from pedenet import PEDENet
 
     damaged = tmp_path / "damaged"
@@ -880,6 +881,8 @@ def test_a_run_record_of_the_wrong_shape_and_impossible_settings_are_one_line_er
         (damaged / "config.json").write_text(record)
         for verb in (["evaluate", damaged, "--overwrite"], ["validate", damaged, "--data", dataset]):
             assert_one_line_error(run(*verb), "not a pedenet run record as `fit` writes it")
+    r = run("predict", damaged, dataset / "grass" / "test" / "good", "--out", damaged, "--overwrite")
+    assert r.exit_code == 2 and "is RUN_DIR; its report.html and overlays/ are the evaluation's" in r.output
     r = run("fit", dataset, "--category", "grass", "--out", tmp_path / "d", "--embedding-dim", "700")
     assert_one_line_error(r, "embedding_dim 700 is more than the 664 feature channels",
                           "use embedding_dim <= 664")

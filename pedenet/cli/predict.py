@@ -92,6 +92,10 @@ def predict(run_dir, inputs, out_dir, fmt, fpr, pixel_fpr, report, clusters, dev
     click.get_current_context().with_resource(_short_warnings(warned, quiet))  # until predict ends
     out_dir = Path(out_dir)
     _check_out_folder(out_dir)
+    if run_dir.is_dir() and out_dir.resolve() == run_dir.resolve():
+        raise UserError(f"{out_dir}: is RUN_DIR; its report.html and overlays/ are the "
+                        "evaluation's - choose another --out (a subfolder such as "
+                        f"{run_dir / 'predictions'} works)", exit_code=2)
     if resume and overwrite:
         raise UserError("--resume keeps the finished images and --overwrite replaces them; pass "
                         "one", exit_code=2)
