@@ -248,6 +248,13 @@ def test_export_cli_takes_the_format_from_the_extension(scratch64, tmp_path):
                                        "--overwrite"])
     assert result.exit_code == 2 and "name of a run's checkpoint" in result.output
     assert not (tmp_path / "other" / "model.pt").exists()
+    # so are the names of records: another run's config.json would be replaced by a model
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "other" / "config.json"),
+                                       "--format", "onnx", "--overwrite"])
+    assert result.exit_code == 2 and "is for records" in result.output
+    assert (tmp_path / "other" / "config.json").read_text() == "{}"
     # an explicit format that contradicts the extension is refused before any work
     result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "torchscript",
                                        "--out", str(tmp_path / "x.onnx")])

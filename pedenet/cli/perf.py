@@ -26,7 +26,8 @@ from .common import (NonEmptyPath, RESULT_FILES, RUN_FILES, UserError, _check_ou
 @click.option("--overwrite", is_flag=True, default=False, show_default=True,
               help="Replace an existing --out file (never one of the run's own files: model.pt, "
               "resume.pt, config.json, history.json, metrics.json, validation.json, report.html, "
-              "overlays; nor any file named model.pt or resume.pt, the names of a run's checkpoints).")
+              "overlays; nor any file named model.pt or resume.pt, the names of a run's checkpoints, nor "
+              "a .json, .html or .csv file).")
 @click.option("--quiet", is_flag=True, default=False, show_default=True, help="No messages.")
 @_user_errors
 def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
@@ -61,6 +62,11 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
         raise click.UsageError(f"--out {out_file}: {out_file.name} is the name of a run's "
                                "checkpoint, which pedenet commands would try to read as one; "
                                "name the export model.ts (or model.onnx)")
+    if out_file.name.casefold() in ("config.json", "predict.json") or out_file.suffix.casefold() in (
+            ".json", ".html", ".csv"):  # a run's or a prediction's record, in any folder
+        raise click.UsageError(f"--out {out_file}: a {out_file.suffix or out_file.name} name is for "
+                               "records (a run's config.json, a prediction's scores.csv), not a "
+                               "model; name the export model.ts (or model.onnx)")
     if out_file.exists() and not overwrite:
         raise click.UsageError(f"--out {out_file} exists; pass --overwrite to replace it, or "
                                "choose another file name")
