@@ -146,7 +146,7 @@ def test_numpy_settings_save_and_load(gravel, tmp_path):
     (dict(smoothing_sigma=float("nan")), "finite"), (dict(lr=-1e-3), "lr must be > 0"),
     (dict(lr=float("nan")), "finite"), (dict(encoder_lr=0), "encoder_lr must be > 0"),
     (dict(lambda_de=float("inf")), "finite"), (dict(lambda_lp=-1), "lambda_lp must be >= 0"),
-    (dict(de_hidden=0), "de_hidden must be >= 1"), (dict(seed=-1), "seed must be >= 0")])
+    (dict(de_hidden=0), "de_hidden must be >= 1"), (dict(seed=-1), "seed must be in 0-4294967295")])
 def test_bad_settings_refused_at_construction(setting, message):
     with pytest.raises(ValueError, match=message):
         pedenet.PEDENet(**setting)
