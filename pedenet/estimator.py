@@ -192,10 +192,10 @@ def _names(indices, items: list) -> list[str]:
 def _input_hashes(indices, items: list) -> dict[str, str]:
     """``{"<input i>": SHA-1 of its pixels}`` for the arrays and PIL images among ``items``
     (i: its index among the images given; files are recorded by name instead)."""
-    from .resume import image_fingerprints
+    from .resume import image_fingerprint
 
-    pairs = [(int(i), it) for i, it in zip(indices, items) if not isinstance(it, (str, os.PathLike))]
-    return {f"<input {i}>": fp[1] for (i, _), fp in zip(pairs, image_fingerprints([it for _, it in pairs]))}
+    return {f"<input {int(i)}>": image_fingerprint(it)[1] for i, it in zip(indices, items)
+            if not isinstance(it, (str, os.PathLike))}
 
 
 def _expand(images: Union[ImageLike, Iterable[ImageLike]], training: bool = False) -> list:
@@ -477,9 +477,7 @@ class PEDENet:
             state = read_resume_state(checkpoint, self.config, items)
         # the held-out images are scored after training: read them now, so that a bad one
         # stops fit before the training, not after it (the training images are read first)
-        for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
-                                 "held-out images", unit="img", disable=not progress):
-            load()
+        self._read_held_out(cal_items, cal_idx, progress)
         before = (self.network, self.history, self.calibration, self.normal_quantiles)
         # fit seeds torch's and numpy's global generators (the network's initialization draws
         # from them); the caller's random streams are put back afterwards
@@ -596,9 +594,7 @@ class PEDENet:
         items = [all_items[i] for i in train_idx]
         cal_items = [all_items[i] for i in cal_idx]
         self._check_same_images(items, cal_items, cal_idx)
-        for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
-                                 "held-out images", unit="img", disable=not progress):
-            load()  # a bad held-out image stops rescore before the training images' encoding
+        self._read_held_out(cal_items, cal_idx, progress)  # before the training images' encoding
         before = (self.config, net.config, net.memory_bank, self.normal_quantiles,
                   self.calibration, copy.deepcopy(self.history))
         try:  # all or nothing: an error or Ctrl-C part way leaves the model as it was
@@ -618,6 +614,13 @@ class PEDENet:
             self.history["memory_bank_rows"] = len(net.memory_bank)
         self.history["calibration_images"] = _names(cal_idx, cal_items)  # where they are now
         return self
+
+    def _read_held_out(self, cal_items: list, cal_idx, progress: bool) -> None:
+        """Read every held-out image once (nothing kept), so that a bad one stops fit or
+        rescore before their long work, naming it (``cal_idx``: positions in the input)."""
+        for load in progress_bar(_loaders(cal_items, self.min_image_side, cal_idx), desc="checking "
+                                 "held-out images", unit="img", disable=not progress):
+            load()
 
     def _check_same_images(self, items: list, cal_items: list, cal_idx=()) -> None:
         """Raise :class:`ImagesMismatchError` unless ``items`` (training) and ``cal_items``

@@ -64,9 +64,10 @@ def check_options(batch_size, max_tile) -> tuple[int, int | None]:
     for name, value in (("batch_size", batch_size), ("max_tile", max_tile)):
         if name == "max_tile" and value is None:
             continue
-        if whole_number(value) is None:
+        number = whole_number(value)
+        if number is None:
             raise TypeError(f"{name} must be a whole number, got {value!r}")
-        if whole_number(value) < 1:
+        if number < 1:
             hint = " (None disables tiling)" if name == "max_tile" else ""
             raise ValueError(f"{name} must be >= 1, got {value}{hint}")
     return whole_number(batch_size), (None if max_tile is None else whole_number(max_tile))

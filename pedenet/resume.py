@@ -102,7 +102,9 @@ def deferred_interrupts(enabled: bool = True):
         restore()
 
 
-def _fingerprint(item) -> list:
+def image_fingerprint(item) -> list:
+    """[resolved path, size in bytes] for a file; [description, SHA-1 of the pixels] for an
+    array, tensor or PIL image."""
     if isinstance(item, (str, os.PathLike)):
         p = Path(item).resolve()
         try:
@@ -122,7 +124,7 @@ def _fingerprint(item) -> list:
 def image_fingerprints(items) -> list[list]:
     """Identity of the training inputs: [resolved path, size in bytes] for files, a hash of
     the pixels for in-memory images."""
-    return [_fingerprint(it) for it in items]
+    return [image_fingerprint(it) for it in items]
 
 
 class ResumeWriter:

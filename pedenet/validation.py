@@ -191,10 +191,11 @@ def synthetic_validation_set(images, seed: int = 0,
     from .config import whole_number
 
     kinds = check_kinds(kinds)
-    if whole_number(seed) is None or whole_number(seed) < 0:
+    number = whole_number(seed)
+    if number is None or number < 0:
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     images = list(images)
-    rng = np.random.default_rng([whole_number(seed), 31337])
+    rng = np.random.default_rng([number, 31337])
     arrays, masks, labels = [], [], []
     for i, (item, kind) in enumerate(zip(images, defect_kinds(len(images), kinds))):
         img = read_image(item, index=i)

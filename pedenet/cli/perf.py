@@ -62,8 +62,7 @@ def export_command(run_dir, fmt, out_file, energy_dtype, overwrite, quiet):
         raise click.UsageError(f"--out {out_file}: {out_file.name} is the name of a run's "
                                "checkpoint, which pedenet commands would try to read as one; "
                                "name the export model.ts (or model.onnx)")
-    if out_file.name.casefold() in ("config.json", "predict.json") or out_file.suffix.casefold() in (
-            ".json", ".html", ".csv"):  # a run's or a prediction's record, in any folder
+    if out_file.suffix.casefold() in (".json", ".html", ".csv"):  # a run's or a prediction's record
         raise click.UsageError(f"--out {out_file}: a {out_file.suffix or out_file.name} name is for "
                                "records (a run's config.json, a prediction's scores.csv), not a "
                                "model; name the export model.ts (or model.onnx)")
