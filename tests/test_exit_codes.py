@@ -162,6 +162,8 @@ CASES = [
      lambda c: ["fit", c.ds, "--out", c.tmp / "r", "--keep-aspect", "--image-size", "0"], "keep_aspect"),
     ("fit", "--out is a file", 2, lambda c: ["fit", c.ds, "--out", c.file("out"), *FIT], "is a file"),
     ("fit", "existing model", 2, lambda c: ["fit", c.ds, "--out", c.run, *FIT], "--overwrite"),
+    ("fit", "--resume --overwrite", 2,
+     lambda c: ["fit", c.ds, "--out", c.run, *FIT, "--resume", "--overwrite"], "pass one"),
     ("fit", "--out not a run, not empty", 2, lambda c: ["fit", c.ds, "--out", c.folder("o", "x.txt"), *FIT],
      "not empty"),
     ("fit", "no images", 1, lambda c: ["fit", c.folder(), "--out", c.tmp / "r", *FIT], "no images"),

@@ -283,6 +283,9 @@ def fit(data, run_dir, category, steps, seed, device, encoder, image_size, keep_
                   lr=lr, encoder_lr=encoder_lr,
                   calibration_fraction=calibration_fraction, target_fpr=target_fpr,
                   pixel_fpr=pixel_fpr)
+    if resume and overwrite:  # as predict: one keeps the run's work, the other replaces it
+        raise UserError("--resume continues an interrupted fit and --overwrite starts over; pass "
+                        "one", exit_code=2)
     source = click.get_current_context().get_parameter_source("memory_bank_size")
     if scoring != "distance" and source is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--memory-bank-size applies to --scoring distance only; add "
