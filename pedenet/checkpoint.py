@@ -137,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
             training run, ``resume.pt``). Files without a kind tag are models.
 
     Raises:
-        CheckpointError: missing file, a folder, not a torch file (an image, text, ...),
+        CheckpointError: missing file, a folder, an empty file, not a torch file (an image, text, ...),
             tampered/unsafe content, damaged bytes (a zip entry whose CRC-32 does not match),
             not a pedenet checkpoint (an exported TorchScript or ONNX model is named as
             such), the other kind, or written by an incompatible format
@@ -157,6 +157,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "model") -> dict:
             head = fh.read(4)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    if not head:  # pedenet writes atomically, so an empty file is a failed copy or another tool's
+        fix = ("copy it again from where it was written, or fit the model again with `pedenet fit`"
+               if kind == "model" else INSTEAD[kind])
+        raise CheckpointError(f"{path}: empty (0 bytes), not a pedenet checkpoint; {fix}")
     if not head.startswith(TORCH_MAGIC):
         raise CheckpointError(f"{path}: not a pedenet checkpoint ({_foreign_file(path)}); "
                               f"{INSTEAD[kind]}")

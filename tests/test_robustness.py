@@ -752,6 +752,15 @@ def test_files_that_are_not_checkpoints_give_a_short_error(run_dir, dataset, tmp
         assert "weights_only" not in err and "Weights only" not in err
     assert not (tmp_path / "o").exists()
     # a folder without model.pt
+    empty = tmp_path / "empty_run"  # a copy that failed, leaving model.pt of 0 bytes
+    empty.mkdir()
+    (empty / "model.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model\.pt: empty \(0 bytes\), not a pedenet "
+                                              r"checkpoint; copy it again .*`pedenet fit`"):
+        pedenet.load(empty)
+    (empty / "resume.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"resume\.pt: empty \(0 bytes\).*--overwrite"):
+        load_checkpoint(empty / "resume.pt", kind="resume")
     folder = tmp_path / "not_a_run"
     folder.mkdir()
     with pytest.raises(CheckpointError, match="is a folder without model.pt, not a pedenet checkpoint"):
