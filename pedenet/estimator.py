@@ -487,7 +487,7 @@ class PEDENet:
             self.network = PEDENetNetwork(self.config).to(self.device)
             cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side, train_idx),
                                           progress)
-            check_embedding_count(self.network, cache)  # before the EM and the training
+            check_embedding_count(self.network, cache, held_out=len(cal_items))  # before EM, training
             if state is None:
                 init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
                 start, opt_state, gen_state, history = 0, None, None, None

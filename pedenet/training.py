@@ -213,11 +213,14 @@ def _sample_embeddings(network: PEDENetNetwork, cache: list[torch.Tensor], n: in
     return torch.cat(rows)
 
 
-def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], warn: bool = True) -> int:
+def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], warn: bool = True,
+                          held_out: int = 0) -> int:
     """Number of training patch embeddings, checked against what the mixture needs.
 
     Each of the K components has a full D×D covariance (``n_components``,
     ``embedding_dim``), which needs more than D embeddings to be estimated at all.
+    ``held_out``: images held out of training for calibration; when > 0 the advice also
+    names ``calibration_fraction``, which keeps them from the mixture.
 
     Raises:
         ValueError: fewer embeddings than components.
@@ -229,6 +232,9 @@ def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], wa
     n_cells = _count_cells(network, cache)
     advice = ("use more or larger training images, a larger image size, or fewer components "
               "(n_components, --n-components)")
+    if held_out:
+        advice += (f"; {held_out} more image(s) are held out for the thresholds (a smaller "
+                   "calibration_fraction, --calibration-fraction, trains on more of them)")
     if n_cells < cfg.n_components:
         raise ValueError(f"the {len(cache)} training image(s) give only {n_cells} patch embeddings, "
                          f"fewer than the {cfg.n_components} mixture components; {advice}")

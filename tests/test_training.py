@@ -247,9 +247,15 @@ def test_too_few_embeddings_for_the_mixture_warn_or_stop_before_training(monkeyp
     images = [np.random.default_rng(i).random((64, 64, 3)).astype(np.float32) for i in range(3)]
     # 3 images of 32 px at stride 8: 16 embeddings each, 48 in all
     with pytest.warns(UserWarning, match=r"give 48 patch embeddings, fewer than the 360 that 40 "
-                                         r"full 8×8 covariances need \(K × \(D \+ 1\)\)"):
+                                         r"full 8×8 covariances need \(K × \(D \+ 1\)\)") as caught:
         pedenet.PEDENet(image_size=32, n_components=40, embedding_dim=8, steps=1,
                         calibration_fraction=0, de_init="random").fit(images, progress=False)
+    assert not any("calibration" in str(w.message) for w in caught)  # nothing held out
+    # images held out for the thresholds: the advice names the setting that holds them out
+    with pytest.warns(UserWarning, match=r"give 32 patch embeddings, .*; 1 more image\(s\) are held "
+                                         r"out for the thresholds \(a smaller calibration_fraction"):
+        pedenet.PEDENet(image_size=32, n_components=30, embedding_dim=8, steps=1,
+                        calibration_fraction=0.34, de_init="random").fit(images, progress=False)
 
     def training_started(*args, **kwargs):
         raise AssertionError("trained although the mixture cannot be estimated")
