@@ -637,14 +637,23 @@ class PEDENet:
         given = [Path(os.fspath(c)).name for c in cal_items if isinstance(c, (str, os.PathLike))]
         if recorded and given and recorded != given:
             diff = next(f"{a} against {b}" for a, b in zip(recorded, given) if a != b)
+            moved = (" (the same names in another order: the held-out images are found by "
+                     "their position)" if sorted(given) == sorted(recorded) else "")
             raise ImagesMismatchError(f"these images are not those the model was fitted on: a "
-                                      f"held-out image differs ({diff}, recorded first)")
+                                      f"held-out image differs ({diff}, recorded first){moved}")
         hashes = h.get("calibration_input_hashes") or {}
+        held_as = {digest: name for name, digest in hashes.items()}
         for name, digest in _input_hashes(cal_idx, cal_items).items():
             if name in hashes and hashes[name] != digest:
+                if digest in held_as:  # the fit's own images, moved
+                    raise ImagesMismatchError(
+                        f"these images are in another order than fit's: held-out "
+                        f"{name.strip('<>')} has the pixels fit held out as "
+                        f"{held_as[digest].strip('<>')} (the held-out images are found by their "
+                        "position)")
                 raise ImagesMismatchError(f"these images are not those the model was fitted on: "
-                                          f"held-out {name.strip('<>')} has other pixels than the "
-                                          "one fit held out")
+                                          f"held-out {name.strip('<>')} has other pixels (or "
+                                          "another dtype) than the one fit held out")
 
     def _fit_scoring(self, cache: list[torch.Tensor], cal_items: list, cal_idx, progress: bool) -> dict:
         """What follows training and the mixture: the memory bank (scoring "distance"), the

@@ -60,9 +60,9 @@ class TrainingHistory:
 class ImagesMismatchError(ValueError):
     """The images given to :meth:`pedenet.PEDENet.rescore` are not those fit was given (count,
     held-out file names, or features' mean). ``problem``: what differs; the message adds the advice
-    ``advice`` ("pass the images fit was given"), which a caller may replace by its own."""
+    ``advice`` ("pass the images fit was given, in the same order"), which a caller may replace by its own."""
 
-    advice = "pass the images fit was given"
+    advice = "pass the images fit was given, in the same order"
 
     def __init__(self, problem: str):
         super().__init__(f"{problem}; {self.advice}")

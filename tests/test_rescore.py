@@ -114,7 +114,18 @@ def test_rescore_refuses_other_data_and_leaves_the_model_as_it_was(fitted, image
     with pytest.raises(pedenet.training.ImagesMismatchError, match="not the images the network "
                        "was trained on: their features' mean differs") as info:
         m.rescore(other, "distance", progress=False)
-    assert str(info.value) == info.value.problem + "; pass the images fit was given"
+    assert str(info.value) == info.value.problem + "; pass the images fit was given, in the same order"
+    # the fit's own images in another order: said so, naming where the moved image was held out
+    swapped = list(images)
+    swapped[1], swapped[4] = images[4], images[1]
+    with pytest.raises(pedenet.training.ImagesMismatchError,
+                       match=r"^these images are in another order than fit's: held-out input 1 has "
+                             r"the pixels fit held out as input 4 \(the held-out images are found "
+                             r"by their position\); pass the images fit was given, in the same order$"):
+        m.rescore(swapped, "distance", progress=False)
+    with pytest.raises(pedenet.training.ImagesMismatchError, match=r"other pixels \(or another dtype\)"):
+        m.rescore([im.astype(np.float64) if i == 4 else im for i, im in enumerate(images)],
+                  "distance", progress=False)
     bad = list(images)
     bad[0] = "/nonexistent/never.png"  # index 0 trains (split_calibration(6, 1/3, 0) holds out 1, 4)
     assert "never.png" not in str(m.history["calibration_images"])
@@ -298,3 +309,26 @@ def test_cli_rescore_records_where_the_data_is_now_and_replaces_cleanly(grass, t
     r = run(main, ["rescore", str(tmp_path / "dist" / "config.json"), "--scoring", "mixture",
                    "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "config.json" in r.output and "Traceback" not in r.output
+
+
+def test_rescore_of_files_in_another_order_says_so(images, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((im * 255).astype(np.uint8)).save(paths[-1])
+    m = pedenet.PEDENet(**SMALL).fit(paths, progress=False)
+    assert [p.rsplit("/", 1)[-1] for p in m.history["calibration_images"]] == ["1.png", "4.png"]
+    swapped = list(paths)
+    swapped[1], swapped[4] = paths[4], paths[1]  # the held-out files, each in the other's place
+    with pytest.raises(pedenet.training.ImagesMismatchError,
+                       match=r"a held-out image differs \(1\.png against 4\.png, recorded first\) "
+                             r"\(the same names in another order: the held-out images are found by "
+                             r"their position\); pass the images fit was given, in the same order$"):
+        m.rescore(swapped, "distance", progress=False)
+    other = list(paths)
+    other[1] = paths[0]  # a training image in a held-out place: no claim about the order
+    with pytest.raises(pedenet.training.ImagesMismatchError,
+                       match=r"differs \(1\.png against 0\.png, recorded first\); pass"):
+        m.rescore(other, "distance", progress=False)
