@@ -79,6 +79,11 @@ def as_rgb_array(image: ImageLike, *, name: str | None = None) -> np.ndarray:
         if not (image.width and image.height):
             raise ValueError(f"image is empty ({image.width}x{image.height} px); pass an image "
                              "of at least one pixel")
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:  # an animated GIF or PNG, a multi-page TIFF: as a file path warns
+            warnings.warn(f"{lead}PIL image holds {frames} frames (pages); only its current one "
+                          f"(frame {image.tell()}) is used - pass each frame as its own image "
+                          "(image.seek(i))", stacklevel=3)
         if image.mode != "F":
             return data.pil_to_array(image)
         image = np.asarray(image, dtype=np.float32)  # checked below, as float arrays are

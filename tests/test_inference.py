@@ -252,3 +252,21 @@ def test_pil_images_in_mode_i_with_8_bit_values_warn():
         sixteen = as_rgb_array(Image.fromarray((np.asarray(gray).astype(np.uint16) * 257)))
         assert sixteen.max() == pytest.approx(1.0)  # real 16-bit values: no warning
         np.testing.assert_allclose(as_rgb_array(gray)[..., 0], np.asarray(gray) / 255, rtol=1e-6)
+
+
+def test_pil_images_with_several_frames_warn_as_files_do(tmp_path):
+    from PIL import Image
+
+    from pedenet.estimator import as_rgb_array
+
+    frames = [Image.new("L", (8, 6), v) for v in (10, 200, 90)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / "a.gif") as gif:
+        gif.seek(1)
+        with pytest.warns(UserWarning, match=r"^input image 2: PIL image holds 3 frames \(pages\); "
+                                             r"only its current one \(frame 1\) is used"):
+            second = as_rgb_array(gif, name="input image 2")
+    assert second.shape == (6, 8, 3) and second.max() == pytest.approx(200 / 255, abs=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_rgb_array(frames[0])  # one frame: no warning
