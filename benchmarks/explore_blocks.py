@@ -11,7 +11,9 @@ that the ranking carries over, not to choose.
     python benchmarks/explore_blocks.py screen runs/explore/mtd256.npz --blocks 4,10,14,15 --D 128 --pixel
 
 ``extract --kinds region`` builds the validation set from large region defects instead
-(``pedenet validate --kinds``).
+(``pedenet validate --kinds``). ``screen --context subtract|concat`` tries features relative to
+the image's own median feature (a trial for MTD's ``uneven``: large regions whose texture is
+locally normal but differs from the rest of the tile).
 
 One JSON line per ``screen`` run (val_* = validation image AUROC, test_* = test image AUROC;
 q0 = maximum of the map, q0.01 = mean of its top 1 %; pix, pro = test pixel AUROC and
@@ -88,18 +90,31 @@ def _image_scores(grids: np.ndarray, q: float) -> np.ndarray:
     return np.sort(flat, 1)[:, -k:].mean(1)
 
 
-def screen(args) -> dict:
+def energy_grids(args) -> tuple[dict, dict, tuple[float, float]]:
+    """The untrained pipeline of ``args`` (npz, blocks, context, D, K, seed, em_samples):
+    (settings and EM figures, {"val", "test": N×h×w energy grids}, the mean and standard
+    deviation of the training embeddings' energies in the EM sample)."""
     from sklearn.mixture import GaussianMixture
-
-    from pedenet.metrics import image_auroc, pixel_metrics
-    from pedenet.scoring import grid_to_map
 
     torch.set_num_threads(1)
     z = np.load(args.npz)
     idx = _channels([int(b) for b in args.blocks.split(",")])
     f_train = z["train"][:, idx]
-    n, c, h, w = f_train.shape
-    x = torch.from_numpy(f_train).permute(0, 2, 3, 1).reshape(-1, c)
+    n, c_in, h, w = f_train.shape
+
+    def rows(f):  # n×c×h×w features → (n·h·w)×c' rows, with the image context of --context
+        t = torch.from_numpy(f).permute(0, 2, 3, 1).reshape(len(f), h * w, c_in)
+        if args.context == "none":
+            return t.reshape(-1, c_in)
+        out = []
+        for i in range(0, len(t), 64):  # per image: its channel-wise median over positions
+            part = t[i:i + 64].float()
+            rel = part - part.median(dim=1, keepdim=True).values
+            out.append(rel if args.context == "subtract" else torch.cat([part, rel], 2))
+        return torch.cat(out).reshape(-1, out[0].shape[-1])
+
+    x = rows(f_train)
+    c = x.shape[1]
     rng = np.random.default_rng(args.seed)
     sample = x[torch.from_numpy(rng.choice(len(x), min(300_000, len(x)), replace=False))].double()
     mean, std = sample.mean(0), sample.std(0).clamp_min(1e-6)
@@ -108,28 +123,49 @@ def screen(args) -> dict:
     proj = evecs[:, torch.argsort(evals, descending=True)[: args.D]]
 
     def embed(f):
-        t = torch.from_numpy(f).permute(0, 2, 3, 1).reshape(-1, c)
+        t = rows(f)
         return torch.cat([((t[i:i + 100_000].double() - mean) / std) @ proj
                           for i in range(0, len(t), 100_000)]).float().numpy()
 
+    del x
     z_train = embed(f_train)
     t0 = time.time()
+    em_sample = z_train[rng.choice(len(z_train), min(args.em_samples, len(z_train)), replace=False)]
     gmm = GaussianMixture(args.K, covariance_type="full", reg_covar=1e-3, max_iter=100,
-                          random_state=args.seed).fit(z_train[rng.choice(len(z_train), min(args.em_samples, len(z_train)), replace=False)])
-    res = {"blocks": args.blocks, "D": args.D, "K": args.K, "seed": args.seed, "em_samples": args.em_samples,
+                          random_state=args.seed).fit(em_sample)
+    res = {"blocks": args.blocks, "context": args.context, "D": args.D, "K": args.K, "seed": args.seed, "em_samples": args.em_samples,
            "em_s": round(time.time() - t0, 1), "em_iter": int(gmm.n_iter_)}
     grids = {part: -gmm.score_samples(embed(z[part][:, idx])).reshape(-1, h, w) for part in ("val", "test")}
+    train_energy = -gmm.score_samples(em_sample)
+    return res, grids, (float(train_energy.mean()), float(train_energy.std()))
+
+
+def grid_metrics(grids: dict, npz: str, pixel: bool) -> dict:
+    """Validation and test image AUROC (q = 0 and 0.01) of energy grids {"val", "test": N×h×w}
+    on the stride-8 grid of ``npz``'s processing size, and with ``pixel`` the test pixel AUROC
+    and AU-PRO@0.3 at the original resolution."""
+    from pedenet.metrics import image_auroc, pixel_metrics
+    from pedenet.scoring import grid_to_map
+
+    z = np.load(npz)
+    res = {}
     for q in (0, 0.01):
         res[f"val_q{q}"] = round(image_auroc(_image_scores(grids["val"], q), z["val_labels"]), 4)
         res[f"test_q{q}"] = round(image_auroc(_image_scores(grids["test"], q), z["test_labels"]), 4)
-    if args.pixel:
-        with open(args.npz + ".masks.pkl", "rb") as fh:
+    if pixel:
+        with open(npz + ".masks.pkl", "rb") as fh:
             m = pickle.load(fh)
         s = m["image_size"]
         maps = [grid_to_map(g, stride=8, offset=7.5, processed_size=(s, s), original_size=tuple(sz), sigma=4.0)
                 for g, sz in zip(grids["test"], m["sizes"])]
         pm = pixel_metrics(maps, m["masks"], (0.3,))
         res["pix"], res["pro"] = round(pm["pixel_auroc"], 4), round(pm["aupro_0.3"], 4)
+    return res
+
+
+def screen(args) -> dict:
+    res, grids, _ = energy_grids(args)
+    res.update(grid_metrics(grids, args.npz, args.pixel))
     print(json.dumps(res), flush=True)
     return res
 
@@ -151,6 +187,10 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--em-samples", type=int, default=200_000, help="training embeddings the EM fit uses")
     s.add_argument("--pixel", action="store_true")
+    s.add_argument("--context", choices=("none", "subtract", "concat"), default="none",
+                   help="image context of each position's features: none (the pipeline's), the "
+                        "features less the image's channel-wise median over positions "
+                        "(subtract), or both side by side (concat); before standardizing and PCA")
     args = ap.parse_args()
     if args.cmd == "extract":
         extract(args.data, args.out, args.image_size, args.kinds)
