@@ -119,7 +119,9 @@ class PEDENetConfig:
             ``"random"``: plain random initialization (DAGMM).
         lp_pairs: LP pairs drawn per image per step.
         lp_distance: distance between the two patches of an LP pair, in patch sizes (default
-            1: adjacent patches, as in the paper's Fig. 3); rounded to whole grid cells.
+            1: adjacent patches, as in the paper's Fig. 3); rounded to whole grid cells. On a
+            training image whose grid is too small for it, pairs are drawn closer or not at
+            all; fit warns before training (:func:`pedenet.training.check_lp_distance`).
         seed: seed for every random choice (torch, numpy).
 
     Thresholds (:mod:`pedenet.calibration`)

@@ -29,6 +29,7 @@ from .training import (
     _seed_everything,
     cache_frozen_features,
     check_embedding_count,
+    check_lp_distance,
     fit_mixture,
     init_membership,
     train_network,
@@ -493,6 +494,7 @@ class PEDENet:
             cache = cache_frozen_features(self.network, _loaders(items, self.min_image_side, train_idx),
                                           progress)
             check_embedding_count(self.network, cache, held_out=len(cal_items))  # before EM, training
+            check_lp_distance(self.network, cache)
             if state is None:
                 init = init_membership(self.network, cache, progress) if self.config.de_init == "em" else {}
                 start, opt_state, gen_state, history = 0, None, None, None

@@ -248,6 +248,43 @@ def check_embedding_count(network: PEDENetNetwork, cache: list[torch.Tensor], wa
     return n_cells
 
 
+def check_lp_distance(network: PEDENetNetwork, cache: list[torch.Tensor]) -> None:
+    """Warn when the LP neighbour distance does not fit the training images' embedding grids.
+
+    LP pairs are ``lp_distance`` patch sizes apart (:func:`_lp_geometry`); on a grid too small
+    for that, :func:`_lp_pairs` draws them closer, or none at all (LP then does not train).
+    Nothing is checked when LP is off (``lambda_lp`` 0, or no training steps).
+
+    Warns:
+        UserWarning: naming how many images get closer pairs or none, and what to change.
+    """
+    cfg = network.config
+    if not (cfg.lambda_lp > 0 and cfg.steps > 0):
+        return
+    dist, jit = _lp_geometry(cfg, network.stride)
+    crop = _crop_size(cfg, network)
+    device = next(network.parameters()).device
+    fits: dict[tuple, int] = {}  # feature shape → the distance drawn there (cells)
+    closer = none = 0
+    for f in cache:
+        key = tuple(f.shape)
+        if key not in fits:
+            part = f if crop is None else f[..., :crop, :crop]
+            with torch.no_grad():
+                h, w = network.encoder.head(part.float()[None].to(device)).shape[-2:]
+            fits[key] = min(dist, (min(h, w) - 1) // 2 - jit)
+        closer += 0 < fits[key] < dist
+        none += fits[key] < 1
+    if closer or none:
+        what = (f"{none} of {len(cache)} training image(s) are too small for any LP pair"
+                if none else f"{closer} of {len(cache)} training image(s) are too small for it: "
+                "their pairs are drawn closer")
+        warnings.warn(f"LP neighbour distance {cfg.lp_distance:g} patch sizes ({dist} grid "
+                      f"cells): {what}{'; LP does not train' if none == len(cache) else ''}; "
+                      "use a smaller lp_distance or larger images (image_size, --image-size)",
+                      stacklevel=3)
+
+
 @torch.no_grad()
 def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
     """Number of patch embeddings (grid cells) of all cached training images."""

@@ -1,5 +1,6 @@
 """Training on the built-in dataset: no collapse, determinism, save/load round trip."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,24 @@ def test_too_few_embeddings_for_the_mixture_warn_or_stop_before_training(monkeyp
         with pytest.raises(ValueError, match="only 48 patch embeddings, fewer than the 50 mixture"):
             pedenet.PEDENet(image_size=32, n_components=50, embedding_dim=8, steps=1,
                             calibration_fraction=0, de_init=init).fit(images, progress=False)
+
+
+def test_an_lp_distance_larger_than_the_grid_warns_before_training():
+    """64 px images at stride 8: 8×8 grids, room for pairs 3 cells apart without jitter; the
+    default distance (one 32 px patch: 4 cells, jittered by 1) does not fit."""
+    images = [np.random.default_rng(i).random((64, 64, 3)).astype(np.float32) for i in range(4)]
+    small = dict(image_size=64, n_components=2, embedding_dim=8, steps=1, calibration_fraction=0,
+                 de_init="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pedenet.PEDENet(**small, lp_distance=0.75).fit(images, progress=False)  # 3 cells: fits
+    with pytest.warns(UserWarning, match=r"^LP neighbour distance 1 patch sizes \(4 grid cells\): 4 of "
+                                         r"4 training image\(s\) are too small for it: their pairs are "
+                                         r"drawn closer; use a smaller lp_distance") as caught:
+        pedenet.PEDENet(**small).fit(images, progress=False)
+    assert Path(caught[0].filename).name == "test_training.py"  # the caller's line, not pedenet's
+    with pytest.warns(UserWarning, match=r"are too small for any LP pair; LP does not train"):
+        pedenet.PEDENet(**dict(small, image_size=32)).fit(images, progress=False)
+    with warnings.catch_warnings():  # LP off: nothing to warn about
+        warnings.simplefilter("error")
+        pedenet.PEDENet(**small, lambda_lp=0).fit(images, progress=False)
