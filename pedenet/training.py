@@ -169,10 +169,16 @@ def _random_crop(f: torch.Tensor, size: int | None, gen: torch.Generator) -> tor
     return f[:, top: top + size, left: left + size]
 
 
+def _lp_distance_on(h: int, w: int, dist: int, jit: int) -> int:
+    """The LP distance (grid cells) drawn on an h×w grid: ``dist``, or less where the grid has
+    no room for pairs that far apart with jitter ``jit``; below 1, no pair fits."""
+    return min(dist, (min(h, w) - 1) // 2 - jit)
+
+
 def _lp_pairs(emb: torch.Tensor, n: int, dist: int, jit: int, gen: torch.Generator):
     """Draw n LP pairs from one embedding map D×h×w: (z_a n×D, z_b n×D, direction labels n)."""
     d, h, w = emb.shape
-    dist = min(dist, (min(h, w) - 1) // 2 - jit)
+    dist = _lp_distance_on(h, w, dist, jit)
     if dist < 1:
         return None
     reach = dist + jit
@@ -272,7 +278,7 @@ def check_lp_distance(network: PEDENetNetwork, cache: list[torch.Tensor]) -> Non
             part = f if crop is None else f[..., :crop, :crop]
             with torch.no_grad():
                 h, w = network.encoder.head(part.float()[None].to(device)).shape[-2:]
-            fits[key] = min(dist, (min(h, w) - 1) // 2 - jit)
+            fits[key] = _lp_distance_on(h, w, dist, jit)
         closer += 0 < fits[key] < dist
         none += fits[key] < 1
     if closer or none:
