@@ -61,7 +61,8 @@ def check_options(batch_size, max_tile) -> tuple[int, int | None]:
         TypeError: a value that is not a whole number (a float such as 2.5, a string, a bool).
         ValueError: ``batch_size`` < 1 or ``max_tile`` < 1 (use None to disable tiling).
     """
-    for name, value in (("batch_size", batch_size), ("max_tile", max_tile)):
+    checked = {"batch_size": batch_size, "max_tile": max_tile}
+    for name, value in checked.items():
         if name == "max_tile" and value is None:
             continue
         number = whole_number(value)
@@ -70,7 +71,8 @@ def check_options(batch_size, max_tile) -> tuple[int, int | None]:
         if number < 1:
             hint = " (None disables tiling)" if name == "max_tile" else ""
             raise ValueError(f"{name} must be >= 1, got {value}{hint}")
-    return whole_number(batch_size), (None if max_tile is None else whole_number(max_tile))
+        checked[name] = number
+    return checked["batch_size"], checked["max_tile"]
 
 
 @dataclass

@@ -268,19 +268,10 @@ def check_lp_distance(network: PEDENetNetwork, cache: list[torch.Tensor]) -> Non
     if not (cfg.lambda_lp > 0 and cfg.steps > 0):
         return
     dist, jit = _lp_geometry(cfg, network.stride)
-    crop = _crop_size(cfg, network)
-    device = next(network.parameters()).device
-    fits: dict[tuple, int] = {}  # feature shape → the distance drawn there (cells)
-    closer = none = 0
-    for f in cache:
-        key = tuple(f.shape)
-        if key not in fits:
-            part = f if crop is None else f[..., :crop, :crop]
-            with torch.no_grad():
-                h, w = network.encoder.head(part.float()[None].to(device)).shape[-2:]
-            fits[key] = _lp_distance_on(h, w, dist, jit)
-        closer += 0 < fits[key] < dist
-        none += fits[key] < 1
+    drawn = [_lp_distance_on(h, w, dist, jit)
+             for h, w in _grid_shapes(network, cache, _crop_size(cfg, network))]
+    closer = sum(0 < d < dist for d in drawn)
+    none = sum(d < 1 for d in drawn)
     if closer or none:
         what = (f"{none} of {len(cache)} training image(s) are too small for any LP pair"
                 if none else f"{closer} of {len(cache)} training image(s) are too small for it: "
@@ -292,18 +283,26 @@ def check_lp_distance(network: PEDENetNetwork, cache: list[torch.Tensor]) -> Non
 
 
 @torch.no_grad()
-def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
-    """Number of patch embeddings (grid cells) of all cached training images."""
+def _grid_shapes(network: PEDENetNetwork, cache: list[torch.Tensor],
+                 crop: int | None = None) -> list[tuple[int, int]]:
+    """Embedding grid (h, w) of each cached training image, or of its training crop of side
+    ``crop`` (pixels; None: the whole image); the head runs once per distinct shape."""
     device = next(network.parameters()).device
-    sizes: dict[tuple, int] = {}
-    total = 0
+    shapes: dict[tuple, tuple[int, int]] = {}
+    out = []
     for f in cache:
         key = tuple(f.shape)
-        if key not in sizes:
-            emb = network.encoder.head(f.float()[None].to(device))[0]
-            sizes[key] = int(emb.shape[-2] * emb.shape[-1])
-        total += sizes[key]
-    return total
+        if key not in shapes:
+            part = f if crop is None else f[..., :crop, :crop]
+            emb = network.encoder.head(part.float()[None].to(device))
+            shapes[key] = (int(emb.shape[-2]), int(emb.shape[-1]))
+        out.append(shapes[key])
+    return out
+
+
+def _count_cells(network: PEDENetNetwork, cache: list[torch.Tensor]) -> int:
+    """Number of patch embeddings (grid cells) of all cached training images."""
+    return sum(h * w for h, w in _grid_shapes(network, cache))
 
 
 def em_with_progress() -> type:
